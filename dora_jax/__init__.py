@@ -1,0 +1,31 @@
+"""dora_jax: DoRA (Weight-Decomposed Low-Rank Adaptation) for JAX and Flax.
+
+Functional core (Flax layout: ``kernel [d_in, d_out]``, ``lora_a [d_in, r]``,
+``lora_b [r, d_out]``, ``magnitude [d_out]``):
+
+* :func:`dora_dense` — the DoRA layer, differentiable, norm detached as in PEFT.
+* :func:`factored_norm` — ``‖W + s·a·b‖`` per column without the dense product.
+* :func:`merge_kernel` — ``g ⊙ (W + s·a·b)`` for serving.
+* :func:`lora_scale` — ``alpha / r`` (or ``alpha / √r`` with rsLoRA).
+"""
+
+from dora_jax.backend import BACKENDS, ENV_VAR as BACKEND_ENV_VAR, default_backend
+from dora_jax.dense import dora_dense, dora_norm_scale, lora_scale, merge_kernel
+from dora_jax.norm import NORM_CHUNK_BYTES, NORM_EPS, column_sq_norm, dense_norm_reference, factored_norm
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV_VAR",
+    "NORM_CHUNK_BYTES",
+    "NORM_EPS",
+    "column_sq_norm",
+    "default_backend",
+    "dense_norm_reference",
+    "dora_dense",
+    "dora_norm_scale",
+    "factored_norm",
+    "lora_scale",
+    "merge_kernel",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""Argument validation shared by the public functions.
+
+Every check raises ``ValueError`` (shapes, ranks) or ``TypeError`` (dtypes)
+naming the offending argument and the shapes it saw, so a wrong layout
+(for example a PyTorch ``[d_out, d_in]`` weight) fails loudly instead of
+broadcasting into a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class DoraDims(NamedTuple):
+  """Sizes of one adapted Dense layer: ``kernel [d_in, d_out]``, rank ``r``."""
+
+  d_in: int
+  d_out: int
+  rank: int
+
+
+def _shape(value) -> tuple[int, ...]:
+  return tuple(np.shape(value))
+
+
+def _dtype(value):
+  return jnp.result_type(value)
+
+
+def check_float(name: str, value) -> None:
+  """Raise ``TypeError`` unless ``value`` has a floating dtype."""
+  dtype = _dtype(value)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{name} must have a floating dtype (float16, bfloat16, float32 or "
+        f"float64), got dtype {dtype} with shape {_shape(value)}"
+    )
+
+
+def check_weights(kernel, lora_a, lora_b) -> DoraDims:
+  """Validate ``kernel [d_in, d_out]``, ``lora_a [d_in, r]``, ``lora_b [r, d_out]``."""
+  for name, value in (("kernel", kernel), ("lora_a", lora_a), ("lora_b", lora_b)):
+    if np.ndim(value) != 2:
+      raise ValueError(
+          f"{name} must be a 2-D array, got shape {_shape(value)}; expected "
+          "kernel [d_in, d_out], lora_a [d_in, r], lora_b [r, d_out] (Flax layout)"
+      )
+    check_float(name, value)
+  d_in, d_out = _shape(kernel)
+  a_in, rank = _shape(lora_a)
+  if rank < 1:
+    raise ValueError(f"rank must be >= 1, got lora_a with shape {_shape(lora_a)}")
+  if a_in != d_in:
+    raise ValueError(
+        f"lora_a must be [d_in, r] = [{d_in}, r] to match kernel {_shape(kernel)}, "
+        f"got lora_a {_shape(lora_a)}"
+        + (" (is it in PyTorch's [r, d_in] layout?)" if rank == d_in else "")
+    )
+  if _shape(lora_b) != (rank, d_out):
+    raise ValueError(
+        f"lora_b must be [r, d_out] = [{rank}, {d_out}] to match kernel "
+        f"{_shape(kernel)} and lora_a {_shape(lora_a)}, got lora_b {_shape(lora_b)}"
+    )
+  return DoraDims(d_in, d_out, rank)
+
+
+def check_vector(name: str, value, d_out: int) -> None:
+  """Validate a per-output-feature vector of shape ``[d_out]``."""
+  if _shape(value) != (d_out,):
+    raise ValueError(f"{name} must have shape [d_out] = [{d_out}], got {_shape(value)}")
+  check_float(name, value)
+
+
+def check_scale(scale) -> None:
+  """``scale`` must be a real scalar: a Python number or a 0-d array."""
+  if isinstance(scale, bool):
+    raise TypeError("scale must be a real number, got a bool")
+  if isinstance(scale, numbers.Real):
+    return
+  if not hasattr(scale, "shape") or not hasattr(scale, "dtype"):
+    raise TypeError(f"scale must be a real scalar, got {type(scale).__name__}")
+  if _shape(scale) != ():
+    raise ValueError(f"scale must be a scalar (shape ()), got shape {_shape(scale)}")
+  dtype = _dtype(scale)
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(f"scale must be a real scalar, got dtype {dtype}")
+
+
+def check_input(x, d_in: int) -> None:
+  """``x`` must be ``[..., d_in]`` with a floating dtype."""
+  if np.ndim(x) < 1:
+    raise ValueError(f"x must have at least one dimension [..., d_in], got shape {_shape(x)}")
+  if _shape(x)[-1] != d_in:
+    raise ValueError(
+        f"x must be [..., d_in] with d_in = {d_in} (kernel's first axis), got x {_shape(x)}"
+    )
+  check_float("x", x)
+
+
+def check_dora_args(x, kernel, lora_a, lora_b, magnitude, scale, bias=None) -> DoraDims:
+  """Validate all arguments of :func:`dora_jax.dora_dense`; return the sizes."""
+  dims = check_weights(kernel, lora_a, lora_b)
+  if x is not None:
+    check_input(x, dims.d_in)
+  if magnitude is not None:
+    check_vector("magnitude", magnitude, dims.d_out)
+  if bias is not None:
+    check_vector("bias", bias, dims.d_out)
+  check_scale(scale)
+  return dims
+
+
+def accumulation_dtype(*values) -> jnp.dtype:
+  """float32, or float64 when any input is float64 (with x64 enabled)."""
+  dtype = jnp.float32
+  for value in values:
+    if value is not None and _dtype(value) == jnp.float64:
+      dtype = jnp.float64
+  return jnp.dtype(dtype)

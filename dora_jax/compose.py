@@ -1,0 +1,116 @@
+"""The DoRA composition given the scale ``g = m / n``: XLA forward and backward.
+
+These are the plain ``jax.numpy`` implementations the ``"xla"`` backend runs,
+and the twins the fused Pallas kernels in :mod:`dora_jax.kernels` are tested
+against. Shapes (leading dims already flattened)::
+
+  x2 [T, d_in]   kernel [d_in, d_out]   lora_a [d_in, r]   lora_b [r, d_out]
+  g, inv_norm [d_out] (float32)   bias [d_out] or None   scale: 0-d float32
+
+Forward: ``pre = x2·W + s·(x2·a)·b``; ``y = g ⊙ pre + bias``. The big matmuls
+run in the activation dtype (tensor cores for bf16) and the compose runs in
+float32 inside one fused elementwise pass; the outputs are cast back.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class Wants(NamedTuple):
+  """Which cotangents the backward must produce (the rest are symbolic zeros)."""
+
+  x: bool = True
+  kernel: bool = False
+  lora_a: bool = True
+  lora_b: bool = True
+  magnitude: bool = True
+  scale: bool = False
+  bias: bool = True
+
+
+class Grads(NamedTuple):
+  """Cotangents in float32/the activation dtype; ``None`` where not wanted."""
+
+  x: jax.Array | None
+  kernel: jax.Array | None
+  lora_a: jax.Array | None
+  lora_b: jax.Array | None
+  magnitude: jax.Array | None
+  scale: jax.Array | None
+  bias: jax.Array | None
+
+
+def _dot_t(lhs, rhs, out_dtype=None):
+  """``lhsᵀ · rhs`` contracting the leading axis, without a transpose copy."""
+  return lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())),
+                         preferred_element_type=out_dtype)
+
+
+def _dot_nt(lhs, rhs, out_dtype=None):
+  """``lhs · rhsᵀ`` contracting the trailing axes."""
+  return lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())),
+                         preferred_element_type=out_dtype)
+
+
+def lora_hidden(x2: jax.Array, lora_a: jax.Array) -> jax.Array:
+  """``h = x2·a [T, r]`` in the activation dtype (float32 accumulation)."""
+  acc = jnp.promote_types(jnp.float32, x2.dtype)
+  return jnp.dot(x2, lora_a.astype(x2.dtype), preferred_element_type=acc).astype(x2.dtype)
+
+
+def forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias):
+  """Return ``(y, pre, h)``: output, pre-scale activations (the residual), ``x2·a``.
+
+  ``y [T, d_out]`` and ``pre [T, d_out]`` are in ``x2.dtype``; ``h [T, r]`` too.
+  """
+  cdt = x2.dtype
+  acc = g.dtype
+  h = lora_hidden(x2, lora_a)
+  base = jnp.dot(x2, kernel.astype(cdt))
+  lora = jnp.dot(h, lora_b.astype(cdt))
+  pre = base.astype(acc) + scale * lora.astype(acc)
+  y = g * pre
+  if bias is not None:
+    y = y + bias.astype(acc)
+  return y.astype(cdt), pre.astype(cdt), h
+
+
+def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
+                 wants: Wants) -> Grads:
+  """Cotangents of :func:`forward_xla` with the norm held constant (PEFT's detach).
+
+  ``dpre = dy ⊙ g``; ``dx = dpre·Wᵀ + s·(dpre·bᵀ)·aᵀ``; ``db = s·hᵀ·dpre``;
+  ``da = s·x2ᵀ·(dpre·bᵀ)``; ``dm = Σ_T dy ⊙ pre / n``; ``dbias = Σ_T dy``;
+  ``ds = Σ h ⊙ (dpre·bᵀ)``; ``dW = x2ᵀ·dpre`` (only when asked for).
+  """
+  cdt = dy.dtype
+  acc = g.dtype
+  dy_acc = dy.astype(acc)
+  need_t = wants.x or wants.lora_a or wants.scale
+  need_dpre = need_t or wants.lora_b or wants.kernel
+  dpre = (dy_acc * g).astype(cdt) if need_dpre else None
+  t = _dot_nt(dpre, lora_b.astype(cdt), acc) if need_t else None  # [T, r]
+
+  dx = da = db = dm = ds = dbias = dkernel = None
+  if wants.x:
+    dx_base = _dot_nt(dpre, kernel.astype(cdt))
+    dx_lora = _dot_nt(t.astype(cdt), lora_a.astype(cdt))
+    dx = (dx_base.astype(acc) + scale * dx_lora.astype(acc)).astype(cdt)
+  if wants.lora_a:
+    da = scale * _dot_t(x2, t.astype(cdt), acc)
+  if wants.lora_b:
+    db = scale * _dot_t(h, dpre, acc)
+  if wants.magnitude:
+    dm = jnp.sum(dy_acc * pre.astype(acc), axis=0) * inv_norm
+  if wants.scale:
+    ds = jnp.sum(h.astype(acc) * t)
+  if wants.bias:
+    dbias = jnp.sum(dy_acc, axis=0)
+  if wants.kernel:
+    dkernel = _dot_t(x2, dpre, acc)
+  return Grads(dx, dkernel, da, db, dm, ds, dbias)

@@ -1,0 +1,213 @@
+"""``dora_dense``: the DoRA Dense layer as one differentiable function.
+
+Semantics are Hugging Face PEFT's DoRA (``LoraConfig(use_dora=True)``) in Flax
+layout. For ``x [..., d_in]``::
+
+  n = ‖W + s·a·b‖ per output column        [d_out], float32, a constant (detached)
+  g = m / n                                  [d_out]
+  y = g ⊙ (x·W + s·(x·a)·b) + bias           [..., d_out], x's dtype
+
+The backward is a ``jax.custom_vjp`` that keeps as residuals only ``x``,
+``h = x·a [T, r]``, ``pre = x·W + s·h·b [T, d_out]`` (activation dtype) and two
+``[d_out]`` float32 vectors, and that skips every cotangent nobody asked for
+(the frozen kernel's ``xᵀ·dpre`` in particular is never computed unless the
+kernel itself is differentiated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dora_jax import backend as backend_lib
+from dora_jax._checks import (accumulation_dtype, check_dora_args, check_scale,
+                              check_vector, check_weights)
+from dora_jax.compose import Wants, backward_xla, forward_xla
+from dora_jax.norm import NORM_EPS, factored_norm
+
+
+def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
+  """The LoRA scale ``s``: ``alpha / rank``, or ``alpha / √rank`` with rsLoRA (PEFT's rules)."""
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"rank must be a positive int, got {rank!r}")
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
+  return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+class _Config(NamedTuple):
+  """Static (hashable) part of a call: which implementation runs."""
+
+  impl: str
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _StaticWants:
+  """Carries :class:`Wants` through the residuals as static (leafless) data."""
+
+  wants: Wants
+
+
+def _scale_vectors(magnitude, norm, acc):
+  safe = jnp.maximum(norm.astype(acc), NORM_EPS)
+  inv_norm = 1.0 / safe
+  return magnitude.astype(acc) * inv_norm, inv_norm
+
+
+def _implementation(impl: str):
+  if impl == "xla":
+    return forward_xla, backward_xla
+  if impl == "pallas":
+    from dora_jax.kernels import fused_dense  # imported lazily: Pallas is optional
+    return fused_dense.forward_pallas, fused_dense.backward_pallas
+  raise AssertionError(impl)
+
+
+def _core(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
+  g, _ = _scale_vectors(magnitude, norm, scale.dtype)
+  forward, _ = _implementation(cfg.impl)
+  y, _, _ = forward(x2, kernel, lora_a, lora_b, g, scale, bias)
+  return y
+
+
+def _core_fwd(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
+  wants = Wants(
+      x=x2.perturbed, kernel=kernel.perturbed, lora_a=lora_a.perturbed,
+      lora_b=lora_b.perturbed, magnitude=magnitude.perturbed,
+      scale=scale.perturbed, bias=bias is not None and bias.perturbed)
+  x2, kernel, lora_a, lora_b, magnitude, scale, norm = (
+      v.value for v in (x2, kernel, lora_a, lora_b, magnitude, scale, norm))
+  bias = None if bias is None else bias.value
+  g, inv_norm = _scale_vectors(magnitude, norm, scale.dtype)
+  forward, _ = _implementation(cfg.impl)
+  y, pre, h = forward(x2, kernel, lora_a, lora_b, g, scale, bias)
+  bias_dtype = None if bias is None else jnp.zeros((), bias.dtype)
+  res = (x2, kernel, lora_a, lora_b, h, pre if wants.magnitude else None, g,
+         inv_norm, scale, jnp.zeros((), magnitude.dtype), bias_dtype, _StaticWants(wants))
+  return y, res
+
+
+def _core_bwd(cfg, res, dy):
+  (x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, m_proto, bias_proto,
+   static) = res
+  wants = static.wants
+  _, backward = _implementation(cfg.impl)
+  grads = backward(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants)
+
+  def cast(value, like_dtype):
+    return None if value is None else value.astype(like_dtype)
+
+  return (
+      cast(grads.x, x2.dtype),
+      cast(grads.kernel, kernel.dtype),
+      cast(grads.lora_a, lora_a.dtype),
+      cast(grads.lora_b, lora_b.dtype),
+      cast(grads.magnitude, m_proto.dtype),
+      cast(grads.scale, scale.dtype),
+      None if bias_proto is None else cast(grads.bias, bias_proto.dtype),
+      None,  # the norm is a constant (PEFT detaches it)
+  )
+
+
+_dora_core = jax.custom_vjp(_core, nondiff_argnums=(0,))
+_dora_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
+
+
+def _resolve(backend: str | None, x2, kernel, lora_a) -> str:
+  choice = backend_lib.check_backend(backend)
+  if choice == "auto":
+    from dora_jax.kernels import dispatch
+    return dispatch.choose(x2.shape[0], kernel.shape, lora_a.shape[1], x2.dtype)
+  return choice
+
+
+def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+               magnitude: jax.Array, scale, bias: jax.Array | None = None, *,
+               norm: jax.Array | None = None, backend: str | None = None) -> jax.Array:
+  """DoRA Dense layer: ``(m / ‖W + s·a·b‖) ⊙ (x·W + s·(x·a)·b) + bias``.
+
+  Args:
+    x: activations ``[..., d_in]`` (any leading dims); sets the compute dtype.
+    kernel: frozen base kernel ``[d_in, d_out]``.
+    lora_a: ``[d_in, r]``.
+    lora_b: ``[r, d_out]``.
+    magnitude: ``[d_out]``, the trained column magnitudes ``m``.
+    scale: LoRA scale ``s`` (see :func:`lora_scale`): Python number or 0-d array.
+    bias: optional ``[d_out]``, added after the DoRA scaling (not scaled).
+    norm: optional precomputed ``[d_out]`` ``factored_norm(kernel, lora_a, lora_b,
+      scale)``. The norm depends on parameters only, so a step over k
+      micro-batches can compute it once and pass it to each (it is treated as a
+      constant either way).
+    backend: ``"auto"``, ``"xla"``, ``"pallas"`` or ``None`` (process default, see
+      :mod:`dora_jax.backend`).
+
+  Returns:
+    ``[..., d_out]`` in ``x.dtype``. Differentiable with respect to ``x``,
+    ``lora_a``, ``lora_b``, ``magnitude``, ``bias`` (and ``kernel``/``scale`` if
+    asked); the norm is held constant as in PEFT.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, dora_jax
+    >>> k = jax.random.split(jax.random.key(0), 4)
+    >>> x = jax.random.normal(k[0], (2, 5, 16))
+    >>> w = jax.random.normal(k[1], (16, 8))
+    >>> a = jax.random.normal(k[2], (16, 4))
+    >>> b = jax.random.normal(k[3], (4, 8))
+    >>> m = jnp.linalg.norm(w, axis=0)
+    >>> dora_jax.dora_dense(x, w, a, b, m, 0.5).shape
+    (2, 5, 8)
+  """
+  dims = check_dora_args(x, kernel, lora_a, lora_b, magnitude, scale, bias)
+  acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
+  if norm is None:
+    norm = factored_norm(kernel, lora_a, lora_b, scale)
+  else:
+    check_vector("norm", norm, dims.d_out)
+  norm = lax.stop_gradient(norm.astype(acc))
+  scale = jnp.asarray(scale, acc)
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, dims.d_in)
+  impl = _resolve(backend, x2, kernel, lora_a)
+  y2 = _dora_core(_Config(impl), x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
+  return y2.reshape(*lead, dims.d_out)
+
+
+def dora_norm_scale(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+                    magnitude: jax.Array, scale, *, norm: jax.Array | None = None
+                    ) -> jax.Array:
+  """``g = m / ‖W + s·a·b‖`` ``[d_out]`` float32, the per-column DoRA scale.
+
+  Differentiable with respect to ``magnitude`` only (the norm is detached).
+  Used to cache the scale for unmerged inference.
+  """
+  dims = check_weights(kernel, lora_a, lora_b)
+  check_vector("magnitude", magnitude, dims.d_out)
+  check_scale(scale)
+  acc = accumulation_dtype(kernel, lora_a, lora_b, magnitude)
+  if norm is None:
+    norm = factored_norm(kernel, lora_a, lora_b, scale)
+  g, _ = _scale_vectors(magnitude, lax.stop_gradient(norm), acc)
+  return g
+
+
+def merge_kernel(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+                 magnitude: jax.Array, scale) -> jax.Array:
+  """The merged kernel ``W' = g ⊙ (W + s·a·b)`` ``[d_in, d_out]`` in ``kernel.dtype``.
+
+  ``x·W' + bias`` equals :func:`dora_dense` up to rounding. The composition
+  runs in float32 (float64 for float64 inputs) and is cast back once.
+  """
+  dims = check_weights(kernel, lora_a, lora_b)
+  check_vector("magnitude", magnitude, dims.d_out)
+  check_scale(scale)
+  acc = accumulation_dtype(kernel, lora_a, lora_b, magnitude)
+  g = dora_norm_scale(kernel, lora_a, lora_b, magnitude, scale)
+  delta = jnp.dot(lora_a.astype(acc), lora_b.astype(acc), precision=lax.Precision.HIGHEST)
+  merged = (kernel.astype(acc) + jnp.asarray(scale, acc) * delta) * g.astype(acc)
+  return merged.astype(kernel.dtype)

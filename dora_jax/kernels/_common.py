@@ -1,0 +1,58 @@
+"""Helpers shared by the Pallas kernels: the interpret switch and block configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+def default_interpret() -> bool:
+  """Interpret mode unless the default JAX backend is a GPU (Triton lowering)."""
+  return jax.default_backend() != "gpu"
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+  """``None`` means :func:`default_interpret`."""
+  return default_interpret() if interpret is None else bool(interpret)
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+  """Tiling of one fused matmul launch (Triton lowering).
+
+  ``block_m × block_n`` is the output tile of one program, ``block_k`` the step
+  of the K loop over the big operand pair and ``block_k2`` the step over the
+  low-rank pair (``None``: the rank rounded up to a power of two, at most 64).
+  ``group_m`` rows of tiles are visited together for L2 reuse. All block sizes
+  must be powers of two, at least 16.
+  """
+
+  block_m: int = 128
+  block_n: int = 256
+  block_k: int = 64
+  block_k2: int | None = None
+  group_m: int = 8
+  num_warps: int = 8
+  num_stages: int = 3
+
+  def k2(self, rank: int) -> int:
+    if self.block_k2 is not None:
+      return self.block_k2
+    return min(64, max(16, next_pow2(rank)))
+
+  def shrink_to(self, m: int, n: int, k: int) -> "MatmulConfig":
+    """Cap block sizes at the problem's (power-of-two padded) sizes, floor 16."""
+    return dataclasses.replace(
+        self,
+        block_m=max(16, min(self.block_m, next_pow2(m))),
+        block_n=max(16, min(self.block_n, next_pow2(n))),
+        block_k=max(16, min(self.block_k, next_pow2(k))))

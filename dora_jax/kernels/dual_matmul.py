@@ -1,0 +1,254 @@
+"""One GEMM over a virtual concatenation: ``[a1 | a2] · [b1 ; b2]`` with DoRA's edges.
+
+The fused DoRA kernels are all this one Pallas kernel (Triton lowering)::
+
+  acc = (a1 ⊙ k_scale) · b1  +  a2 · b2          fp32 accumulator, one K loop
+  out = col_scale ⊙ acc + col_bias                epilogue, per output column
+  pre = acc                                       optional second output
+
+Shapes (``trans_b=False``)::
+
+  a1 [M, K1]   b1 [K1, N]   a2 [M, K2]   b2 [K2, N]   k_scale [K1]
+  col_scale, col_bias [N]   out, pre [M, N]
+
+With ``trans_b=True`` the right operands are read transposed in place:
+``b1 [N, K1]``, ``b2 [N, K2]`` (no transposed copy is made).
+
+* DoRA forward: ``a1 = x``, ``b1 = W``, ``a2 = s·h``, ``b2 = b``,
+  ``col_scale = g``: ``y = g ⊙ (x·W + s·h·b) + bias`` and ``pre`` in one pass.
+* DoRA ``dx``: ``a1 = dy``, ``k_scale = g`` (the prologue ``dpre = dy ⊙ g``),
+  ``b1 = W`` read as ``Wᵀ``, ``a2 = s·t`` with ``t = dpre·bᵀ``, ``b2 = a`` read
+  as ``aᵀ``: ``dx = dpre·Wᵀ + s·t·aᵀ``.
+
+The K loop first walks ``K1`` in steps of ``block_k`` and then ``K2`` in steps
+of ``block_k2``, keeping one float32 accumulator, so the low-rank term costs
+``K2 / K1`` of the base GEMM and the ``[M, N]`` output is written once. Ragged
+edges (``M``, ``N``, ``K1``, ``K2`` not multiples of the blocks) are handled by
+masked loads and stores; full tiles run unmasked (the masks are static).
+
+:func:`dual_matmul_reference` is the pure ``jax.numpy`` twin.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from dora_jax.kernels._common import MatmulConfig, cdiv, resolve_interpret
+
+_F32 = jnp.float32
+
+
+def _dot(a, b, trans_b: bool):
+  dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def _mask_2d(r0, nr, c0, nc, rows, cols, check_r: bool, check_c: bool):
+  mask = None
+  if check_r:
+    mask = (r0 + jnp.arange(nr))[:, None] < rows
+  if check_c:
+    col = (c0 + jnp.arange(nc))[None, :] < cols
+    mask = col if mask is None else mask & col
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (nr, nc))
+  return mask
+
+
+def _load_2d(ref, r0, nr, c0, nc, check_r: bool, check_c: bool):
+  """Load ``ref[r0:r0+nr, c0:c0+nc]``; out-of-range elements (checked dims) are 0."""
+  rows, cols = ref.shape
+  view = ref.at[pl.ds(r0, nr), pl.ds(c0, nc)]
+  mask = _mask_2d(r0, nr, c0, nc, rows, cols, check_r, check_c)
+  if mask is None:
+    return view[...]
+  return plt.load(view, mask=mask, other=0)
+
+
+def _store_2d(ref, r0, c0, value, check_r: bool, check_c: bool):
+  rows, cols = ref.shape
+  nr, nc = value.shape
+  view = ref.at[pl.ds(r0, nr), pl.ds(c0, nc)]
+  mask = _mask_2d(r0, nr, c0, nc, rows, cols, check_r, check_c)
+  if mask is None:
+    view[...] = value
+  else:
+    plt.store(view, value, mask=mask)
+
+
+def _load_1d(ref, c0, nc, check: bool):
+  (size,) = ref.shape
+  view = ref.at[pl.ds(c0, nc)]
+  if not check:
+    return view[...]
+  return plt.load(view, mask=(c0 + jnp.arange(nc)) < size, other=0)
+
+
+def _tile_ids(pid, grid_m: int, grid_n: int, group_m: int):
+  """Grouped ordering: ``group_m`` tile rows share their ``b`` tiles in L2."""
+  if group_m <= 1 or grid_m <= 1:
+    return pid // grid_n, pid % grid_n
+  per_group = group_m * grid_n
+  group = pid // per_group
+  first_m = group * group_m
+  size_m = jnp.minimum(grid_m - first_m, group_m)
+  local = pid % per_group
+  return first_m + local % size_m, local // size_m
+
+
+def _kernel(*refs, m, n, k1, k2, cfg: MatmulConfig, bk2: int, trans_b: bool,
+            has_k_scale: bool, has_col_scale: bool, has_col_bias: bool, want_pre: bool,
+            n_poison: int):
+  it = iter(refs)
+  a1_ref, b1_ref, a2_ref, b2_ref = next(it), next(it), next(it), next(it)
+  ks_ref = next(it) if has_k_scale else None
+  cs_ref = next(it) if has_col_scale else None
+  cb_ref = next(it) if has_col_bias else None
+  for _ in range(n_poison):  # aliased to the outputs; never read
+    next(it)
+  out_ref = next(it)
+  pre_ref = next(it) if want_pre else None
+
+  bm, bn = cfg.block_m, cfg.block_n
+  grid_m, grid_n = cdiv(m, bm), cdiv(n, bn)
+  pid_m, pid_n = _tile_ids(pl.program_id(0), grid_m, grid_n, cfg.group_m)
+  r0 = pl.multiple_of(pid_m * bm, bm)
+  c0 = pl.multiple_of(pid_n * bn, bn)
+  check_m, check_n = m % bm != 0, n % bn != 0
+
+  def k_step(a_ref, b_ref, scale_ref, bk, kk, acc, check_k):
+    k0 = pl.multiple_of(kk * bk, bk)
+    a = _load_2d(a_ref, r0, bm, k0, bk, check_m, check_k)
+    if scale_ref is not None:
+      scale = _load_1d(scale_ref, k0, bk, check_k)
+      a = (a.astype(_F32) * scale[None, :]).astype(a_ref.dtype)
+    if trans_b:
+      b = _load_2d(b_ref, c0, bn, k0, bk, check_n, check_k)
+    else:
+      b = _load_2d(b_ref, k0, bk, c0, bn, check_k, check_n)
+    return acc + _dot(a, b, trans_b)
+
+  def segment(a_ref, b_ref, scale_ref, bk, size, acc):
+    full, tail = divmod(size, bk)
+    if full:
+      body = functools.partial(k_step, a_ref, b_ref, scale_ref, bk, check_k=False)
+      acc = lax.fori_loop(0, full, body, acc)
+    if tail:
+      acc = k_step(a_ref, b_ref, scale_ref, bk, full, acc, check_k=True)
+    return acc
+
+  acc = jnp.zeros((bm, bn), _F32)
+  acc = segment(a1_ref, b1_ref, ks_ref, cfg.block_k, k1, acc)
+  acc = segment(a2_ref, b2_ref, None, bk2, k2, acc)
+
+  out = acc
+  if has_col_scale:
+    out = out * _load_1d(cs_ref, c0, bn, check_n).astype(_F32)[None, :]
+  if has_col_bias:
+    out = out + _load_1d(cb_ref, c0, bn, check_n).astype(_F32)[None, :]
+  _store_2d(out_ref, r0, c0, out.astype(out_ref.dtype), check_m, check_n)
+  if want_pre:
+    _store_2d(pre_ref, r0, c0, acc.astype(pre_ref.dtype), check_m, check_n)
+
+
+def _check_shapes(a1, b1, a2, b2, trans_b):
+  m, k1 = a1.shape
+  m2, k2 = a2.shape
+  if m2 != m:
+    raise ValueError(f"a1 {a1.shape} and a2 {a2.shape} must have the same rows")
+  n = b1.shape[0] if trans_b else b1.shape[1]
+  want_b1 = (n, k1) if trans_b else (k1, n)
+  want_b2 = (n, k2) if trans_b else (k2, n)
+  if b1.shape != want_b1 or b2.shape != want_b2:
+    raise ValueError(f"b1 {b1.shape} / b2 {b2.shape} do not match a1 {a1.shape}, "
+                     f"a2 {a2.shape} (trans_b={trans_b})")
+  if len({a1.dtype, b1.dtype, a2.dtype, b2.dtype}) != 1:
+    raise TypeError("a1, b1, a2, b2 must share one dtype, got "
+                    f"{a1.dtype}, {b1.dtype}, {a2.dtype}, {b2.dtype}")
+  return m, n, k1, k2
+
+
+def dual_matmul(a1, b1, a2, b2, *, k_scale=None, col_scale=None, col_bias=None,
+                trans_b: bool = False, want_pre: bool = False, out_dtype=None,
+                config: MatmulConfig | None = None, interpret: bool | None = None,
+                poison: bool = False):
+  """``out = col_scale ⊙ ((a1 ⊙ k_scale)·b1 + a2·b2) + col_bias`` (and ``pre``) in one launch.
+
+  Args:
+    a1: ``[M, K1]``; b1: ``[K1, N]`` (``[N, K1]`` with ``trans_b``).
+    a2: ``[M, K2]``; b2: ``[K2, N]`` (``[N, K2]`` with ``trans_b``). All four
+      share one dtype, the MMA operand dtype.
+    k_scale: optional ``[K1]`` float32, scales ``a1``'s columns before the MMA
+      (the product is rounded back to ``a1.dtype``).
+    col_scale, col_bias: optional ``[N]``, the epilogue (float32 math).
+    trans_b: read ``b1``/``b2`` transposed.
+    want_pre: also return ``pre = acc`` (before the epilogue).
+    out_dtype: dtype of ``out`` and ``pre`` (default ``a1.dtype``).
+    config: tiling (:class:`MatmulConfig`); block sizes are capped at the
+      problem's padded sizes.
+    interpret: force interpret mode (``None``: interpret unless on a GPU).
+    poison: testing aid: start the outputs as NaN (aliased buffers), so any
+      element the kernel fails to write shows up.
+
+  Returns:
+    ``(out, pre)``, ``pre`` being ``None`` unless ``want_pre``.
+  """
+  m, n, k1, k2 = _check_shapes(a1, b1, a2, b2, trans_b)
+  out_dtype = jnp.dtype(a1.dtype if out_dtype is None else out_dtype)
+  cfg = (config or MatmulConfig()).shrink_to(m, n, k1)
+  bk2 = max(16, min(cfg.k2(k2), 1 << max(0, k2 - 1).bit_length()))
+  extra = [v for v in (k_scale, col_scale, col_bias) if v is not None]
+  for name, vec, size in (("k_scale", k_scale, k1), ("col_scale", col_scale, n),
+                          ("col_bias", col_bias, n)):
+    if vec is not None and vec.shape != (size,):
+      raise ValueError(f"{name} must be [{size}], got {vec.shape}")
+  kernel = functools.partial(
+      _kernel, m=m, n=n, k1=k1, k2=k2, cfg=cfg, bk2=bk2, trans_b=trans_b,
+      has_k_scale=k_scale is not None, has_col_scale=col_scale is not None,
+      has_col_bias=col_bias is not None, want_pre=want_pre,
+      n_poison=(2 if want_pre else 1) if poison else 0)
+  out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+  if want_pre:
+    out_shape.append(jax.ShapeDtypeStruct((m, n), out_dtype))
+  inputs = [a1, b1, a2, b2, *extra]
+  aliases = {}
+  if poison:
+    for i, shape in enumerate(out_shape):
+      aliases[len(inputs)] = i
+      inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
+  flops = 2 * m * n * (k1 + k2)
+  nbytes = sum(v.size * v.dtype.itemsize for v in (a1, b1, a2, b2, *extra))
+  nbytes += len(out_shape) * m * n * out_dtype.itemsize
+  outs = pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),),
+      compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
+      input_output_aliases=aliases,
+      interpret=resolve_interpret(interpret),
+      name="dora_dual_matmul",
+  )(*inputs)
+  return outs[0], (outs[1] if want_pre else None)
+
+
+def dual_matmul_reference(a1, b1, a2, b2, *, k_scale=None, col_scale=None, col_bias=None,
+                          trans_b: bool = False, want_pre: bool = False, out_dtype=None):
+  """Pure ``jax.numpy`` twin of :func:`dual_matmul` (same roundings)."""
+  _check_shapes(a1, b1, a2, b2, trans_b)
+  out_dtype = jnp.dtype(a1.dtype if out_dtype is None else out_dtype)
+  if k_scale is not None:
+    a1 = (a1.astype(_F32) * k_scale.astype(_F32)[None, :]).astype(a1.dtype)
+  acc = _dot(a1, b1, trans_b) + _dot(a2, b2, trans_b)
+  out = acc
+  if col_scale is not None:
+    out = out * col_scale.astype(_F32)[None, :]
+  if col_bias is not None:
+    out = out + col_bias.astype(_F32)[None, :]
+  return out.astype(out_dtype), (acc.astype(out_dtype) if want_pre else None)

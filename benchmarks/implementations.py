@@ -1,0 +1,48 @@
+"""The implementations compared by the benchmarks, as plain functions.
+
+All take ``(x [T, d_in], kernel [d_in, d_out], p)`` with ``p`` a dict of
+``a [d_in, r]``, ``b [r, d_out]``, ``m [d_out]``, ``bias [d_out]`` and a
+Python float ``scale``; all return ``[T, d_out]`` in x's dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import dora_jax
+
+
+def lora(x, kernel, p, scale):
+  """Plain JAX LoRA: the floor."""
+  return x @ kernel + scale * ((x @ p["a"]) @ p["b"]) + p["bias"]
+
+
+def dora_naive_dense(x, kernel, p, scale):
+  """What a naive port does: materialise a·b [d_in, d_out] for the norm."""
+  dense = kernel.astype(jnp.float32) + scale * (p["a"] @ p["b"]).astype(jnp.float32)
+  norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(dense * dense, axis=0)))
+  pre = x @ kernel + scale * ((x @ p["a"]) @ p["b"])
+  return ((p["m"].astype(jnp.float32) / norm) * pre + p["bias"]).astype(x.dtype)
+
+
+def dora_factored_autodiff(x, kernel, p, scale):
+  """Factored norm + plain autodiff (stop_gradient norm), no custom_vjp."""
+  norm = jax.lax.stop_gradient(dora_jax.factored_norm(kernel, p["a"], p["b"], scale))
+  pre = x @ kernel + scale * ((x @ p["a"]) @ p["b"])
+  return ((p["m"].astype(jnp.float32) / norm) * pre + p["bias"]).astype(x.dtype)
+
+
+def dora_jax_backend(backend):
+  def fn(x, kernel, p, scale):
+    return dora_jax.dora_dense(x, kernel, p["a"], p["b"], p["m"], scale, p["bias"],
+                               backend=backend)
+  fn.__name__ = f"dora_jax_{backend}"
+  return fn
+
+
+def train_grads(impl):
+  """``(x, kernel, p, cot, scale) -> (dx, dp)``: forward+backward of ``Σ y ⊙ cot``."""
+  def loss(x, p, kernel, cot, scale):
+    return jnp.sum((impl(x, kernel, p, scale) * cot).astype(jnp.float32))
+  return jax.grad(loss, argnums=(0, 1))

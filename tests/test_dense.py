@@ -1,0 +1,218 @@
+"""dora_dense: forward and every gradient against the float64 dense reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dora_jax
+from conftest import make_layer
+from reference import dense_norm, dora_forward, dora_value_and_grads, f64, rel_err
+
+# Relative (Frobenius) error bounds against float64, per activation dtype. bf16
+# keeps 8 mantissa bits: its matmul outputs alone are off by ~2^-9 relative.
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
+
+# (d_in, d_out, rank, leading dims): odd sizes, r = 1, r > d_out, batched.
+SHAPES = [
+    (37, 53, 1, (7,)),
+    (70, 41, 64, (3, 5)),
+    (129, 66, 16, (2, 3, 4)),
+    (16, 9, 12, ()),
+]
+
+
+def _grads(x, kernel, lora_a, lora_b, magnitude, scale, bias, cot, backend="xla"):
+  def loss(x, lora_a, lora_b, magnitude, bias):
+    y = dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, scale, bias, backend=backend)
+    return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32))
+
+  argnums = (0, 1, 2, 3, 4) if bias is not None else (0, 1, 2, 3)
+  grads = jax.jit(jax.grad(loss, argnums=argnums))(x, lora_a, lora_b, magnitude, bias)
+  names = ["x", "lora_a", "lora_b", "magnitude", "bias"][: len(argnums)]
+  return dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_and_grads_match_float64(fresh_key, dtype, shape, with_bias):
+  d_in, d_out, rank, lead = shape
+  x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(
+      fresh_key(), d_in, d_out, rank, lead, dtype=dtype, bias=with_bias)
+  scale = dora_jax.lora_scale(2.0 * rank, rank)
+  y = jax.jit(lambda *a: dora_jax.dora_dense(*a, backend="xla"))(
+      x, kernel, lora_a, lora_b, magnitude, scale, bias)
+  assert y.dtype == dtype and y.shape == (*lead, d_out)
+  y_ref, g_ref = dora_value_and_grads(x, kernel, lora_a, lora_b, magnitude, scale, bias, cot)
+  tol = TOL[dtype]
+  assert np.all(np.isfinite(f64(y)))
+  assert rel_err(y, y_ref) < tol
+  grads = _grads(x, kernel, lora_a, lora_b, magnitude, scale, bias, cot)
+  assert set(grads) == set(g_ref)
+  for name, grad in grads.items():
+    assert grad.shape == g_ref[name].shape, name
+    assert grad.dtype == {"x": x}.get(name, kernel).dtype, name
+    # bf16 gradients go through two bf16 matmuls: allow 2x the forward bound.
+    assert rel_err(grad, g_ref[name]) < 2 * tol, (name, rel_err(grad, g_ref[name]))
+
+
+def test_float64_is_exact(fresh_key):
+  with jax.enable_x64(True):
+    x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(
+        fresh_key(), 45, 31, 6, (4, 3), dtype=jnp.float64)
+    y = dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 0.7, bias)
+    assert y.dtype == jnp.float64
+    grads = _grads(x, kernel, lora_a, lora_b, magnitude, 0.7, bias, cot)
+    norm = dora_jax.factored_norm(kernel, lora_a, lora_b, 0.7)
+    assert norm.dtype == jnp.float64
+  y_ref, g_ref = dora_value_and_grads(x, kernel, lora_a, lora_b, magnitude, 0.7, bias, cot)
+  assert rel_err(y, y_ref) < 1e-12
+  assert rel_err(norm, dense_norm(kernel, lora_a, lora_b, 0.7)) < 1e-12
+  for name, grad in grads.items():
+    assert rel_err(grad, g_ref[name]) < 1e-12, name
+
+
+def test_mixed_precision_bf16_activations_fp32_params(fresh_key):
+  """bf16 activations with fp32 master weights: bf16 matmuls, fp32 norm and compose."""
+  x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(
+      fresh_key(), 96, 80, 8, (6,), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  y = dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 0.5, bias)
+  assert y.dtype == jnp.bfloat16
+  y_ref, g_ref = dora_value_and_grads(x, kernel, lora_a, lora_b, magnitude, 0.5, bias, cot)
+  assert rel_err(y, y_ref) < TOL[jnp.bfloat16]
+  grads = _grads(x, kernel, lora_a, lora_b, magnitude, 0.5, bias, cot)
+  for name, grad in grads.items():
+    want = jnp.bfloat16 if name == "x" else jnp.float32
+    assert grad.dtype == want, name
+    assert rel_err(grad, g_ref[name]) < 2 * TOL[jnp.bfloat16], name
+
+
+def test_bf16_kernel_fp32_lora_a_norm_is_fp32_accurate(fresh_key):
+  """The hi/lo bf16 split of an fp32 lora_a keeps the norm at ~1e-5 relative."""
+  _, kernel, lora_a, lora_b, *_ = make_layer(fresh_key(), 300, 70, 24, dtype=jnp.float32)
+  kernel = kernel.astype(jnp.bfloat16)
+  norm = dora_jax.factored_norm(kernel, lora_a, lora_b, 1.3)
+  assert norm.dtype == jnp.float32
+  assert rel_err(norm, dense_norm(kernel, lora_a, lora_b, 1.3)) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_near_unity_regime_against_float64(fresh_key, dtype):
+  """lora_b tiny so g ≈ 1: the DoRA change to the output must survive rounding.
+
+  Forming ``g − 1`` from a bf16 ``g`` would zero it (bf16 cannot represent
+  1 + 1e-5); the fp32 compose keeps ``g`` exact to fp32 and the output within
+  the activation dtype's own rounding of the float64 answer.
+  """
+  x, kernel, lora_a, lora_b, _, bias, _ = make_layer(
+      fresh_key(), 128, 96, 16, (32,), dtype=dtype, b_scale=1e-4)
+  scale = 2.0
+  # m = the base column norms (PEFT's init) + a tiny trained change: g ≈ 1 ± 1e-4.
+  magnitude = (jnp.linalg.norm(kernel.astype(jnp.float32), axis=0)
+               * (1.0 + 1e-4 * jax.random.normal(fresh_key(), (96,)))).astype(dtype)
+  g = dora_jax.dora_norm_scale(kernel, lora_a, lora_b, magnitude, scale)
+  g_ref = f64(magnitude) / dense_norm(kernel, lora_a, lora_b, scale)
+  assert g.dtype == jnp.float32
+  assert np.max(np.abs(f64(g) - g_ref)) < 1e-6  # |g − 1| ~ 1e-4 is resolved
+  assert np.max(np.abs(g_ref - 1.0)) > 1e-5
+  y = dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, scale, bias)
+  y_ref = dora_forward(x, kernel, lora_a, lora_b, magnitude, scale, bias)
+  if dtype == jnp.float32:
+    # The DoRA delta itself (y − base) is accurate, not just y.
+    base = f64(x) @ f64(kernel) + f64(bias)
+    assert rel_err(f64(y) - base, y_ref - base) < 1e-3
+  else:
+    # Every element within the rounding bf16 itself imposes: the base matmul's
+    # bf16 output (≤ 2^-8 of |x·W|) and the final bf16 output (≤ 2^-8 of |y|).
+    xw = np.abs(f64(x) @ f64(kernel))
+    bound = 2.0**-8 * (xw + np.abs(y_ref)) + 1e-6
+    assert np.all(np.abs(f64(y) - y_ref) <= bound)
+
+
+def test_gradients_wrt_kernel_and_scale_when_asked(fresh_key):
+  x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(fresh_key(), 33, 27, 5, (4,))
+
+  def loss(kernel, scale):
+    return jnp.sum(dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, scale, bias) * cot)
+
+  dk, ds = jax.grad(loss, argnums=(0, 1))(kernel, jnp.float32(0.8))
+  _, g_ref = dora_value_and_grads(x, kernel, lora_a, lora_b, magnitude, 0.8, bias, cot,
+                                  wrt_kernel=True)
+  assert rel_err(dk, g_ref["kernel"]) < 2e-5
+  # d/ds with the norm detached: Σ cot ⊙ g ⊙ (x·a·b).
+  g = f64(magnitude) / dense_norm(kernel, lora_a, lora_b, 0.8)
+  ds_ref = np.sum(f64(cot) * g * ((f64(x) @ f64(lora_a)) @ f64(lora_b)))
+  assert abs(float(ds) - ds_ref) <= 2e-5 * abs(ds_ref)
+
+
+def test_precomputed_norm_gives_identical_values_and_grads(fresh_key):
+  """Gradient accumulation: a norm computed once per step and passed in."""
+  x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(fresh_key(), 40, 30, 4, (6,))
+  norm = dora_jax.factored_norm(kernel, lora_a, lora_b, 0.5)
+
+  def loss(params, norm):
+    y = dora_jax.dora_dense(x, kernel, params["a"], params["b"], params["m"], 0.5, bias, norm=norm)
+    return jnp.sum(y * cot)
+
+  params = {"a": lora_a, "b": lora_b, "m": magnitude}
+  v1, g1 = jax.value_and_grad(loss)(params, None)
+  v2, g2 = jax.value_and_grad(loss)(params, norm)
+  np.testing.assert_array_equal(v1, v2)
+  for k in params:
+    np.testing.assert_array_equal(g1[k], g2[k])
+
+
+def test_vmap_jit_and_leading_dims_agree(fresh_key):
+  x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(fresh_key(), 20, 18, 3, (4, 6))
+  f = lambda xi: dora_jax.dora_dense(xi, kernel, lora_a, lora_b, magnitude, 1.5, bias)
+  y_batched = f(x)
+  y_vmap = jax.vmap(f)(x)
+  y_jit = jax.jit(f)(x)
+  np.testing.assert_allclose(y_vmap, y_batched, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(y_jit, y_batched, rtol=1e-6, atol=1e-6)
+  # A 1-D x (one token) works too.
+  np.testing.assert_allclose(f(x[0, 0]), y_batched[0, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_init_reproduces_base_layer(fresh_key):
+  """b = 0 and m = ‖W‖: DoRA is the base layer (PEFT's init)."""
+  x, kernel, lora_a, lora_b, _, bias, _ = make_layer(fresh_key(), 50, 40, 8, (9,))
+  magnitude = jnp.sqrt(dora_jax.column_sq_norm(kernel))
+  y = dora_jax.dora_dense(x, kernel, lora_a, jnp.zeros_like(lora_b), magnitude, 2.0, bias)
+  np.testing.assert_allclose(y, x @ kernel + bias, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_merge_kernel_matches_unmerged(fresh_key, dtype):
+  x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(
+      fresh_key(), 64, 48, 8, (10,), dtype=dtype)
+  merged = dora_jax.merge_kernel(kernel, lora_a, lora_b, magnitude, 0.25)
+  assert merged.shape == kernel.shape and merged.dtype == dtype
+  y_ref = dora_forward(x, kernel, lora_a, lora_b, magnitude, 0.25, bias)
+  y_merged = f64(x) @ f64(merged) + f64(bias)
+  assert rel_err(y_merged, y_ref) < {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}[dtype]
+
+
+def test_lora_scale():
+  assert dora_jax.lora_scale(16, 8) == 2.0
+  assert dora_jax.lora_scale(16, 64, rslora=True) == 2.0
+  with pytest.raises(ValueError, match="rank"):
+    dora_jax.lora_scale(16, 0)
+  with pytest.raises(TypeError, match="alpha"):
+    dora_jax.lora_scale("16", 4)
+
+
+def test_backend_argument_and_env(monkeypatch, fresh_key):
+  x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(fresh_key(), 12, 10, 2)
+  args = (x, kernel, lora_a, lora_b, magnitude, 1.0, bias)
+  with pytest.raises(ValueError, match="backend"):
+    dora_jax.dora_dense(*args, backend="cuda")
+  monkeypatch.setenv("DORA_JAX_BACKEND", "nonsense")
+  with pytest.raises(ValueError, match="DORA_JAX_BACKEND"):
+    dora_jax.dora_dense(*args)
+  monkeypatch.setenv("DORA_JAX_BACKEND", "xla")
+  np.testing.assert_allclose(dora_jax.dora_dense(*args),
+                             dora_jax.dora_dense(*args, backend="xla"), rtol=0, atol=0)

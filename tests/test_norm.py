@@ -1,0 +1,77 @@
+"""factored_norm against the float64 dense norm; chunking; edge cases."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dora_jax
+from conftest import make_layer
+from reference import dense_norm, f64, rel_err
+
+NORM_TOL = {jnp.float32: 2e-6, jnp.bfloat16: 2e-6, jnp.float16: 2e-6}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("d_in,d_out,rank", [(37, 53, 1), (70, 41, 64), (257, 130, 16)])
+def test_factored_norm_matches_dense_float64(fresh_key, dtype, d_in, d_out, rank):
+  _, kernel, lora_a, lora_b, *_ = make_layer(fresh_key(), d_in, d_out, rank, dtype=dtype)
+  norm = dora_jax.factored_norm(kernel, lora_a, lora_b, 1.7)
+  assert norm.dtype == jnp.float32 and norm.shape == (d_out,)
+  # Inputs are exactly representable in fp32 and accumulated in fp32: the
+  # error is fp32 rounding, whatever the storage dtype.
+  assert rel_err(norm, dense_norm(kernel, lora_a, lora_b, 1.7)) < 1e-5
+  dense = dora_jax.dense_norm_reference(kernel, lora_a, lora_b, 1.7)
+  assert rel_err(norm, dense) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 52, 53, 1000])
+def test_chunked_norm_equals_unchunked(fresh_key, chunk):
+  _, kernel, lora_a, lora_b, *_ = make_layer(fresh_key(), 29, 53, 5)
+  whole = dora_jax.factored_norm(kernel, lora_a, lora_b, 0.9)
+  chunked = jax.jit(lambda *a: dora_jax.factored_norm(*a, 0.9, chunk_size=chunk))(
+      kernel, lora_a, lora_b)
+  np.testing.assert_allclose(chunked, whole, rtol=2e-6)
+
+
+def test_auto_chunking_bounds_intermediates(monkeypatch, fresh_key):
+  _, kernel, lora_a, lora_b, *_ = make_layer(fresh_key(), 31, 300, 4)
+  whole = dora_jax.factored_norm(kernel, lora_a, lora_b, 0.9)
+  monkeypatch.setattr(dora_jax.norm, "NORM_CHUNK_BYTES", 3 * 4 * 4 * 130)  # -> chunks of 128
+  assert dora_jax.norm._auto_chunk(4, 300) == 128
+  np.testing.assert_allclose(dora_jax.factored_norm(kernel, lora_a, lora_b, 0.9), whole, rtol=2e-6)
+
+
+def test_base_sq_norm_cache(fresh_key):
+  _, kernel, lora_a, lora_b, *_ = make_layer(fresh_key(), 40, 21, 3)
+  cached = dora_jax.column_sq_norm(kernel)
+  np.testing.assert_allclose(
+      dora_jax.factored_norm(kernel, lora_a, lora_b, 2.0, base_sq_norm=cached),
+      dora_jax.factored_norm(kernel, lora_a, lora_b, 2.0), rtol=1e-6)
+  with pytest.raises(ValueError, match="base_sq_norm"):
+    dora_jax.factored_norm(kernel, lora_a, lora_b, 2.0, base_sq_norm=cached[:-1])
+
+
+def test_cancelling_update_gives_zero_norm_not_nan(fresh_key):
+  """W ≈ −s·a·b: the factored sum can round below 0; it is clamped, and g stays finite."""
+  key = fresh_key()
+  lora_a = jax.random.normal(key, (24, 4))
+  lora_b = jax.random.normal(jax.random.fold_in(key, 1), (4, 10))
+  kernel = -2.0 * lora_a @ lora_b
+  norm = dora_jax.factored_norm(kernel, lora_a, lora_b, 2.0)
+  assert np.all(np.isfinite(norm)) and np.all(norm >= 0)
+  assert float(jnp.max(norm)) < 1e-2 * float(jnp.max(jnp.linalg.norm(kernel, axis=0)))
+  x = jax.random.normal(jax.random.fold_in(key, 2), (3, 24))
+  y = dora_jax.dora_dense(x, kernel, lora_a, lora_b, jnp.ones(10), 2.0)
+  assert np.all(np.isfinite(y))
+
+
+def test_norm_never_builds_dense_product():
+  """No dot_general in the norm's jaxpr produces a [d_in, d_out] value."""
+  from test_memory import dense_shaped_dots
+  d_in, d_out, r = 96, 160, 8
+  jaxpr = jax.make_jaxpr(lambda w, a, b: dora_jax.factored_norm(w, a, b, 1.0))(
+      jnp.ones((d_in, d_out)), jnp.ones((d_in, r)), jnp.ones((r, d_out)))
+  assert dense_shaped_dots(jaxpr, d_in, d_out) == []

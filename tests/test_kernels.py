@@ -1,0 +1,273 @@
+"""The fused Pallas kernels: interpret mode on the CPU vs their jnp twins and float64.
+
+Shapes are small and ragged (no dimension a multiple of its block) so that
+interpret mode stays fast and every masked edge is exercised; the "large" rank
+is 40 here instead of 384 to keep the CPU runtime down (384 is covered on the
+GPU by ``benchmarks/kernels_gpu.py`` and the ``gpu`` tests below). Outputs of
+interpret-mode ``pallas_call`` start as NaN, so an element the kernel fails to
+write fails the NaN checks.
+
+Tolerances (relative L2 error): float32 ≤ 1e-5 vs float64, bf16 ≤ 1e-2 vs
+float64; the kernel vs its twin ≤ 1e-6 (float32) / one bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dora_jax
+from dora_jax.compose import Wants, backward_xla, forward_xla
+from dora_jax.kernels import dispatch, fused_dense
+from dora_jax.kernels._common import MatmulConfig, default_interpret
+from dora_jax.kernels.dual_matmul import dual_matmul, dual_matmul_reference
+
+from conftest import make_layer
+import reference
+
+SMALL = MatmulConfig(block_m=16, block_n=32, block_k=16, block_k2=16, group_m=2)
+TOL_F64 = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+GPU = jax.default_backend() == "gpu"
+
+
+def rel(u, v) -> float:
+  u = reference.f64(u)
+  v = reference.f64(v) if not isinstance(v, np.ndarray) else v
+  return float(np.linalg.norm(u - v) / max(np.linalg.norm(v), 1e-30))
+
+
+def assert_written(*arrays):
+  for arr in arrays:
+    assert not bool(jnp.isnan(jnp.asarray(arr, jnp.float32)).any()), "unwritten (NaN) elements"
+
+
+def _operands(key, m, n, k1, k2, dtype, trans_b):
+  ks = jax.random.split(key, 7)
+  a1 = jax.random.normal(ks[0], (m, k1)).astype(dtype)
+  b1 = (jax.random.normal(ks[1], (n, k1) if trans_b else (k1, n)) / np.sqrt(k1)).astype(dtype)
+  a2 = jax.random.normal(ks[2], (m, k2)).astype(dtype)
+  b2 = (jax.random.normal(ks[3], (n, k2) if trans_b else (k2, n)) / np.sqrt(k2)).astype(dtype)
+  k_scale = 1.0 + 0.3 * jax.random.normal(ks[4], (k1,))
+  col_scale = 1.0 + 0.3 * jax.random.normal(ks[5], (n,))
+  col_bias = jax.random.normal(ks[6], (n,))
+  return a1, b1, a2, b2, k_scale, col_scale, col_bias
+
+
+def _dual_f64(a1, b1, a2, b2, k_scale, col_scale, col_bias, trans_b):
+  a1 = reference.f64(a1) if k_scale is None else reference.f64(
+      (a1.astype(jnp.float32) * k_scale).astype(a1.dtype))
+  b1, a2, b2 = reference.f64(b1), reference.f64(a2), reference.f64(b2)
+  acc = a1 @ (b1.T if trans_b else b1) + a2 @ (b2.T if trans_b else b2)
+  out = acc
+  if col_scale is not None:
+    out = out * reference.f64(col_scale)
+  if col_bias is not None:
+    out = out + reference.f64(col_bias)
+  return out, acc
+
+
+def test_interpret_is_default_off_gpu():
+  assert default_interpret() == (jax.default_backend() != "gpu")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("k2", [1, 16, 40])
+def test_dual_matmul_vs_twin_and_f64(fresh_key, dtype, trans_b, k2):
+  m, n, k1 = 37, 90, 70  # none a multiple of SMALL's blocks
+  ops = _operands(fresh_key(), m, n, k1, k2, dtype, trans_b)
+  a1, b1, a2, b2, ks, cs, cb = ops
+  kw = dict(k_scale=ks, col_scale=cs, col_bias=cb, trans_b=trans_b, want_pre=True)
+  out, pre = dual_matmul(a1, b1, a2, b2, config=SMALL, **kw)
+  assert out.shape == pre.shape == (m, n) and out.dtype == pre.dtype == dtype
+  assert_written(out, pre)
+  ref_out, ref_pre = dual_matmul_reference(a1, b1, a2, b2, **kw)
+  out64, pre64 = _dual_f64(a1, b1, a2, b2, ks, cs, cb, trans_b)
+  twin_tol = 1e-6 if dtype == jnp.float32 else 8e-3
+  assert rel(out, ref_out) <= twin_tol and rel(pre, ref_pre) <= twin_tol
+  assert rel(out, out64) <= TOL_F64[dtype] and rel(pre, pre64) <= TOL_F64[dtype]
+
+
+@pytest.mark.parametrize("options", [
+    dict(),                                            # plain dual GEMM
+    dict(col_scale=True),                              # forward without bias
+    dict(k_scale=True, trans_b=True),                  # dx
+])
+def test_dual_matmul_optional_edges(fresh_key, options):
+  trans_b = options.get("trans_b", False)
+  a1, b1, a2, b2, ks, cs, cb = _operands(fresh_key(), 45, 33, 50, 16, jnp.float32, trans_b)
+  kw = dict(k_scale=ks if options.get("k_scale") else None,
+            col_scale=cs if options.get("col_scale") else None, trans_b=trans_b)
+  cfg = MatmulConfig(block_m=16, block_n=16, block_k=32, group_m=1)
+  out, pre = dual_matmul(a1, b1, a2, b2, config=cfg, **kw)
+  assert pre is None
+  assert_written(out)
+  out64, _ = _dual_f64(a1, b1, a2, b2, kw["k_scale"], kw["col_scale"], None, trans_b)
+  assert rel(out, out64) <= 1e-5
+
+
+def test_dual_matmul_aligned_shapes_and_default_config(fresh_key):
+  # Multiples of the blocks take the unmasked path; the default config shrinks.
+  a1, b1, a2, b2, ks, cs, cb = _operands(fresh_key(), 32, 64, 48, 16, jnp.float32, False)
+  out, pre = dual_matmul(a1, b1, a2, b2, col_scale=cs, col_bias=cb, want_pre=True,
+                         config=MatmulConfig(16, 32, 16, 16))
+  out2, _ = dual_matmul(a1, b1, a2, b2, col_scale=cs, col_bias=cb)
+  out64, pre64 = _dual_f64(a1, b1, a2, b2, None, cs, cb, False)
+  assert_written(out, pre, out2)
+  assert rel(out, out64) <= 1e-5 and rel(out2, out64) <= 1e-5 and rel(pre, pre64) <= 1e-5
+
+
+def test_dual_matmul_rejects_bad_shapes(fresh_key):
+  a1, b1, a2, b2, *_ = _operands(fresh_key(), 8, 8, 8, 2, jnp.float32, False)
+  with pytest.raises(ValueError):
+    dual_matmul(a1, b1, a2[:4], b2)
+  with pytest.raises(ValueError):
+    dual_matmul(a1, b1, a2, b2, trans_b=True)
+  with pytest.raises(TypeError):
+    dual_matmul(a1, b1.astype(jnp.bfloat16), a2, b2)
+
+
+# ----------------------------------------------------------------------------- DoRA level
+
+
+def _layer(key, rank, dtype, bias, lead=(37,), d_in=70, d_out=90):
+  return make_layer(key, d_in, d_out, rank, lead, dtype=dtype, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rank", [1, 16, 40])
+def test_forward_pallas_vs_xla_twin(fresh_key, dtype, rank):
+  x, w, a, b, m, bias, _ = _layer(fresh_key(), rank, dtype, True)
+  g = dora_jax.dora_norm_scale(w, a, b, m, 0.7)
+  scale = jnp.asarray(0.7, jnp.float32)
+  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
+    y, pre, h = fused_dense.forward_pallas(x, w, a, b, g, scale, bias)
+  yx, prex, hx = forward_xla(x, w, a, b, g, scale, bias)
+  assert_written(y, pre)
+  assert y.dtype == pre.dtype == h.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  assert rel(y, yx) <= tol and rel(pre, prex) <= tol
+  np.testing.assert_array_equal(reference.f64(h), reference.f64(hx))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rank,bias", [(1, True), (16, False), (40, True)])
+def test_dora_dense_pallas_forward_and_grads(fresh_key, dtype, rank, bias):
+  x, w, a, b, m, bb, cot = _layer(fresh_key(), rank, dtype, bias)
+  scale = 0.7
+  names = ["x", "lora_a", "lora_b", "magnitude"] + (["bias"] if bias else [])
+
+  def loss(backend, x, a, b, m, bb):
+    y = dora_jax.dora_dense(x, w, a, b, m, scale, bb, backend=backend)
+    return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32))
+
+  argnums = tuple(range(1, 1 + len(names)))
+  args = (x, a, b, m, bb) if bias else (x, a, b, m, None)
+  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
+    y = dora_jax.dora_dense(x, w, a, b, m, scale, bb, backend="pallas")
+    grads = jax.grad(loss, argnums=argnums)("pallas", *args)
+  y_xla = dora_jax.dora_dense(x, w, a, b, m, scale, bb, backend="xla")
+  grads_xla = jax.grad(loss, argnums=argnums)("xla", *args)
+  y64, g64 = reference.dora_value_and_grads(x, w, a, b, m, scale, bb, cot)
+  assert_written(y, *grads)
+  tol = TOL_F64[dtype]
+  assert rel(y, y64) <= tol
+  for name, gp, gx in zip(names, grads, grads_xla):
+    assert gp.dtype == gx.dtype, name
+    assert rel(gp, g64[name]) <= tol, name
+    assert rel(gp, gx) <= (1e-5 if dtype == jnp.float32 else 1.5e-2), name
+
+
+def test_backward_pallas_honours_wants(fresh_key):
+  x, w, a, b, m, bias, dy = _layer(fresh_key(), 16, jnp.float32, True)
+  g, inv = dora_jax.dora_norm_scale(w, a, b, m, 0.5), None
+  n = dora_jax.factored_norm(w, a, b, 0.5)
+  inv = 1.0 / n
+  scale = jnp.asarray(0.5, jnp.float32)
+  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
+    _, pre, h = fused_dense.forward_pallas(x, w, a, b, g, scale, bias)
+    full = Wants(x=True, kernel=True, lora_a=True, lora_b=True, magnitude=True, scale=True,
+                 bias=True)
+    gp = fused_dense.backward_pallas(x, w, a, b, h, pre, g, inv, scale, dy, full)
+    only_b = fused_dense.backward_pallas(x, w, a, b, h, pre, g, inv, scale, dy,
+                                         Wants(x=False, lora_a=False, lora_b=True,
+                                               magnitude=False, bias=False))
+  gx = backward_xla(x, w, a, b, h, pre, g, inv, scale, dy, full)
+  for name, u, v in zip(gp._fields, gp, gx):
+    assert rel(u, v) <= 1e-5, name
+  assert only_b.lora_b is not None
+  assert all(getattr(only_b, f) is None for f in only_b._fields if f != "lora_b")
+
+
+def test_dora_dense_pallas_grads_wrt_kernel_and_scale(fresh_key):
+  x, w, a, b, m, bias, cot = _layer(fresh_key(), 16, jnp.float32, True)
+
+  def loss(backend, w, s):
+    y = dora_jax.dora_dense(x, w, a, b, m, s, bias, backend=backend,
+                            norm=dora_jax.factored_norm(w, a, b, 0.7))
+    return jnp.sum(y * cot)
+
+  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
+    gp = jax.grad(loss, argnums=(1, 2))("pallas", w, jnp.float32(0.7))
+  gx = jax.grad(loss, argnums=(1, 2))("xla", w, jnp.float32(0.7))
+  assert rel(gp[0], gx[0]) <= 1e-5 and rel(gp[1], gx[1]) <= 1e-5
+
+
+def test_pallas_under_jit_and_vmap(fresh_key):
+  x, w, a, b, m, bias, cot = _layer(fresh_key(), 16, jnp.float32, True, lead=(3, 13))
+
+  def f(backend):
+    def one(xi):
+      return dora_jax.dora_dense(xi, w, a, b, m, 0.7, bias, backend=backend)
+    return jax.jit(jax.vmap(one))
+
+  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
+    yp = f("pallas")(x)
+    gp = jax.grad(lambda x: jnp.sum(f("pallas")(x) * cot))(x)
+  yx = f("xla")(x)
+  gx = jax.grad(lambda x: jnp.sum(f("xla")(x) * cot))(x)
+  assert yp.shape == (3, 13, 90)
+  assert_written(yp, gp)
+  assert rel(yp, yx) <= 1e-5 and rel(gp, gx) <= 1e-5
+
+
+def test_dispatch_is_xla_off_gpu():
+  if GPU:
+    pytest.skip("CPU-only expectation")
+  assert dispatch.choose(4096, (4096, 4096), 16, jnp.bfloat16) == "xla"
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [16, 384])
+def test_gpu_pallas_matches_xla_and_f64(fresh_key, rank):
+  x, w, a, b, m, bias, cot = _layer(fresh_key(), rank, jnp.bfloat16, True, lead=(1000,),
+                                    d_in=1100, d_out=1500)
+
+  def step(backend):
+    def f(x, a, b, m, bb):
+      return dora_jax.dora_dense(x, w, a, b, m, 0.5, bb, backend=backend)
+    y, vjp = jax.vjp(f, x, a, b, m, bias)
+    return y, vjp(cot)
+
+  y, grads = jax.jit(lambda: step("pallas"))()
+  yx, grads_x = jax.jit(lambda: step("xla"))()
+  y64, g64 = reference.dora_value_and_grads(x, w, a, b, m, 0.5, bias, cot)
+  assert_written(y, *grads)
+  assert rel(y, y64) <= 1e-2 and rel(y, yx) <= 1.5e-2
+  for name, gp, gx in zip(["x", "lora_a", "lora_b", "magnitude", "bias"], grads, grads_x):
+    assert rel(gp, g64[name]) <= 1e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_dual_matmul_poisoned(fresh_key):
+  a1, b1, a2, b2, ks, cs, cb = _operands(fresh_key(), 1000, 1500, 1100, 40, jnp.bfloat16, True)
+  out, pre = dual_matmul(a1, b1, a2, b2, k_scale=ks, col_scale=cs, col_bias=cb, trans_b=True,
+                         want_pre=True, poison=True)
+  assert_written(out, pre)
+  out64, _ = _dual_f64(a1, b1, a2, b2, ks, cs, cb, True)
+  assert rel(out, out64) <= 1e-2

@@ -12,6 +12,9 @@ Functional core (Flax layout: ``kernel [d_in, d_out]``, ``lora_a [d_in, r]``,
 from dora_jax.backend import BACKENDS, ENV_VAR as BACKEND_ENV_VAR, default_backend
 from dora_jax.dense import dora_dense, dora_norm_scale, lora_scale, merge_kernel
 from dora_jax.norm import NORM_CHUNK_BYTES, NORM_EPS, column_sq_norm, dense_norm_reference, factored_norm
+from dora_jax import linen, nnx
+from dora_jax.surgery import (apply_dora, freeze_scales, merge, print_trainable_parameters,
+                              refresh_scales, unfreeze_scales, unmerge)
 
 __all__ = [
     "BACKENDS",
@@ -26,6 +29,15 @@ __all__ = [
     "factored_norm",
     "lora_scale",
     "merge_kernel",
+    "apply_dora",
+    "freeze_scales",
+    "linen",
+    "merge",
+    "nnx",
+    "print_trainable_parameters",
+    "refresh_scales",
+    "unfreeze_scales",
+    "unmerge",
 ]
 
 __version__ = "0.1.0"

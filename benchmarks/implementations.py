@@ -42,7 +42,11 @@ def dora_jax_backend(backend):
 
 
 def train_grads(impl):
-  """``(x, kernel, p, cot, scale) -> (dx, dp)``: forward+backward of ``Σ y ⊙ cot``."""
+  """``(x, p, kernel, cot, scale) -> (loss, (dx, dp))``: forward+backward of ``Σ y ⊙ cot``.
+
+  The loss value is returned so the forward output is consumed: LoRA is linear
+  in x, and ``jax.grad`` alone would let XLA drop its forward matmul entirely.
+  """
   def loss(x, p, kernel, cot, scale):
     return jnp.sum((impl(x, kernel, p, scale) * cot).astype(jnp.float32))
-  return jax.grad(loss, argnums=(0, 1))
+  return jax.value_and_grad(loss, argnums=(0, 1))

@@ -10,6 +10,11 @@ import pytest
 
 _counter = itertools.count()
 
+# On GPUs, float32 matmuls default to TF32 (~1e-3 relative); the float32 tests
+# pin full-precision results, so they run with "highest" matmul precision.
+if jax.default_backend() == "gpu":
+  jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def gpu_available() -> bool:
   return jax.default_backend() == "gpu"

@@ -225,6 +225,9 @@ def test_compare_merges_dora_adapters():
   merged = dora_jax.merge_kernel(p["kernel"], p["lora_a"], p["lora_b"], p["magnitude"], 0.5)
   dm, dd, mean_m, mean_d = paper_reference(p["kernel"], np.asarray(merged))
   np.testing.assert_allclose([row.delta_m, row.delta_d], [mean_m, mean_d], rtol=1e-4)
+  kernel, source = analysis.effective_kernels(tuned, scale=0.5)["blocks/0/proj/kernel"]
+  assert source == "dora" and kernel.dtype == jnp.float32
+  np.testing.assert_allclose(kernel, merged, rtol=1e-6, atol=1e-7)
   # By DoRA's construction the merged column norms are the magnitude vector.
   np.testing.assert_allclose(row.columns.tuned_magnitude, p["magnitude"], rtol=1e-5)
 
@@ -306,9 +309,13 @@ def test_pearson_and_table():
   table = analysis.format_table(rows)
   lines = table.splitlines()
   assert lines[0].split() == ["checkpoint", "layer", "shape", "source", "delta_M", "delta_D", "mean_M0"]
-  assert len({len(line) for line in lines[1:-1]}) == 1  # aligned columns
-  assert lines[-1].startswith("pearson(delta_D, delta_M) = ")
-  assert len(lines) == 2 + len(rows) + 1
+  assert len({len(line) for line in lines[1:-2]}) == 1  # aligned columns
+  assert lines[-2].startswith("pearson(delta_D, delta_M) = ")
+  assert lines[-1].split(":")[1].split(",")[0].split()[0] == "step_1"
+  np.testing.assert_allclose(float(lines[-1].split(",")[-1].split()[-1]),
+                             np.corrcoef(dd[-4:], dm[-4:])[0, 1], atol=1e-4)
+  assert len(lines) == 2 + len(rows) + 2
+  assert analysis.format_table(rows[:4]).splitlines()[-1].startswith("pearson")
   csv = analysis.rows_to_csv(rows).splitlines()
   assert len(csv) == 1 + len(rows) and csv[1].startswith("step_1,layers/0/kernel,8,8,kernel,")
 
@@ -360,6 +367,12 @@ def test_loaders_round_trip(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="not an Orbax checkpoint"):
     checkpoints.load(tmp_path / "empty")
+  import orbax.checkpoint as ocp
+
+  manager = ocp.CheckpointManager(os.fspath(tmp_path / "run"))
+  manager.save(7, args=ocp.args.StandardSave({"l": {"kernel": np.ones((3, 2), np.float32)}}))
+  manager.wait_until_finished()
+  assert list(checkpoints.load(tmp_path / "run" / "7")) == ["l/kernel"]
   assert checkpoints.label(tmp_path / "step_10.safetensors") == "step_10"
   assert checkpoints.label(f"{tmp_path}/step_20/") == "step_20"
 

@@ -16,8 +16,9 @@ For a pre-trained kernel ``W_0`` and a fine-tuned ``W`` (Flax layout
 * ``python -m dora_jax.analysis BASE TUNED [TUNED ...] --out DIR`` — the CLI.
 """
 
-from dora_jax.analysis.compare import (LayerRow, compare, effective_kernels, flatten_params,
-                                       format_table, pearson, rows_to_csv)
+from dora_jax.analysis.compare import (LayerRow, compare, effective_kernel, effective_kernels,
+                                       flatten_params, format_table, layer_names, pearson,
+                                       rows_to_csv)
 from dora_jax.analysis.decompose import Decomposition, decompose
 
 __all__ = [
@@ -25,9 +26,11 @@ __all__ = [
     "LayerRow",
     "compare",
     "decompose",
+    "effective_kernel",
     "effective_kernels",
     "flatten_params",
     "format_table",
+    "layer_names",
     "pearson",
     "rows_to_csv",
 ]

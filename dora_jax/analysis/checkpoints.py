@@ -14,7 +14,9 @@ import numpy as np
 
 from dora_jax.analysis.compare import flatten_params
 
-_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
+# Files of a saved pytree item (a CheckpointManager step directory has only
+# _CHECKPOINT_METADATA and one sub-directory per item).
+_ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "checkpoint")
 
 
 def _is_orbax_dir(path: Path) -> bool:
@@ -30,7 +32,7 @@ def _orbax_dir(path: Path) -> Path:
     return subdirs[0]
   raise ValueError(
       f"{path} is a directory but not an Orbax checkpoint (no _METADATA or "
-      "_CHECKPOINT_METADATA inside, nor a single item sub-directory holding one)"
+      "manifest.ocdbt inside, nor a single item sub-directory holding one)"
   )
 
 

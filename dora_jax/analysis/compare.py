@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dora_jax._checks import check_weights
+from dora_jax._checks import accumulation_dtype, check_weights
 from dora_jax.analysis.decompose import Decomposition, check_kernel_pair, decompose
 from dora_jax.dense import merge_kernel
 
@@ -120,51 +120,59 @@ def _scale_for(scale: Scale | None, module: str) -> float:
   return float(scale(module) if callable(scale) else scale)
 
 
-def effective_kernels(params: Any, *, scale: Scale | None = None,
-                      layout: Layout = "flax") -> dict[str, tuple[jax.Array, str]]:
-  """``{path: (kernel [d_in, d_out], source)}`` with adapters merged.
+def _check_layout(layout: str) -> None:
+  if layout not in ("flax", "torch"):
+    raise ValueError(f"layout must be 'flax' or 'torch', got {layout!r}")
+
+
+def layer_names(flat: Mapping[str, Any]) -> list[str]:
+  """Sorted paths of the candidate layers of a flat tree: 2-D float leaves, LoRA factors excepted."""
+  return sorted(p for p, v in flat.items()
+                if p.rsplit("/", 1)[-1] not in _ADAPTER_LEAVES and _is_float_matrix(v))
+
+
+def effective_kernel(flat: Mapping[str, Any], path: str, *, scale: Scale | None = None,
+                     layout: Layout = "flax") -> tuple[jax.Array, str]:
+  """``(kernel [d_in, d_out], source)`` of the layer at ``path`` of a flat tree, adapters merged.
 
   Args:
-    params: a parameter tree (see :func:`flatten_params`); a flat
-      ``{'a/b/kernel': array}`` dict is one too.
+    flat: ``{path: array}`` as from :func:`flatten_params`.
+    path: one of :func:`layer_names` of ``flat``.
     scale: the LoRA scale ``s`` for merging adapters: a number, or a function
       of the module path (the kernel's path without ``/kernel``).
     layout: ``"flax"`` (``[d_in, d_out]``, the default) or ``"torch"``
-      (``weight [d_out, d_in]``: every matrix is transposed; adapters are not
+      (``weight [d_out, d_in]``: the matrix is transposed; adapters are not
       merged in this layout).
 
   Returns:
-    For each 2-D float leaf that is not a LoRA factor, its path mapped to the
-    kernel (merged in float32 where adapters were found) and its ``source``.
+    The kernel (merged in float32, float64 for float64 inputs, where adapters
+    were found) and its source: ``"kernel"``, ``"lora"`` or ``"dora"``.
   """
-  if layout not in ("flax", "torch"):
-    raise ValueError(f"layout must be 'flax' or 'torch', got {layout!r}")
+  _check_layout(layout)
+  value = flat[path]
+  if layout == "torch":
+    return jnp.asarray(value).T, "kernel"
+  leaf = path.rsplit("/", 1)[-1]
+  module = path[: -len(leaf)].rstrip("/")
+  adapter = _adapter(flat, module) if leaf == "kernel" else None
+  if adapter is None:
+    return jnp.asarray(value), "kernel"
+  a, b, magnitude = adapter
+  s = _scale_for(scale, module)
+  kernel = jnp.asarray(value).astype(accumulation_dtype(value))
+  if magnitude is not None:
+    return merge_kernel(kernel, jnp.asarray(a), jnp.asarray(b), jnp.asarray(magnitude), s), "dora"
+  check_weights(kernel, a, b)
+  delta = jnp.dot(jnp.asarray(a).astype(kernel.dtype), jnp.asarray(b).astype(kernel.dtype),
+                  precision=jax.lax.Precision.HIGHEST)
+  return kernel + s * delta, "lora"
+
+
+def effective_kernels(params: Any, *, scale: Scale | None = None,
+                      layout: Layout = "flax") -> dict[str, tuple[jax.Array, str]]:
+  """``{path: (kernel, source)}`` for every layer of a tree (see :func:`effective_kernel`)."""
   flat = flatten_params(params)
-  out: dict[str, tuple[jax.Array, str]] = {}
-  for path, value in flat.items():
-    leaf = path.rsplit("/", 1)[-1]
-    if leaf in _ADAPTER_LEAVES or not _is_float_matrix(value):
-      continue
-    if layout == "torch":
-      out[path] = (jnp.asarray(value).T, "kernel")
-      continue
-    module = path[: -len(leaf)].rstrip("/")
-    adapter = _adapter(flat, module) if leaf == "kernel" else None
-    if adapter is None:
-      out[path] = (jnp.asarray(value), "kernel")
-      continue
-    a, b, magnitude = adapter
-    s = _scale_for(scale, module)
-    kernel = jnp.asarray(value, jnp.promote_types(jnp.result_type(value), jnp.float32))
-    if magnitude is not None:
-      out[path] = (merge_kernel(kernel, jnp.asarray(a), jnp.asarray(b), jnp.asarray(magnitude), s),
-                   "dora")
-    else:
-      check_weights(kernel, a, b)
-      delta = jnp.dot(jnp.asarray(a, kernel.dtype), jnp.asarray(b, kernel.dtype),
-                      precision=jax.lax.Precision.HIGHEST)
-      out[path] = (kernel + s * delta, "lora")
-  return out
+  return {p: effective_kernel(flat, p, scale=scale, layout=layout) for p in layer_names(flat)}
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -201,25 +209,27 @@ def compare(base_params: Any, tuned_params: Any, *, layers: str | re.Pattern | N
       names), a matching layer is missing from the tuned tree, a shape differs
       (the message names the tensor and both shapes), or adapters need ``scale``.
   """
+  _check_layout(layout)
   pattern = re.compile(layers) if isinstance(layers, str) else layers
-  base = effective_kernels(base_params, scale=scale, layout=layout)
-  names = [p for p in sorted(base) if pattern is None or pattern.search(p)]
+  base, tuned = flatten_params(base_params), flatten_params(tuned_params)
+  available = layer_names(base)
+  names = [p for p in available if pattern is None or pattern.search(p)]
   if not names:
     raise ValueError(
         f"no layer matches {pattern.pattern if pattern else None!r}; "
-        f"available 2-D tensors: {_listing(list(base))}"
+        f"available 2-D tensors: {_listing(available)}"
     )
-  tuned = effective_kernels(tuned_params, scale=scale, layout=layout)
-  missing = [p for p in names if p not in tuned]
+  tuned_names = set(layer_names(tuned))
+  missing = [p for p in names if p not in tuned_names]
   if missing:
     raise ValueError(
         f"checkpoint {checkpoint!r} lacks {_listing(missing)}; "
-        f"it has: {_listing(list(tuned))}"
+        f"it has: {_listing(list(tuned_names))}"
     )
   rows = []
-  for path in names:
-    w0, _ = base[path]
-    w, source = tuned[path]
+  for path in names:  # one layer at a time: only the selected ones are merged
+    w0, _ = effective_kernel(base, path, scale=scale, layout=layout)
+    w, source = effective_kernel(tuned, path, scale=scale, layout=layout)
     check_kernel_pair(w0, w, name=path)
     cols = jax.tree.map(np.asarray, decompose(w0, w))
     rows.append(LayerRow(checkpoint=checkpoint, layer=path, shape=tuple(w0.shape), source=source,
@@ -251,7 +261,12 @@ def _cells(row: LayerRow) -> tuple[str, ...]:
 
 
 def format_table(rows: Sequence[LayerRow]) -> str:
-  """Plain-text table (aligned columns, numbers right-aligned) plus the correlation."""
+  """Plain-text table (aligned columns, numbers right-aligned) plus the correlations.
+
+  The footer gives the Pearson correlation of ΔD and ΔM over all rows (layers ×
+  checkpoints, as in the paper) and, with several checkpoints, over the layers
+  of each checkpoint alone.
+  """
   cells = [_COLUMNS] + [_cells(r) for r in rows]
   widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
   numeric = {4, 5, 6}
@@ -262,6 +277,11 @@ def format_table(rows: Sequence[LayerRow]) -> str:
     if n == 0:
       lines.append("  ".join("-" * w for w in widths))
   lines.append(f"pearson(delta_D, delta_M) = {pearson(rows):+.4f} over {len(rows)} points")
+  labels = list(dict.fromkeys(r.checkpoint for r in rows))
+  if len(labels) > 1:  # across layers only, without the growth with training time
+    within = [f"{label} {pearson([r for r in rows if r.checkpoint == label]):+.4f}"
+              for label in labels]
+    lines.append("  within each checkpoint (across layers): " + ", ".join(within))
   return "\n".join(lines)
 
 

@@ -50,3 +50,20 @@ def train_grads(impl):
   def loss(x, p, kernel, cot, scale):
     return jnp.sum((impl(x, kernel, p, scale) * cot).astype(jnp.float32))
   return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def make_inputs(key, d_in, d_out, rank, tokens, dtype, sets):
+  """Random frozen kernel, adapter (non-zero b), ``sets`` inputs and cotangents."""
+  ks = jax.random.split(key, 8)
+  kernel = (jax.random.normal(ks[0], (d_in, d_out), jnp.float32) / d_in**0.5).astype(dtype)
+  p = {
+      "a": (jax.random.normal(ks[1], (d_in, rank)) / d_in**0.5).astype(dtype),
+      "b": (0.01 * jax.random.normal(ks[2], (rank, d_out))).astype(dtype),
+      "m": jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(dtype),
+      "bias": (0.1 * jax.random.normal(ks[3], (d_out,))).astype(dtype),
+  }
+  xs = [jax.random.normal(jax.random.fold_in(ks[4], i), (tokens, d_in)).astype(dtype)
+        for i in range(sets)]
+  cots = [jax.random.normal(jax.random.fold_in(ks[5], i), (tokens, d_out)).astype(dtype)
+          for i in range(sets)]
+  return kernel, p, xs, cots

@@ -26,22 +26,6 @@ IMPLS = {
 }
 
 
-def make_inputs(key, d_in, d_out, rank, tokens, dtype, sets):
-  ks = jax.random.split(key, 8)
-  kernel = (jax.random.normal(ks[0], (d_in, d_out), jnp.float32) / d_in**0.5).astype(dtype)
-  p = {
-      "a": (jax.random.normal(ks[1], (d_in, rank)) / d_in**0.5).astype(dtype),
-      "b": (0.01 * jax.random.normal(ks[2], (rank, d_out))).astype(dtype),
-      "m": jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(dtype),
-      "bias": (0.1 * jax.random.normal(ks[3], (d_out,))).astype(dtype),
-  }
-  xs = [jax.random.normal(jax.random.fold_in(ks[4], i), (tokens, d_in)).astype(dtype)
-        for i in range(sets)]
-  cots = [jax.random.normal(jax.random.fold_in(ks[5], i), (tokens, d_out)).astype(dtype)
-          for i in range(sets)]
-  return kernel, p, xs, cots
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--shapes", default="8192x28672")
@@ -54,7 +38,7 @@ def main():
   print(harness.device_description())
   for shape in args.shapes.split(","):
     d_in, d_out = map(int, shape.split("x"))
-    kernel, p, xs, cots = make_inputs(jax.random.key(0), d_in, d_out, args.rank, args.tokens,
+    kernel, p, xs, cots = impls.make_inputs(jax.random.key(0), d_in, d_out, args.rank, args.tokens,
                                       jnp.bfloat16, sets=2)
     scale = 2.0
     for name, impl in IMPLS.items():

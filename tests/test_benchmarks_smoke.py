@@ -1,0 +1,32 @@
+"""The benchmark suite runs end to end at tiny sizes (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_module_suite_and_report_smoke(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "module_suite.py"),
+                        "--out", str(tmp_path), "--smoke"], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  data = json.loads((tmp_path / "module_results.json").read_text())
+  impls = {r["impl"] for r in data["rows"]}
+  assert {"lora", "dora_auto", "dora_xla", "dora_naive", "dora_cached"} <= impls
+  assert all(r["ms"] > 0 for r in data["rows"])
+  doc = tmp_path / "BENCHMARKS.md"
+  doc.write_text("# x\n<!-- module:start -->\nold\n<!-- module:end -->\ntail\n")
+  rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"),
+                        str(tmp_path / "module_results.json"), "--benchmarks-md", str(doc)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+  assert rep.returncode == 0, rep.stderr[-3000:]
+  text = doc.read_text()
+  assert "old" not in text and "tail" in text and "Forward+backward" in text
+  assert (tmp_path / "time_vs_rank.png").read_bytes()[:4] == b"\x89PNG"

@@ -31,24 +31,7 @@ from dora_jax.analysis import checkpoints, plot
 
 WIDTHS = (16, 64, 64, 64, 64, 64, 8)
 RANK = 4
-SCALE = 1.0  # s = alpha / r with alpha = r, the same for LoRA and DoRA
-
-
-class DoraLinear(nnx.Module):
-  """A minimal DoRA Dense layer on :func:`dora_jax.dora_dense` (frozen kernel and bias)."""
-
-  def __init__(self, base: nnx.Linear, rank: int, scale: float, *, rngs: nnx.Rngs):
-    d_in, d_out = base.kernel.shape
-    self.kernel = nnx.Param(base.kernel[...])
-    self.bias = nnx.Param(base.bias[...])
-    self.lora_a = nnx.LoRAParam(nnx.initializers.he_uniform()(rngs.params(), (d_in, rank)))
-    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out)))
-    self.magnitude = nnx.LoRAParam(jnp.linalg.norm(base.kernel[...], axis=0))
-    self.scale = scale
-
-  def __call__(self, x):
-    return dora_jax.dora_dense(x, self.kernel[...], self.lora_a[...], self.lora_b[...],
-                               self.magnitude[...], self.scale, self.bias[...])
+SCALE = 1.0  # s = alpha / r with alpha = r: nnx.LoRALinear has no alpha, its scale is 1
 
 
 class Mlp(nnx.Module):
@@ -64,15 +47,15 @@ class Mlp(nnx.Module):
 
 
 def adapt(model: Mlp, method: str, rngs: nnx.Rngs) -> Mlp:
-  """Replace every layer by a LoRA (``nnx.LoRALinear``) or DoRA layer, same start point."""
+  """LoRA (``nnx.LoRALinear``, scale 1) or DoRA (:func:`dora_jax.apply_dora`) on every layer."""
+  if method == "dora":
+    return dora_jax.apply_dora(model, targets=r"layers/\d+", rank=RANK, alpha=RANK * SCALE,
+                               rngs=rngs)
   for i, base in enumerate(model.layers):
-    if method == "lora":
-      d_in, d_out = base.kernel.shape
-      layer = nnx.LoRALinear(d_in, d_out, lora_rank=RANK, rngs=rngs)
-      layer.kernel[...] = base.kernel[...]
-      layer.bias[...] = base.bias[...]
-    else:
-      layer = DoraLinear(base, RANK, SCALE, rngs=rngs)
+    d_in, d_out = base.kernel.shape
+    layer = nnx.LoRALinear(d_in, d_out, lora_rank=RANK, rngs=rngs)
+    layer.kernel[...] = base.kernel[...]
+    layer.bias[...] = base.bias[...]
     model.layers[i] = layer
   return model
 

@@ -246,6 +246,26 @@ def test_dora_at_init_and_magnitude_only_updates():
   np.testing.assert_allclose(again.delta_m, row.delta_m, rtol=1e-5)
 
 
+def test_apply_dora_model_unmerged_equals_merged():
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(6, 5, rngs=rngs), nnx.Linear(5, 3, rngs=rngs)])
+
+  model = Mlp(nnx.Rngs(0))
+  base = nnx.state(model, nnx.Param)
+  dora_jax.apply_dora(model, targets=r"layers/\d+", rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+  for i, layer in enumerate(model.layers):
+    layer.lora_b[...] = 0.3 * jax.random.normal(jax.random.key(i), layer.lora_b.shape)
+    layer.magnitude[...] = layer.magnitude[...] * (1.0 + 0.1 * i)
+  adapted = analysis.compare(base, model, layers="kernel", scale=model.layers[0].scale)
+  merged = analysis.compare(base, dora_jax.merge(model), layers="kernel")
+  assert [r.source for r in adapted] == ["dora", "dora"] and [r.source for r in merged] == ["kernel"] * 2
+  for a, m in zip(adapted, merged):
+    assert a.layer == m.layer
+    np.testing.assert_allclose([a.delta_m, a.delta_d], [m.delta_m, m.delta_d], rtol=1e-4, atol=1e-8)
+  assert all(r.delta_d > 1e-4 for r in adapted)
+
+
 def test_compare_merges_nnx_lora_linear():
   rngs = nnx.Rngs(3)
   layer = nnx.LoRALinear(6, 4, lora_rank=2, rngs=rngs)

@@ -76,7 +76,9 @@ def adapted_paths(model: nnx.Module) -> list[str]:
 
 
 def dora_layers(model: nnx.Module) -> list[tuple[str, DoRALayer]]:
-  """``(path, layer)`` for every DoRA layer of ``model``, sorted by path."""
+  """``(path, layer)`` for every DoRA layer of ``model``, sorted by path (``""``: the root)."""
+  if isinstance(model, DoRALayer):
+    return [("", model)]
   return sorted(((p, m) for p, m in _modules(model) if isinstance(m, DoRALayer)),
                 key=lambda pm: pm[0])
 
@@ -207,6 +209,8 @@ def _require_adapted(model: nnx.Module, what: str) -> list[tuple[str, DoRALayer]
 def _swap(model: nnx.Module, inplace: bool, what: str,
           build: Callable[[DoRALayer], nnx.Module]) -> nnx.Module:
   _require_adapted(model, what)
+  if isinstance(model, DoRALayer):  # the root itself: nothing to replace it in
+    return build(model)
   target = model if inplace else nnx.clone(model)
   replacements = {id(layer): build(layer) for _, layer in dora_layers(target)}
   _replace_modules(target, replacements)

@@ -1,0 +1,72 @@
+"""Helpers for the NNX/Linen/surgery tests: random adapters and float64 references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dora_jax
+from reference import f64
+
+
+def randomize_adapters(layer, key, *, b_scale=0.3, m_jitter=0.2):
+  """Give an NNX DoRA layer a non-zero ``lora_b`` and a magnitude away from the norm."""
+  kb, km = jax.random.split(key)
+  b = b_scale * jax.random.normal(kb, layer.lora_b.shape)
+  m = layer.magnitude[...] * (1.0 + m_jitter * jax.random.normal(km, layer.magnitude.shape))
+  layer.lora_b[...] = b.astype(layer.lora_b.dtype)
+  layer.magnitude[...] = m.astype(layer.magnitude.dtype)
+
+
+def g_is_exact_at_init() -> bool:
+  """Whether ``dora_dense`` gives ``g == 1`` exactly when ``m == n`` (a property of dense.py).
+
+  ``g = m · (1/n)`` can round to 1 − 2⁻²⁴; ``g = m / n`` cannot. Probed on many
+  random columns, so the answer reflects the implementation, not luck.
+  """
+  w = jax.random.normal(jax.random.key(123), (64, 512))
+  a = jnp.zeros((64, 2))
+  b = jnp.zeros((2, 512))
+  m = jnp.sqrt(dora_jax.column_sq_norm(w))
+  g = dora_jax.dora_norm_scale(w, a, b, m, 1.0)
+  return bool(jnp.all(g == 1.0))
+
+
+def assert_reproduces_base(y, y_base):
+  """``y`` equals ``y_base``: bit-exact, when the core computes ``g`` exactly.
+
+  Always asserts agreement within 2 ulp; then requires bit equality, reported
+  as an expected failure (with the reason) while ``dora_dense`` computes
+  ``g = m·(1/n)`` instead of ``m / n``.
+  """
+  y, y_base = np.asarray(y), np.asarray(y_base)
+  assert y.shape == y_base.shape and y.dtype == y_base.dtype
+  tol = 2 * np.finfo(y.dtype).eps * np.maximum(np.abs(y_base), 1e-30)
+  assert np.all(np.abs(y.astype(np.float64) - y_base) <= tol + 1e-30)
+  if not np.array_equal(y, y_base) and not g_is_exact_at_init():
+    pytest.xfail("dora_dense computes g = m * (1/n), which rounds to 1 - 2^-24 for some "
+                 "columns; g = m / n would make the init output bit-exact")
+  np.testing.assert_array_equal(y, y_base)
+
+
+def einsum_reference(eq: str, x, kernel, lora_a, lora_b, magnitude, scale, bias,
+                     bias_broadcast_shape=None) -> np.ndarray:
+  """Float64 DoRA through the layer's own einsum equation, no 2-D views.
+
+  ``kernel [*in_shape, *out_shape]`` (contracted axes first), ``lora_a
+  [*in_shape, r]``, ``lora_b [r, *out_shape]``, ``magnitude [*out_shape]``. The
+  norm is taken over the contracted axes of ``W + s·a·b`` in its own shape.
+  """
+  k = f64(kernel)
+  a, b, m = f64(lora_a), f64(lora_b), f64(magnitude)
+  n_in = a.ndim - 1
+  delta = np.tensordot(a, b, axes=([n_in], [0]))
+  w_eff = k + float(scale) * delta
+  norm = np.sqrt(np.sum(w_eff ** 2, axis=tuple(range(n_in))))
+  v = w_eff * (m / norm)
+  y = np.einsum(eq, f64(x), v)
+  if bias is not None:
+    y = y + f64(bias).reshape(bias_broadcast_shape if bias_broadcast_shape else f64(bias).shape)
+  return y

@@ -159,7 +159,8 @@ def effective_kernel(flat: Mapping[str, Any], path: str, *, scale: Scale | None 
     return jnp.asarray(value), "kernel"
   a, b, magnitude = adapter
   s = _scale_for(scale, module)
-  kernel = jnp.asarray(value).astype(accumulation_dtype(value))
+  kernel = jnp.asarray(value)  # float64 only with x64 enabled
+  kernel = kernel.astype(accumulation_dtype(kernel))
   if magnitude is not None:
     return merge_kernel(kernel, jnp.asarray(a), jnp.asarray(b), jnp.asarray(magnitude), s), "dora"
   check_weights(kernel, a, b)

@@ -135,6 +135,8 @@ def main():
     summary = "  ".join(f"{r['impl']}/{r['mode']} {r['ms']:.3f}" for r in new)
     print(f"[{i + 1}/{len(configs)} {time.time() - start:5.0f}s] {cfg['d_in']}x{cfg['d_out']} "
           f"r={cfg['rank']} T={cfg['tokens']} {cfg['dtype']}: {summary}", flush=True)
+    with open(os.path.join(args.out, "module_results.partial.json"), "w") as f:
+      json.dump(dict(meta={}, rows=rows), f)  # survives an interrupted run
   torch_meta = {}
   if on_gpu and not args.no_torch:
     torch_rows, torch_meta = run_torch(configs, args.out)

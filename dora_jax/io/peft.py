@@ -1,0 +1,521 @@
+"""Hugging Face PEFT-compatible DoRA adapters on disk: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+What is written (and read), for every DoRA layer, with ``<name>`` the PEFT
+module name (see :mod:`dora_jax.io.naming`) and the layer's 2-D view
+``lora_a [d_in, r]``, ``lora_b [r, d_out]``, ``magnitude [d_out]``:
+
+=============================================== ============== ===================
+tensor                                          shape          from
+=============================================== ============== ===================
+``base_model.model.<name>.lora_A.weight``       ``[r, d_in]``  ``lora_a`` transposed
+``base_model.model.<name>.lora_B.weight``       ``[d_out, r]`` ``lora_b`` transposed
+``base_model.model.<name>.lora_magnitude_vector`` ``[d_out]``  ``magnitude``
+=============================================== ============== ===================
+
+These are the keys of ``peft.get_peft_model_state_dict`` for a DoRA LoRA
+adapter (the adapter name is stripped on save), and the layout of a
+``torch.nn.Linear(d_in, d_out)`` whose ``weight [d_out, d_in]`` is the Flax
+kernel transposed. Tensors keep their dtype (float32 by default).
+
+``LinearGeneral`` and ``Einsum`` layers are written through the same 2-D view:
+the contracted axes are flattened row-major into ``d_in`` and the output axes
+into ``d_out``, in the kernel's axis order. A Flax ``q_proj`` with kernel
+``[hidden, heads, head_dim]`` thus corresponds to a torch
+``Linear(hidden, heads * head_dim)`` whose output is viewed as
+``[..., heads, head_dim]`` (Hugging Face's convention), and an ``o_proj`` with
+kernel ``[heads, head_dim, hidden]`` to ``Linear(heads * head_dim, hidden)``.
+
+``adapter_config.json`` holds PEFT's ``LoraConfig`` with ``use_dora: true``.
+Layers may differ in rank and alpha: the most common values go to ``r`` and
+``lora_alpha``, the others to ``rank_pattern``/``alpha_pattern`` keyed by
+``^<escaped module name>`` (which PEFT applies to that module only).
+``use_rslora`` and ``lora_dropout`` must be the same for every layer (PEFT has
+one value of each). ``target_modules`` lists the last name components
+(``["q_proj", "v_proj"]``, as PEFT writes) when they select exactly the adapted
+layers among the model's adaptable ones, and the full module names otherwise.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dora_jax import surgery
+from dora_jax.io import atomic, naming, safetensors_format
+from dora_jax.io.naming import ModuleNameMap
+from dora_jax.nnx import WRAPPERS, DoRALayer
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+#: Suffixes of the tensors of one module -> the adapter parameter they hold.
+SUFFIXES = {
+    ".lora_A.weight": "lora_a",
+    ".lora_B.weight": "lora_b",
+    ".lora_magnitude_vector": "magnitude",
+}
+#: Older PEFT releases stored the magnitude under this name; accepted on load.
+_MAGNITUDE_ALIAS = ".lora_magnitude_vector.weight"
+#: safetensors metadata key linking the weights to their config (sha256 of the JSON bytes).
+CONFIG_HASH_KEY = "dora_jax.config_sha256"
+
+# Config keys of LoraConfig whose non-default values change what the adapter
+# computes or which tensors it has; dora_jax refuses them rather than ignore them.
+_UNSUPPORTED = {
+    "fan_in_fan_out": "weights stored as [d_in, d_out] (GPT-2 Conv1D)",
+    "modules_to_save": "fully trained extra modules",
+    "layer_replication": "replicated layers",
+    "lora_bias": "a trainable bias on lora_B",
+    "target_parameters": "adapters on nn.Parameter targets",
+    "trainable_token_indices": "trainable token embeddings",
+    "use_qalora": "QALoRA",
+    "megatron_config": "Megatron parallel layers",
+    "alora_invocation_tokens": "activated LoRA",
+}
+
+
+class AdapterFormatError(ValueError):
+  """An adapter directory is incomplete, corrupt, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+  """The adapter configuration of one module (PEFT name), as the config gives it."""
+
+  rank: int
+  alpha: float
+  rslora: bool
+  dropout: float
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _number(value: float) -> int | float:
+  """``16.0 -> 16`` (PEFT writes integral alphas as ints)."""
+  return int(value) if float(value).is_integer() else float(value)
+
+
+def _mode(values: list[Any]) -> Any:
+  """The most common value (ties: the first in sorted order)."""
+  counts = collections.Counter(values)
+  best = max(counts.values())
+  return sorted(v for v, c in counts.items() if c == best)[0]
+
+
+def _candidate_paths(model: nnx.Module) -> list[str]:
+  """Paths of every layer an adapter may name: adapted ones and adaptable ones.
+
+  The root itself is ``""`` when it is a (DoRA) layer.
+  """
+  paths = set(surgery.adapted_paths(model)) | set(surgery.adaptable_paths(model))
+  if isinstance(model, DoRALayer) or type(model) in WRAPPERS:
+    paths.add("")
+  return sorted(paths)
+
+
+def _module_lookup(model: nnx.Module) -> dict[str, nnx.Module]:
+  """``{'/'-joined path: module}`` for every module (the root is ``""``)."""
+  return {"/".join(str(p) for p in path): module for path, module in nnx.iter_modules(model)}
+
+
+def _target_modules(adapted: list[str], all_names: list[str]) -> list[str]:
+  short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+  selected = {n for n in all_names if naming.peft_matches(short, n)}
+  return short if selected == set(adapted) else sorted(adapted)
+
+
+def _layer_arrays(layer: DoRALayer) -> dict[str, np.ndarray]:
+  a, b, m = layer.adapter_views()
+  return {".lora_A.weight": np.ascontiguousarray(np.asarray(a).T),
+          ".lora_B.weight": np.ascontiguousarray(np.asarray(b).T),
+          ".lora_magnitude_vector": np.asarray(m)}
+
+
+# -- save -------------------------------------------------------------------
+
+
+def adapter_config(model: nnx.Module, *, base_model_name_or_path: str | None = None,
+                   module_name_map: ModuleNameMap = None,
+                   task_type: str | None = None) -> dict[str, Any]:
+  """The ``adapter_config.json`` content (a dict) that :func:`save_adapter` writes for ``model``."""
+  config, _ = _build(model, base_model_name_or_path, module_name_map, task_type)
+  return config
+
+
+def _build(model, base_model_name_or_path, module_name_map, task_type):
+  layers = surgery.dora_layers(model)
+  if not layers:
+    raise ValueError("save_adapter: the model has no DoRA layers (call apply_dora first)")
+  table = naming.name_table(_candidate_paths(model), module_name_map)
+  names = {path: table[path] for path, _ in layers}
+  rslora = {layer.rslora for _, layer in layers}
+  if len(rslora) > 1:
+    raise ValueError("save_adapter: PEFT has one use_rslora for all modules, but the DoRA "
+                     "layers mix rsLoRA and plain scaling: "
+                     + ", ".join(f"{p} (rslora={l.rslora})" for p, l in layers))
+  dropouts = {layer.dropout_rate for _, layer in layers}
+  if len(dropouts) > 1:
+    raise ValueError("save_adapter: PEFT has one lora_dropout for all modules, but the DoRA "
+                     "layers use " + ", ".join(f"{p}: {l.dropout_rate:g}" for p, l in layers))
+  r = _mode([layer.rank for _, layer in layers])
+  alpha = _mode([layer.alpha for _, layer in layers])
+  rank_pattern = {naming.exact_pattern(names[p]): l.rank for p, l in layers if l.rank != r}
+  alpha_pattern = {naming.exact_pattern(names[p]): _number(l.alpha)
+                   for p, l in layers if l.alpha != alpha}
+  adapted_names = sorted(names.values())
+  config = {
+      "alpha_pattern": alpha_pattern,
+      "auto_mapping": None,
+      "base_model_name_or_path": base_model_name_or_path,
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+      "init_lora_weights": True,
+      "layer_replication": None,
+      "layers_pattern": None,
+      "layers_to_transform": None,
+      "loftq_config": {},
+      "lora_alpha": _number(alpha),
+      "lora_dropout": float(dropouts.pop()),
+      "megatron_config": None,
+      "megatron_core": "megatron.core",
+      "modules_to_save": None,
+      "peft_type": "LORA",
+      "r": int(r),
+      "rank_pattern": rank_pattern,
+      "revision": None,
+      "target_modules": _target_modules(adapted_names, sorted(table.values())),
+      "task_type": task_type,
+      "use_dora": True,
+      "use_rslora": bool(rslora.pop()),
+  }
+  tensors = {}
+  for path, layer in layers:
+    for suffix, arr in _layer_arrays(layer).items():
+      tensors[PREFIX + names[path] + suffix] = arr
+  return config, tensors
+
+
+def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
+                 base_model_name_or_path: str | None = None,
+                 module_name_map: ModuleNameMap = None,
+                 task_type: str | None = None) -> Path:
+  """Write the model's DoRA adapters as a Hugging Face PEFT adapter directory.
+
+  Creates ``directory`` if needed and writes ``adapter_model.safetensors``
+  (``lora_A.weight [r, d_in]``, ``lora_B.weight [d_out, r]``,
+  ``lora_magnitude_vector [d_out]`` per layer, keys
+  ``base_model.model.<module>.…``) and ``adapter_config.json`` (``peft_type``
+  ``LORA``, ``use_dora: true``, ``r``, ``lora_alpha``, ``rank_pattern``, ...).
+  ``peft.PeftModel.from_pretrained(torch_model, directory)`` loads it; so does
+  :func:`load_adapter`. Existing files of the same names are replaced
+  crash-safely (see :mod:`dora_jax.io.atomic`): an interrupted save leaves the
+  previous adapter or none, never a mixture. Other files in the directory are
+  left alone.
+
+  Args:
+    model: an NNX model with DoRA layers (after :func:`dora_jax.apply_dora`).
+    directory: where to write.
+    base_model_name_or_path: recorded in the config (PEFT uses it to fetch the
+      base model when none is given).
+    module_name_map: Flax path -> PEFT module name (see :mod:`dora_jax.io.naming`).
+    task_type: PEFT ``task_type`` to record (e.g. ``"CAUSAL_LM"``), or ``None``.
+
+  Returns:
+    ``directory`` as a :class:`pathlib.Path`.
+
+  Raises:
+    ValueError: no DoRA layers, layers mixing rsLoRA or dropout rates, or a
+      module name map that collides or yields invalid names.
+  """
+  config, tensors = _build(model, base_model_name_or_path, module_name_map, task_type)
+  config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+  from dora_jax import __version__
+  metadata = {"format": "pt", CONFIG_HASH_KEY: hashlib.sha256(config_bytes).hexdigest(),
+              "dora_jax.version": __version__}
+  weights = safetensors_format.encode(tensors, metadata)
+  directory = Path(directory)
+  atomic.write_files(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes},
+                     commit=CONFIG_NAME)
+  return directory
+
+
+# -- load -------------------------------------------------------------------
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+  """The parsed ``adapter_config.json`` of an adapter directory, validated for DoRA.
+
+  Raises:
+    AdapterFormatError: missing or malformed file, not a DoRA LoRA adapter, or
+      features dora_jax does not implement (bias adapters, ``fan_in_fan_out``, ...).
+  """
+  path = Path(directory) / CONFIG_NAME
+  if not path.is_file():
+    raise AdapterFormatError(f"{path}: missing; not a (complete) PEFT adapter directory")
+  try:
+    config = json.loads(path.read_text("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
+  _check_config(config, path)
+  return config
+
+
+def _check_config(config: Any, path: Path) -> None:
+  def fail(msg: str) -> AdapterFormatError:
+    return AdapterFormatError(f"{path}: {msg}")
+
+  if not isinstance(config, dict):
+    raise fail("not a JSON object")
+  if config.get("peft_type") != "LORA":
+    raise fail(f"peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+  if config.get("use_dora") is not True:
+    raise fail("use_dora is not true: this is a plain LoRA adapter, not DoRA")
+  r = config.get("r")
+  if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    raise fail(f"r must be a positive int, got {r!r}")
+  alpha = config.get("lora_alpha")
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    raise fail(f"lora_alpha must be a number, got {alpha!r}")
+  if not isinstance(config.get("use_rslora", False), bool):
+    raise fail(f"use_rslora must be a bool, got {config.get('use_rslora')!r}")
+  dropout = config.get("lora_dropout", 0.0)
+  if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+      or not 0 <= dropout < 1):
+    raise fail(f"lora_dropout must be in [0, 1), got {dropout!r}")
+  if config.get("bias", "none") != "none":
+    raise fail(f"bias={config['bias']!r} is not supported (only 'none': no bias tensors)")
+  for key, what in _UNSUPPORTED.items():
+    if config.get(key) not in (None, False, [], {}):
+      raise fail(f"{key}={config[key]!r} ({what}) is not supported by dora_jax")
+  for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict) or not all(
+        isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool)
+        for k, v in pattern.items()):
+      raise fail(f"{key} must map strings to numbers, got {pattern!r}")
+    if key == "rank_pattern" and any(v < 1 for v in pattern.values()):
+      raise fail(f"rank_pattern ranks must be positive, got {pattern!r}")
+
+
+def layer_spec(config: dict[str, Any], name: str) -> LayerSpec:
+  """Rank, alpha, rsLoRA and dropout that PEFT would give module ``name`` under ``config``."""
+  ranks = config.get("rank_pattern") or {}
+  alphas = config.get("alpha_pattern") or {}
+  rk = naming.pattern_key(ranks, name)
+  ak = naming.pattern_key(alphas, name)
+  return LayerSpec(rank=int(ranks[rk] if rk is not None else config["r"]),
+                   alpha=float(alphas[ak] if ak is not None else config["lora_alpha"]),
+                   rslora=bool(config.get("use_rslora", False)),
+                   dropout=float(config.get("lora_dropout", 0.0)))
+
+
+def _group_tensors(tensors: dict[str, np.ndarray], source: Path
+                   ) -> dict[str, dict[str, tuple[str, np.ndarray]]]:
+  """``{module name: {param: (tensor key, array)}}``; unknown or duplicated keys raise."""
+  modules: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
+  unknown = []
+  for key, arr in tensors.items():
+    hit = None
+    if key.startswith(PREFIX):
+      for suffix, param in [*SUFFIXES.items(), (_MAGNITUDE_ALIAS, "magnitude")]:
+        if key.endswith(suffix) and len(key) > len(PREFIX) + len(suffix):
+          hit = (key[len(PREFIX):-len(suffix)], param)
+          break
+    if hit is None:
+      unknown.append(key)
+      continue
+    name, param = hit
+    entry = modules.setdefault(name, {})
+    if param in entry:
+      raise AdapterFormatError(f"{source}: two tensors hold {param} of module {name!r}: "
+                               f"{entry[param][0]!r} and {key!r}")
+    entry[param] = (key, arr)
+  if unknown:
+    raise AdapterFormatError(
+        f"{source}: {len(unknown)} tensor(s) are not DoRA adapter weights of the form "
+        f"'{PREFIX}<module>{{{', '.join(SUFFIXES)}}}' and would be ignored: "
+        + ", ".join(sorted(unknown)))
+  missing = [f"{PREFIX}{name}{suffix}" for name, entry in sorted(modules.items())
+             for suffix, param in SUFFIXES.items() if param not in entry]
+  if missing:
+    raise AdapterFormatError(f"{source}: incomplete adapter, missing tensor(s): "
+                             + ", ".join(missing))
+  return modules
+
+
+def _layer_dims(module: nnx.Module, spec: LayerSpec, path: str) -> DoRALayer:
+  """A DoRA wrapper of ``module`` with the spec's rank (adapted modules: the layer itself)."""
+  if isinstance(module, DoRALayer):
+    return module
+  # A throwaway wrapper (it shares the base Variables and changes nothing in the model):
+  # validates the rank against the layer and gives its 2-D view shapes.
+  return WRAPPERS[type(module)](module, rank=spec.rank, alpha=spec.alpha, rslora=spec.rslora,
+                                dropout=0.0, rngs=nnx.Rngs(0), path=path)
+
+
+def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
+                 module_name_map: ModuleNameMap = None, rngs: nnx.Rngs | None = None,
+                 dtype=None, strict: bool = True) -> nnx.Module:
+  """Load a PEFT DoRA adapter directory into an NNX model, in place.
+
+  Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (written by
+  :func:`save_adapter` or by PEFT's ``save_pretrained``), maps every module
+  name to a Flax path (inverting ``module_name_map`` over the model's layers),
+  applies DoRA to the named layers that are not adapted yet (rank, alpha,
+  rsLoRA and dropout from the config, ``rank_pattern``/``alpha_pattern``
+  included) and sets ``lora_a [*in_shape, r]``, ``lora_b [r, *out_shape]``
+  and ``magnitude [*out_shape]`` from ``lora_A.weight [r, d_in]``,
+  ``lora_B.weight [d_out, r]`` and ``lora_magnitude_vector [d_out]`` (exact:
+  transposes and reshapes only). Everything is validated before the model is
+  touched, so a failed load leaves it unchanged.
+
+  Args:
+    model: an NNX model holding the base layers (adapted or not).
+    directory: the adapter directory.
+    module_name_map: Flax path -> PEFT module name (see :mod:`dora_jax.io.naming`).
+    rngs: for the layers this call adapts: the ``dropout`` stream feeds their
+      dropout (default ``nnx.Rngs(0)``); ``lora_a``'s init is overwritten.
+    dtype: cast the tensors to this dtype (new layers get it as
+      ``param_dtype``). Default: keep the file's dtype.
+    strict: also require that every DoRA layer already in the model is in the file.
+
+  Returns:
+    ``model``.
+
+  Raises:
+    AdapterFormatError: missing/corrupt/truncated files, a config that does
+      not match the tensors (e.g. a wrong ``r``), tensors that are not adapter
+      weights or name no layer of the model, missing tensors, shape or dtype
+      mismatches (the message names the tensor and both shapes/dtypes), an
+      adapted layer whose rank/alpha/rsLoRA differ from the config.
+  """
+  directory = Path(directory)
+  config = read_adapter_config(directory)
+  weights_path = directory / WEIGHTS_NAME
+  if not weights_path.is_file():
+    extra = " (only adapter_model.bin, PyTorch pickle, which dora_jax does not read)" if (
+        directory / "adapter_model.bin").exists() else ""
+    raise AdapterFormatError(f"{weights_path}: missing{extra}")
+  try:
+    tensors, metadata = safetensors_format.read(weights_path)
+  except safetensors_format.SafetensorsError as err:
+    raise AdapterFormatError(str(err)) from None
+  expected_hash = metadata.get(CONFIG_HASH_KEY)
+  if expected_hash is not None:
+    actual = hashlib.sha256((directory / CONFIG_NAME).read_bytes()).hexdigest()
+    if actual != expected_hash:
+      raise AdapterFormatError(
+          f"{directory}: {CONFIG_NAME} is not the config {WEIGHTS_NAME} was saved with "
+          "(edited, or files from different saves)")
+  modules = _group_tensors(tensors, weights_path)
+  if not modules:
+    raise AdapterFormatError(f"{weights_path}: holds no adapter tensors")
+
+  paths = _candidate_paths(model)
+  table = naming.name_table(paths, module_name_map)
+  by_name = {name: path for path, name in table.items()}
+  unmatched = sorted(set(modules) - set(by_name))
+  if unmatched:
+    raise AdapterFormatError(
+        f"{weights_path}: module(s) {', '.join(unmatched)} name no adaptable layer of the "
+        "model under the module name map. The model's layers map to: "
+        + (", ".join(sorted(by_name)) or "(none)"))
+  lookup = _module_lookup(model)
+
+  target_dtype = None if dtype is None else jnp.dtype(dtype)
+  plan = []  # (path, name, spec, layer-or-throwaway, {param: value})
+  for name in sorted(modules):
+    path = by_name[name]
+    spec = layer_spec(config, name)
+    module = lookup[path]
+    entry = modules[name]
+    a_key, a = entry["lora_a"]
+    # A wrong r in the config shows first in lora_A's leading dim: say so plainly.
+    if a.ndim == 2 and a.shape[0] != spec.rank:
+      raise AdapterFormatError(
+          f"{directory}: the config gives module {name!r} rank {spec.rank}, but tensor "
+          f"{a_key!r} has shape {tuple(a.shape)} (rank {a.shape[0]}): wrong r/rank_pattern "
+          "in adapter_config.json or a mismatched weights file")
+    try:
+      layer = _layer_dims(module, spec, path)
+    except (ValueError, TypeError, NotImplementedError) as err:
+      raise AdapterFormatError(f"cannot adapt layer {path!r} (module {name!r}) with rank "
+                               f"{spec.rank}: {err}") from None
+    if isinstance(module, DoRALayer):
+      mismatch = [f"{what} {have!r} vs {want!r}" for what, have, want in (
+          ("rank", module.rank, spec.rank), ("alpha", module.alpha, spec.alpha),
+          ("rslora", module.rslora, spec.rslora)) if have != want]
+      if mismatch:
+        raise AdapterFormatError(
+            f"layer {path!r} is already adapted with a different configuration than "
+            f"{CONFIG_NAME} gives module {name!r} (layer vs file): " + ", ".join(mismatch))
+    want_shapes = {"lora_a": (spec.rank, layer.d_in), "lora_b": (layer.d_out, spec.rank),
+                   "magnitude": (layer.d_out,)}
+    values = {}
+    for param, shape in want_shapes.items():
+      key, arr = entry[param]
+      if tuple(arr.shape) != shape:
+        raise AdapterFormatError(
+            f"tensor {key!r} has shape {tuple(arr.shape)}, but layer {path!r} "
+            f"({layer.d_in} -> {layer.d_out}, rank {spec.rank}) needs {shape}")
+      if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise AdapterFormatError(f"tensor {key!r} has dtype {arr.dtype}, expected a float dtype")
+      if not np.all(np.isfinite(arr.astype(np.float32))):
+        raise AdapterFormatError(f"tensor {key!r} holds non-finite values (NaN/inf)")
+      have = getattr(module, param).dtype if isinstance(module, DoRALayer) else None
+      if target_dtype is not None:
+        arr = arr.astype(target_dtype)
+      if have is not None and jnp.dtype(arr.dtype) != jnp.dtype(have):
+        raise AdapterFormatError(
+            f"tensor {key!r} has dtype {arr.dtype} but layer {path!r} stores {param} as "
+            f"{jnp.dtype(have)} (pass dtype= to cast)")
+      values[param] = arr
+    dtypes = {jnp.dtype(v.dtype) for v in values.values()}
+    if not isinstance(module, DoRALayer) and len(dtypes) > 1:
+      raise AdapterFormatError(
+          f"module {name!r}: its tensors mix dtypes {sorted(str(d) for d in dtypes)}; "
+          "pass dtype= to load them into one param_dtype")
+    plan.append((path, name, spec, layer, values))
+
+  if strict:
+    loaded = {path for path, *_ in plan}
+    uncovered = [p for p in surgery.adapted_paths(model) if p not in loaded]
+    if uncovered:
+      raise AdapterFormatError(
+          f"the model has DoRA layers the adapter in {directory} does not cover: "
+          + ", ".join(uncovered) + " (pass strict=False to keep their current values)")
+
+  # Everything checked: adapt the new layers (grouped by configuration), then assign.
+  rngs = nnx.Rngs(0) if rngs is None else rngs
+  groups: dict[tuple, set[str]] = collections.defaultdict(set)
+  for path, name, spec, layer, values in plan:
+    if not isinstance(lookup[path], DoRALayer):
+      param_dtype = jnp.dtype(values["lora_a"].dtype)
+      groups[(spec.rank, spec.alpha, spec.rslora, spec.dropout, param_dtype)].add(path)
+  for (rank, alpha, rslora, dropout, param_dtype), group in sorted(
+      groups.items(), key=lambda kv: sorted(kv[1])):
+    if "" in group:
+      raise AdapterFormatError("the model root is a single layer: wrap it with "
+                               "dora_jax.nnx.wrap first, then load into that")
+    surgery.apply_dora(model, targets=lambda p, m, g=frozenset(group): p in g, rank=rank,
+                       alpha=alpha, rslora=rslora, dropout=dropout, param_dtype=param_dtype,
+                       rngs=rngs)
+  layers = dict(surgery.dora_layers(model))
+  for path, name, spec, _, values in plan:
+    layer = layers[path]
+    layer.lora_a[...] = jnp.asarray(values["lora_a"].T.reshape(*layer.in_shape, spec.rank))
+    layer.lora_b[...] = jnp.asarray(values["lora_b"].T.reshape(spec.rank, *layer.out_shape))
+    layer.magnitude[...] = jnp.asarray(values["magnitude"].reshape(layer.out_shape))
+  return model

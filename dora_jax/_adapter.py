@@ -9,6 +9,7 @@ copy) before calling in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any
 
@@ -53,9 +54,19 @@ def init_lora_a(key: jax.Array, shape: tuple[int, ...], d_in: int, dtype) -> jax
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
+@jax.jit
+def _column_norm(kernel2d: jax.Array) -> jax.Array:
+  return jnp.sqrt(column_sq_norm(kernel2d))
+
+
 def init_magnitude(kernel2d: jax.Array, dtype) -> jax.Array:
-  """``‖W[:, j]‖₂`` ``[d_out]``: the magnitude at which DoRA starts (float32 math)."""
-  return jnp.sqrt(column_sq_norm(kernel2d)).astype(dtype)
+  """``‖W[:, j]‖₂`` ``[d_out]``: the magnitude at which DoRA starts (float32 math).
+
+  Computed by a compiled reduction, the same fused square-and-sum the norm
+  runs inside a jitted forward (op-by-op execution can round the sum
+  differently), so that at init ``m`` equals the norm bit for bit.
+  """
+  return _column_norm(kernel2d).astype(dtype)
 
 
 def _bits_u32(x: jax.Array) -> jax.Array:
@@ -153,7 +164,17 @@ def dora_forward(x: jax.Array, kernel2d: jax.Array, lora_a2d: jax.Array,
       = dora_dense(x̃) + (x − x̃)·W
 
   which costs one extra base matmul, as PEFT's formulation does.
+
+  Compiled as one ``jax.jit`` (inlined when called under a trace), so an eager
+  call rounds the norm's reductions exactly as a jitted one does.
   """
+  return _dora_forward_jit(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, bias1d, norm,
+                           x_dropped, scale=float(scale), precision=precision)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "precision"))
+def _dora_forward_jit(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, bias1d, norm, x_dropped,
+                      *, scale: float, precision):
   with precision_scope(precision):
     if x_dropped is None:
       return dora_dense(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d, norm=norm)

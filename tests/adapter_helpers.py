@@ -34,21 +34,30 @@ def g_is_exact_at_init() -> bool:
   return bool(jnp.all(g == 1.0))
 
 
-def assert_reproduces_base(y, y_base):
-  """``y`` equals ``y_base``: bit-exact, when the core computes ``g`` exactly.
+def reproduces_base(y, y_base) -> bool:
+  """Assert ``y`` equals ``y_base`` to a few ulp of the output scale; return bit equality.
 
-  Always asserts agreement within 2 ulp; then requires bit equality, reported
-  as an expected failure (with the reason) while ``dora_dense`` computes
-  ``g = m·(1/n)`` instead of ``m / n``.
+  (``g`` is 1 up to one rounding and ``y = g·pre + bias`` may cancel, hence the
+  output-scale tolerance.) Collect the returned flags and finish the test with
+  :func:`require_bit_exact`, so every case is checked before the verdict.
   """
   y, y_base = np.asarray(y), np.asarray(y_base)
   assert y.shape == y_base.shape and y.dtype == y_base.dtype
-  tol = 2 * np.finfo(y.dtype).eps * np.maximum(np.abs(y_base), 1e-30)
-  assert np.all(np.abs(y.astype(np.float64) - y_base) <= tol + 1e-30)
-  if not np.array_equal(y, y_base) and not g_is_exact_at_init():
-    pytest.xfail("dora_dense computes g = m * (1/n), which rounds to 1 - 2^-24 for some "
-                 "columns; g = m / n would make the init output bit-exact")
-  np.testing.assert_array_equal(y, y_base)
+  tol = 4 * np.finfo(y.dtype).eps * float(np.max(np.abs(y_base)))
+  assert np.max(np.abs(y.astype(np.float64) - y_base)) <= tol
+  return bool(np.array_equal(y, y_base))
+
+
+def require_bit_exact(flags) -> None:
+  """Fail unless every flag is True; an expected failure while dense.py rounds ``g``."""
+  flags = list(flags)
+  if all(flags):
+    return
+  if not g_is_exact_at_init():
+    pytest.xfail(f"{flags.count(False)}/{len(flags)} outputs differ from the base in the last "
+                 "ulp: dora_dense computes g = m * (1/n), which rounds to 1 - 2^-24 for "
+                 "some columns; g = m / n would make the init output bit-exact")
+  raise AssertionError(f"init output not bit-exact for {flags.count(False)}/{len(flags)} cases")
 
 
 def einsum_reference(eq: str, x, kernel, lora_a, lora_b, magnitude, scale, bias,

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import dora_jax
-from adapter_helpers import assert_reproduces_base, einsum_reference, randomize_adapters
+from adapter_helpers import einsum_reference, randomize_adapters, reproduces_base, require_bit_exact
 from reference import dora_forward, dora_value_and_grads, f64, rel_err
 from dora_jax.nnx import DoRACache, DoRADense, DoRAEinsum, DoRALinearGeneral, DoRAParam
 
@@ -54,13 +54,19 @@ def _bias_shape(base, eq):
 
 
 def test_init_reproduces_base(fresh_key):
+  exact = []
   for base, x, _ in _layers(fresh_key):
     y_base = _fwd(base, x)
     layer = dora_jax.nnx.wrap(base, rank=2, alpha=4.0, rngs=nnx.Rngs(_seed(fresh_key)))
     assert layer.kernel is base.kernel  # the same Variable, not a copy
     assert type(layer.kernel) is nnx.Param and not isinstance(layer.kernel, nnx.LoRAParam)
     assert isinstance(layer.lora_a, DoRAParam) and isinstance(layer.lora_a, nnx.LoRAParam)
-    assert_reproduces_base(_fwd(layer, x), y_base)
+    same_bits = reproduces_base(_fwd(layer, x), y_base)
+    # With several contracted axes the base einsum/dot_general may accumulate in
+    # another order than the [d_in, d_out] view: equal up to rounding only.
+    if len(layer.in_shape) == 1:
+      exact.append(same_bits)
+  require_bit_exact(exact)
 
 
 def test_peft_init():

@@ -45,10 +45,11 @@ SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]
 RANKS = [16, 384]
 TOKENS = 4096
 NUMERIC_SHAPE = (1000, 1100, 1500)
-DUAL_SHAPES = ((1000, 1500, 1100, 40), (4096, 4096, 4096, 384), (129, 300, 65, 1))
+DUAL_SHAPES = ((1000, 1500, 1100, 40), (129, 300, 65, 1))
 SCALE = 2.0
 RESULTS: dict = {"device": None, "jax": jax.__version__, "numerics": [], "timing": [], "sweep": []}
 LOG = None
+HLO_DIR = None
 
 
 def log(*args):
@@ -65,7 +66,7 @@ def rel(u, v) -> float:
   return float(np.linalg.norm(u - v) / max(np.linalg.norm(v), 1e-30))
 
 
-def bench(fn, arg_sets, iters=20, reps=5):
+def bench(fn, arg_sets, iters=10, reps=5):
   """Median ms per call: ``reps`` batches of ``iters`` asynchronous calls."""
   for args in arg_sets:
     jax.block_until_ready(fn(*args))
@@ -215,13 +216,19 @@ def time_shape(d_in, d_out, r, quick):
     y, vjp = jax.vjp(lambda x, a, b: lora_forward(x, w, a, b), x, a, b)
     return y, vjp(dy)
 
+  def norm_only(x, w, a, b, m, dy, n):
+    return dora_jax.factored_norm(w, a, b, SCALE)
+
   variants = {
       "lora_fwd": lora_fwd, "lora_step": lora_step,
       "xla_fwd": dora_fwd("xla", False), "xla_step": dora_step("xla", False),
       "pallas_fwd": dora_fwd("pallas", False), "pallas_step": dora_step("pallas", False),
+      "pallas_step_dxkernel": dora_step("pallas", False),
+      "pallas_step_xladx": dora_step("pallas", False),
   }
   if not quick:
     variants.update({
+        "norm_only": norm_only,
         "xla_fwd_cachednorm": dora_fwd("xla", True), "xla_step_cachednorm": dora_step("xla", True),
         "pallas_fwd_cachednorm": dora_fwd("pallas", True),
         "pallas_step_cachednorm": dora_step("pallas", True),
@@ -231,7 +238,12 @@ def time_shape(d_in, d_out, r, quick):
   for name, fn in variants.items():
     try:
       jf = jax.jit(fn)
-      ms, all_ms = bench(jf, args)
+      forced = {"pallas_step_dxkernel": True, "pallas_step_xladx": False}.get(name)
+      with fused_dense.block_configs(dx_kernel=forced):
+        ms, all_ms = bench(jf, args)
+      if HLO_DIR and name in ("pallas_fwd", "pallas_step", "xla_step") and (d_in, r) == (8192, 16):
+        with open(os.path.join(HLO_DIR, f"hlo_{name}.txt"), "w") as fh:
+          fh.write(jf.lower(*args[0]).compile().as_text())
       rec[name] = ms
       rec[name + "_all"] = all_ms
       if name in ("xla_step", "pallas_step", "xla_fwd", "pallas_fwd"):
@@ -261,11 +273,9 @@ def time_shape(d_in, d_out, r, quick):
 FWD_CONFIGS = [
     MatmulConfig(128, 256, 64, None, 8, 8, 3),
     MatmulConfig(128, 256, 64, None, 8, 8, 4),
-    MatmulConfig(128, 256, 32, None, 8, 8, 4),
-    MatmulConfig(256, 128, 64, None, 8, 8, 3),
-    MatmulConfig(128, 128, 64, None, 8, 4, 4),
-    MatmulConfig(128, 256, 64, None, 1, 8, 3),
-    MatmulConfig(64, 256, 64, None, 8, 4, 4),
+    MatmulConfig(128, 256, 64, None, 4, 8, 4),
+    MatmulConfig(128, 256, 64, None, 16, 8, 4),
+    MatmulConfig(256, 128, 64, None, 8, 8, 4),
 ]
 
 
@@ -291,24 +301,29 @@ def sweep_shape(d_in, d_out, r):
     acc = jnp.dot(x, w).astype(jnp.float32) + jnp.dot(hs, b).astype(jnp.float32)
     return (g * acc).astype(jnp.bfloat16), acc.astype(jnp.bfloat16)
 
+  def xla_fwd_nopre(x, w, hs, b, dy, a):
+    acc = jnp.dot(x, w).astype(jnp.float32) + jnp.dot(hs, b).astype(jnp.float32)
+    return (g * acc).astype(jnp.bfloat16)
+
   def xla_dx(x, w, hs, b, dy, a):
     dpre = (dy.astype(jnp.float32) * g).astype(jnp.bfloat16)
     ts = hs  # stands in for s·t [T, r]
     return (jnp.dot(dpre, w.T).astype(jnp.float32) + jnp.dot(ts, a.T).astype(jnp.float32)).astype(jnp.bfloat16)
 
-  for name, fn in (("xla_gemm", xla_gemm), ("xla_fwd", xla_fwd), ("xla_dx", xla_dx)):
+  for name, fn in (("xla_gemm", xla_gemm), ("xla_fwd", xla_fwd), ("xla_fwd_nopre", xla_fwd_nopre),
+                   ("xla_dx", xla_dx)):
     rec[name] = bench(jax.jit(fn), sets)[0]
   log(json.dumps(rec))
   for cfg in FWD_CONFIGS:
     cfg_rec = dict(shape=rec["shape"], config=dataclasses.astuple(cfg))
-    for kind in ("fwd", "dx", "dx_nopro"):
+    for kind in ("fwd", "fwd_nopre", "dx_nopro"):
       try:
         if kind == "fwd":
           def fn(x, w, hs, b, dy, a, cfg=cfg):
             return dual_matmul(x, w, hs, b, col_scale=g, want_pre=True, config=cfg)
-        elif kind == "dx":
+        elif kind == "fwd_nopre":
           def fn(x, w, hs, b, dy, a, cfg=cfg):
-            return dual_matmul(dy, w, hs, a, k_scale=g, trans_b=True, config=cfg)[0]
+            return dual_matmul(x, w, hs, b, col_scale=g, config=cfg)[0]
         else:
           def fn(x, w, hs, b, dy, a, cfg=cfg):
             dpre = (dy.astype(jnp.float32) * g).astype(jnp.bfloat16)
@@ -337,6 +352,8 @@ def main():
     DUAL_SHAPES = ((37, 90, 70, 5),)
   os.makedirs(opts.out, exist_ok=True)
   LOG = open(os.path.join(opts.out, "log.txt"), "a")
+  global HLO_DIR
+  HLO_DIR = opts.out
   dev = jax.devices()[0]
   RESULTS["device"] = f"{dev.device_kind} ({dev.platform})"
   log("device", RESULTS["device"], "jax", jax.__version__)
@@ -349,7 +366,7 @@ def main():
           check_dora(*NUMERIC_SHAPE, r, dtype, bias)
       log(f"numerics done {time.time() - t0:.0f}s")
     if opts.sweep:
-      for (d_in, d_out), r in (((8192, 28672), 384), ((4096, 4096), 16)):
+      for (d_in, d_out), r in (((8192, 28672), 384), ((4096, 14336), 16), ((4096, 4096), 16)):
         sweep_shape(d_in, d_out, r)
       log(f"sweep done {time.time() - t0:.0f}s")
     if not opts.skip_timing:
@@ -363,7 +380,9 @@ def main():
   log("summary (ms medians; ratios)")
   for rec in RESULTS["timing"]:
     log(rec["shape"], " ".join(f"{k}={rec[k]:.3f}" for k in (
-        "lora_fwd", "xla_fwd", "pallas_fwd", "lora_step", "xla_step", "pallas_step") if k in rec),
+        "lora_fwd", "xla_fwd", "pallas_fwd", "lora_step", "xla_step", "pallas_step",
+        "pallas_step_dxkernel", "pallas_step_xladx", "norm_only", "xla_fwd_cachednorm",
+        "pallas_fwd_cachednorm", "xla_step_cachednorm", "pallas_step_cachednorm") if k in rec),
         " ".join(f"{k}={rec[k]:.3f}" for k in rec if k.endswith("_over_xla") or k.endswith("_over_lora")))
 
 

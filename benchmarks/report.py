@@ -136,11 +136,17 @@ def render(data) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("results")
+  parser.add_argument("results", help="module_results.json")
+  parser.add_argument("extra", nargs="*", help="more result files to merge (e.g. a --torch-only run)")
   parser.add_argument("--benchmarks-md", default=None)
   args = parser.parse_args()
   with open(args.results) as f:
     data = json.load(f)
+  for path in args.extra:
+    with open(path) as f:
+      more = json.load(f)
+    data["rows"] += more["rows"]
+    data["meta"].update({k: v for k, v in more["meta"].items() if k.startswith("torch_")})
   out_dir = os.path.dirname(os.path.abspath(args.results))
   text = render(data)
   with open(os.path.join(out_dir, "module.md"), "w") as f:

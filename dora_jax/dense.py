@@ -71,6 +71,9 @@ def _implementation(impl: str):
 
 def _core(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   g, _ = _scale_vectors(magnitude, norm, scale.dtype)
+  if cfg.impl == "pallas":  # nothing is differentiated: the kernel skips writing `pre`
+    from dora_jax.kernels import fused_dense
+    return fused_dense.forward_pallas_y(x2, kernel, lora_a, lora_b, g, scale, bias)
   forward, _ = _implementation(cfg.impl)
   y, _, _ = forward(x2, kernel, lora_a, lora_b, g, scale, bias)
   return y
@@ -119,17 +122,22 @@ _dora_core = jax.custom_vjp(_core, nondiff_argnums=(0,))
 _dora_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
 
 
-def _resolve(backend: str | None, x2, kernel, lora_a) -> str:
+def _resolve(backend: str | None, x2, kernel, lora_a, *others) -> str:
   choice = backend_lib.check_backend(backend)
+  if choice == "xla":
+    return choice
+  from dora_jax.kernels import dispatch
+  requested = choice == "pallas"
   if choice == "auto":
-    from dora_jax.kernels import dispatch
-    return dispatch.choose(x2.shape[0], kernel.shape, lora_a.shape[1], x2.dtype)
-  return choice
+    choice = dispatch.choose(x2.shape[0], kernel.shape, lora_a.shape[1], x2.dtype)
+  # Pallas is not partitioned by GSPMD: the XLA path under a mesh (logged once).
+  return dispatch.unpartitioned(choice, x2, kernel, lora_a, *others, requested=requested)
 
 
 def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                magnitude: jax.Array, scale, bias: jax.Array | None = None, *,
-               norm: jax.Array | None = None, backend: str | None = None) -> jax.Array:
+               norm: jax.Array | None = None, base_sq_norm: jax.Array | None = None,
+               backend: str | None = None) -> jax.Array:
   """DoRA Dense layer: ``(m / ‖W + s·a·b‖) ⊙ (x·W + s·(x·a)·b) + bias``.
 
   Args:
@@ -144,6 +152,10 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
       scale)``. The norm depends on parameters only, so a step over k
       micro-batches can compute it once and pass it to each (it is treated as a
       constant either way).
+    base_sq_norm: optional ``column_sq_norm(kernel)`` ``[d_out]``. The kernel is
+      frozen, so its column norms can be computed once (the NNX/Linen layers
+      cache them) instead of re-reading the whole kernel every call. Ignored
+      when ``norm`` is given.
     backend: ``"auto"``, ``"xla"``, ``"pallas"`` or ``None`` (process default, see
       :mod:`dora_jax.backend`).
 
@@ -166,14 +178,16 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
   dims = check_dora_args(x, kernel, lora_a, lora_b, magnitude, scale, bias)
   acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
   if norm is None:
-    norm = factored_norm(kernel, lora_a, lora_b, scale)
+    norm = factored_norm(kernel, lora_a, lora_b, scale,
+                         base_sq_norm=None if base_sq_norm is None
+                         else lax.stop_gradient(base_sq_norm))
   else:
     check_vector("norm", norm, dims.d_out)
   norm = lax.stop_gradient(norm.astype(acc))
   scale = jnp.asarray(scale, acc)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, dims.d_in)
-  impl = _resolve(backend, x2, kernel, lora_a)
+  impl = _resolve(backend, x2, kernel, lora_a, lora_b, magnitude, bias)
   y2 = _dora_core(_Config(impl), x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
   return y2.reshape(*lead, dims.d_out)
 

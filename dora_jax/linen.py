@@ -205,6 +205,11 @@ def intercept_dora(targets, *, rank: int, alpha: float, rslora: bool = False,
   when ``dora`` is mutable and they are missing). Other layers run unchanged.
   ``nn.Dense`` with a custom ``dot_general``/``promote_dtype`` is refused.
 
+  Interception happens when the model is traced: trace (``jax.jit``) the
+  functions that apply the model inside the context, and don't reuse inside it
+  a jitted function already traced outside with the same argument structure
+  (its cached trace has no adapters).
+
   Args:
     targets: which Dense layers to adapt.
     rank, alpha, rslora, dropout, adapter_dtype, cache_norm: as :class:`DoRADense`.

@@ -7,7 +7,8 @@ don't share the GPU); also runnable alone. ``CONFIGS.json`` is a list of
 ``{"d_in", "d_out", "rank", "tokens", "dtype"}``. For each config and for
 ``use_dora`` in (False, True): forward in training mode, forward+backward of
 ``Σ y ⊙ cot`` (random cotangent), and the peak extra memory of the step over
-the weights (``torch.cuda.max_memory_allocated``), medians of CUDA-event timed
+the weights (``torch.cuda.max_memory_allocated``); adapters in the activation
+dtype (``autocast_adapter_dtype=False``, matching the JAX side); medians of CUDA-event timed
 runs after warm-up, inputs rotated among three sets.
 """
 
@@ -35,7 +36,10 @@ def build(cfg, use_dora):
   base = OneProjection(cfg["d_in"], cfg["d_out"], dtype).cuda()
   config = LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules=["proj"],
                       use_dora=use_dora, lora_dropout=0.0)
-  model = get_peft_model(base, config)
+  # Adapters in the activation dtype, as on the JAX side (PEFT's default
+  # autocast_adapter_dtype=True would keep them in float32 and run the adapter
+  # matmuls and the DoRA norm in float32).
+  model = get_peft_model(base, config, autocast_adapter_dtype=False)
   with torch.no_grad():  # never time on zeros: a trained-looking adapter
     for name, p in model.named_parameters():
       if "lora_B" in name:
@@ -76,11 +80,15 @@ def run_config(cfg):
       with torch.no_grad():
         layer(xs[i % 3])
 
-    def fwd_bwd(i):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def fwd_bwd(i):  # value and gradients w.r.t. x and the adapter, as on the JAX side
       y = layer(xs[i % 3])
-      (y * cots[i % 3]).sum().backward()
+      loss = (y * cots[i % 3]).float().sum()
+      torch.autograd.grad(loss, [xs[i % 3]] + trainable)
 
     fwd_ms = cuda_time(fwd)
+    fwd_bwd(0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
@@ -88,9 +96,6 @@ def run_config(cfg):
     torch.cuda.synchronize()
     peak_extra = torch.cuda.max_memory_allocated() - base_mem
     fb_ms = cuda_time(fwd_bwd)
-    for x in xs:
-      x.grad = None
-    model.zero_grad(set_to_none=True)
     rows.append(dict(cfg, impl=name, framework="torch", mode="fwd", ms=fwd_ms))
     rows.append(dict(cfg, impl=name, framework="torch", mode="fwd_bwd", ms=fb_ms,
                      peak_extra_mb=peak_extra / 2**20))

@@ -429,11 +429,3 @@ def test_pallas_runs_per_shard_inside_shard_map():
   want = dora_jax.dora_dense(*(jax.device_put(v, jax.devices()[0]) for v in (x, w, a, b, m)), 2.0,
                              backend="xla")
   assert rel_err(y, want) < RTOL
-
-
-def test_explicit_axes_mesh_is_refused():
-  mesh = jax.make_mesh((4, 2), ("fsdp", "tp"),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-  layer = adapted_mlp(LAYOUTS["column"])
-  with pytest.raises(ValueError, match="AxisType.Auto"):
-    dsh.shard_model(layer, mesh)

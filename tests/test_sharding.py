@@ -1,0 +1,200 @@
+"""Sharding rules, HLO diagnostics, and the 8-device checks (run in a subprocess).
+
+The multi-device checks live in ``tests/sharded_checks.py``: JAX must start
+with 8 (simulated CPU) devices, which this process cannot do once JAX is up,
+so they run once in a fresh interpreter and each group below asserts on its
+results.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import dora_jax
+from dora_jax import sharding as dsh
+from dora_jax.kernels import dispatch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- adapter_partition_specs ----------------------------------------------------
+
+@pytest.mark.parametrize("kernel,lora_a,lora_b,magnitude", [
+    (P(None, "tp"), P(None, None), P(None, "tp"), P("tp")),            # column-parallel
+    (P("tp", None), P("tp", None), P(None, None), P(None)),            # row-parallel
+    (P("fsdp", None), P("fsdp", None), P(None, None), P(None)),        # FSDP
+    (P("fsdp", "tp"), P("fsdp", None), P(None, "tp"), P("tp")),        # FSDP × TP
+    (P(("fsdp", "dp"), "tp"), P(("fsdp", "dp"), None), P(None, "tp"), P("tp")),
+    (P(), P(None, None), P(None, None), P(None)),                      # replicated
+    (None, P(None, None), P(None, None), P(None)),
+    (P("tp"), P("tp", None), P(None, None), P(None)),                  # trailing None omitted
+])
+def test_adapter_specs_follow_the_kernel(kernel, lora_a, lora_b, magnitude):
+  specs = dsh.adapter_partition_specs(kernel)
+  assert specs == {"lora_a": lora_a, "lora_b": lora_b, "magnitude": magnitude}
+
+
+def test_adapter_specs_multi_dim_and_logical_names():
+  # LinearGeneral kernel [heads, head_dim, d_model] contracted over (heads, head_dim).
+  specs = dsh.adapter_partition_specs(("heads", None, "embed"), in_ndim=2)
+  assert specs == {"lora_a": P("heads", None, None), "lora_b": P(None, "embed"),
+                   "magnitude": P("embed")}
+  # Q projection [d_model, heads, head_dim]: outputs (heads, head_dim).
+  specs = dsh.adapter_partition_specs(P("embed", "heads"), in_ndim=1, out_ndim=2)
+  assert specs == {"lora_a": P("embed", None), "lora_b": P(None, "heads", None),
+                   "magnitude": P("heads", None)}
+  with pytest.raises(ValueError, match="more entries"):
+    dsh.adapter_partition_specs(P("a", "b", "c"), in_ndim=1, out_ndim=1)
+  with pytest.raises(ValueError):
+    dsh.adapter_partition_specs(P("a"), in_ndim=0)
+
+
+def _annotated_model(mesh):
+  with jax.set_mesh(mesh):
+    init = nnx.initializers.lecun_normal()
+    model = nnx.Sequential(
+        nnx.Linear(16, 32, kernel_init=nnx.with_partitioning(init, ("fsdp", "tp")), rngs=nnx.Rngs(0)),
+        nnx.Linear(32, 16, kernel_init=nnx.with_partitioning(init, ("tp", "fsdp")), rngs=nnx.Rngs(1)),
+        nnx.Linear(16, 16, rngs=nnx.Rngs(2)))
+  return dora_jax.apply_dora(model, targets=r"layers/\d+", rank=4, alpha=8, rngs=nnx.Rngs(3))
+
+
+def test_annotate_and_shard_model_on_one_device():
+  mesh = dsh.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
+  model = _annotated_model(mesh)
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  before = model(x)
+  found = dsh.annotate_adapters(model, mesh)
+  assert found["layers/0"]["lora_b"] == P(None, "tp")
+  assert found["layers/1"]["lora_a"] == P("tp", None)
+  assert found["layers/1"]["magnitude"] == P("fsdp")
+  assert found["layers/2"]["lora_a"] == P(None, None)       # unannotated kernel: replicated
+  up = model.layers[0]
+  assert up.lora_a.get_metadata()["out_sharding"] == ("fsdp", None)
+  assert up.norm_cache.get_metadata()["out_sharding"] == ("tp",)
+  assert nnx.get_partition_spec(up.lora_b).get_value() == P(None, "tp")
+  dsh.shard_model(model, mesh)
+  assert up.lora_b[...].sharding.mesh == mesh
+  assert jnp.array_equal(model(x), before)
+
+
+def test_shard_model_refuses_explicit_axes():
+  mesh = jax.make_mesh((1,), ("tp",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="AxisType.Auto"):
+    dsh.check_mesh(mesh)
+
+
+# -- HLO diagnostics ----------------------------------------------------------------
+
+_HLO = """
+ENTRY %main (p0: f32[128,1024], p1: f32[128,8]) -> f32[1024] {
+  %all-gather = f32[512,1024]{1,0} all-gather(%p0), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={0}
+  %dot.11 = f32[128,1024]{1,0} dot(%p1, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %all-reduce.7 = (f32[1024]{0}, f32[8,1024]{1,0}, f32[8,8]{1,0}) all-reduce(%s, %dot, %dot.1), channel_id=1
+  %ags = (f32[128,8]{1,0}, f32[512,8]{1,0}) all-gather-start(%p1), channel_id=5, dimensions={0}
+  %cc = (f32[16,1024]{1,0}, s8[4194304]{0}) custom-call(%x, %w), custom_call_target="__cublas$gemm"
+  %cv = f32[16,1024]{1,0} custom-call(%x), custom_call_target="SomethingElse"
+  ROOT %rs = f32[256]{0} reduce-scatter(%q), channel_id=2, dimensions={0}
+}
+"""
+
+
+def test_collectives_parser():
+  found = dsh.collectives(_HLO)
+  assert [(c.op, c.elements) for c in found] == [
+      ("all-gather", 512 * 1024), ("all-reduce", 8 * 1024), ("all-gather", 512 * 8),
+      ("reduce-scatter", 256)]
+  assert found[1].shapes == ((1024,), (8, 1024), (8, 8))
+
+
+def test_products_parser():
+  assert dsh.products(_HLO) == [dsh.Product("dot.11", (128, 1024)), dsh.Product("cc", (16, 1024))]
+
+
+def test_collectives_of_a_real_compile_on_one_device():
+  f = jax.jit(lambda w, a, b: dora_jax.factored_norm(w, a, b, 0.5))
+  args = (jnp.ones((64, 32)), jnp.ones((64, 4)), jnp.ones((4, 32)))
+  text = f.lower(*args).compile().as_text()
+  assert dsh.collectives(text) == []
+  assert all(p.elements < 64 * 32 for p in dsh.products(text))
+
+
+# -- Pallas fallback detection on one device ----------------------------------------
+
+def test_partitioned_reason_single_device():
+  x = jnp.ones((8, 16))
+  assert dispatch.partitioned_reason(x, None) is None
+  assert dispatch.unpartitioned("pallas", x) == "pallas"
+  assert dispatch.unpartitioned("xla", x) == "xla"
+  mesh = dsh.make_mesh((1,), ("tp",), devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):  # a one-device mesh splits nothing
+    assert dispatch.partitioned_reason(x) is None
+
+
+# -- the 8-device checks --------------------------------------------------------------
+
+GROUPS = [
+    "test_shard_model_places_adapters",
+    "test_sharded_training_matches_one_device",
+    "test_step_hlo_has_no_dense_gather_or_product",
+    "test_hlo_assertion_catches_naive_dora",
+    "test_norm_alone_reduces_with_one_small_all_reduce",
+    "test_memory_per_device_falls_as_one_over_n",
+    "test_pallas_falls_back_to_xla_under_a_mesh_once",
+    "test_pallas_runs_per_shard_inside_shard_map",
+]
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+  """Run ``tests/sharded_checks.py`` on 8 simulated CPU devices; its JUnit results."""
+  junit = tmp_path_factory.mktemp("sharded") / "junit.xml"
+  flags = os.environ.get("XLA_FLAGS", "")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip()}
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", str(ROOT / "tests" / "sharded_checks.py"), "-q",
+       "-p", "no:cacheprovider", f"--junitxml={junit}"],
+      capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+  results: dict[str, str] = {}
+  if junit.exists():
+    for case in ET.parse(junit).getroot().iter("testcase"):
+      status = "passed"
+      for child in case:
+        if child.tag in ("failure", "error"):
+          status = "failed"
+        elif child.tag == "skipped":
+          status = "skipped"
+      results[case.get("name")] = status
+  return proc, results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", GROUPS)
+def test_on_eight_devices(eight_device_run, group):
+  proc, results = eight_device_run
+  tail = (proc.stdout + proc.stderr)[-4000:]
+  cases = {name: status for name, status in results.items()
+           if name == group or name.startswith(group + "[")}
+  assert cases, f"no results for {group} (exit {proc.returncode}):\n{tail}"
+  bad = {name: status for name, status in cases.items() if status != "passed"}
+  assert not bad, f"{bad}\n{tail}"
+
+
+@pytest.mark.slow
+def test_eight_device_run_is_clean(eight_device_run):
+  proc, results = eight_device_run
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+  covered = {name.split("[")[0] for name in results}
+  assert covered == set(GROUPS), covered ^ set(GROUPS)

@@ -45,6 +45,7 @@ SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]
 RANKS = [16, 384]
 TOKENS = 4096
 NUMERIC_SHAPE = (1000, 1100, 1500)
+SWEEP_SHAPES = (((8192, 28672), 384), ((4096, 14336), 16), ((4096, 4096), 16))
 DUAL_SHAPES = ((1000, 1500, 1100, 40), (129, 300, 65, 1))
 SCALE = 2.0
 RESULTS: dict = {"device": None, "jax": jax.__version__, "numerics": [], "timing": [], "sweep": []}
@@ -347,9 +348,10 @@ def main():
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
   opts = parser.parse_args()
   if opts.smoke:
-    global SHAPES, RANKS, TOKENS, NUMERIC_SHAPE, DUAL_SHAPES
+    global SHAPES, RANKS, TOKENS, NUMERIC_SHAPE, DUAL_SHAPES, SWEEP_SHAPES
     SHAPES, RANKS, TOKENS, NUMERIC_SHAPE = [(70, 90)], [16], 37, (37, 70, 90)
     DUAL_SHAPES = ((37, 90, 70, 5),)
+    SWEEP_SHAPES = (((70, 90), 16),)
   os.makedirs(opts.out, exist_ok=True)
   LOG = open(os.path.join(opts.out, "log.txt"), "a")
   global HLO_DIR
@@ -366,7 +368,7 @@ def main():
           check_dora(*NUMERIC_SHAPE, r, dtype, bias)
       log(f"numerics done {time.time() - t0:.0f}s")
     if opts.sweep:
-      for (d_in, d_out), r in (((8192, 28672), 384), ((4096, 14336), 16), ((4096, 4096), 16)):
+      for (d_in, d_out), r in SWEEP_SHAPES:
         sweep_shape(d_in, d_out, r)
       log(f"sweep done {time.time() - t0:.0f}s")
     if not opts.skip_timing:

@@ -92,6 +92,9 @@ def plots(rows, out_dir):
       if pts:
         ax.plot(*zip(*pts), marker="o", label=impl)
     ax.set(xscale="log", xlabel="rank", ylabel="ms", title=f"{mode}, {shape[0]}×{shape[1]}, T=4096")
+    ranks = sorted({r["rank"] for r in rows if r.get("sweep") == "rank"})
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "time_vs_rank.png"), dpi=110)
@@ -112,13 +115,14 @@ def plots(rows, out_dir):
   fig.savefig(os.path.join(out_dir, "time_vs_tokens.png"), dpi=110)
 
 
-def render(data) -> str:
+def render(data, report_command: str) -> str:
   meta, rows = data["meta"], data["rows"]
   parts = [
       f"Device: {meta.get('device')}; torch {meta.get('torch_torch', '–')}, peft "
       f"{meta.get('torch_peft', '–')}; date {meta.get('date')}; commit {meta.get('commit')}; "
-      f"suite wall time {meta.get('seconds')} s.\n\nCommand: `{meta.get('command')}`, then "
-      "`python benchmarks/report.py benchmarks/results/module_results.json --benchmarks-md BENCHMARKS.md`.",
+      f"suite wall time {meta.get('seconds')} s."
+      + (f" PEFT: {meta['torch_note']}." if meta.get("torch_note") else "")
+      + f"\n\nCommand: `{meta.get('command')}`, then `{report_command}`.",
       "### Forward (training mode), bf16, T=4096, ms (median)\n\n" + rank_table(rows, "fwd", "bfloat16"),
       "### Forward+backward, bf16, T=4096, ms (median)\n\n" + rank_table(rows, "fwd_bwd", "bfloat16"),
       "### Memory of the forward+backward step, bf16, T=4096, MiB\n\nJAX: XLA's compiled temp "
@@ -148,7 +152,9 @@ def main():
     data["rows"] += more["rows"]
     data["meta"].update({k: v for k, v in more["meta"].items() if k.startswith("torch_")})
   out_dir = os.path.dirname(os.path.abspath(args.results))
-  text = render(data)
+  text = render(data, "python benchmarks/report.py " + " ".join(
+      os.path.relpath(p) for p in [args.results, *args.extra])
+      + (f" --benchmarks-md {os.path.relpath(args.benchmarks_md)}" if args.benchmarks_md else ""))
   with open(os.path.join(out_dir, "module.md"), "w") as f:
     f.write(text)
   plots(data["rows"], out_dir)

@@ -34,7 +34,8 @@ def dora_factored_autodiff(x, kernel, p, scale):
 
 
 def dora_jax_backend(backend):
-  """dora_jax.dora_dense as the NNX/Linen layers call it: ‖W‖² cached (``p["w_sq"]``)."""
+  """dora_jax.dora_dense with the frozen kernel's column norms computed once and
+  passed in (``base_sq_norm=p["w_sq"]``), which saves one read of the kernel per call."""
   def fn(x, kernel, p, scale):
     return dora_jax.dora_dense(x, kernel, p["a"], p["b"], p["m"], scale, p["bias"],
                                base_sq_norm=p.get("w_sq"), backend=backend)
@@ -63,7 +64,7 @@ def make_inputs(key, d_in, d_out, rank, tokens, dtype, sets):
       "m": jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(dtype),
       "bias": (0.1 * jax.random.normal(ks[3], (d_out,))).astype(dtype),
   }
-  p["w_sq"] = dora_jax.column_sq_norm(kernel)  # frozen: cached once, as the layers do
+  p["w_sq"] = dora_jax.column_sq_norm(kernel)  # the kernel is frozen: computed once
   xs = [jax.random.normal(jax.random.fold_in(ks[4], i), (tokens, d_in)).astype(dtype)
         for i in range(sets)]
   cots = [jax.random.normal(jax.random.fold_in(ks[5], i), (tokens, d_out)).astype(dtype)

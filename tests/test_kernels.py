@@ -271,3 +271,41 @@ def test_gpu_dual_matmul_poisoned(fresh_key):
   assert_written(out, pre)
   out64, _ = _dual_f64(a1, b1, a2, b2, ks, cs, cb, True)
   assert rel(out, out64) <= 1e-2
+
+
+# ----------------------------------------------------------------------------- Triton lowering
+
+
+def _pretend_h100(monkeypatch):
+  """Let the Triton lowering run without a GPU (it only needs the compute capability)."""
+  try:
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    info = gpu_info.GpuInfo(gpu_version=None, arch_name="9.0", compute_capability=90)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+  except (ImportError, AttributeError, TypeError) as e:  # private API moved: skip
+    pytest.skip(f"cannot fake a GPU for the Triton lowering here: {e!r}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(4096, 4096, 4096, 384), (1000, 1500, 1100, 40), (129, 300, 65, 1)])
+def test_triton_lowering_on_cpu(monkeypatch, dtype, shape):
+  """The kernels lower to Triton IR (aligned and ragged) with the GPU tilings."""
+  _pretend_h100(monkeypatch)
+  from jax import export
+  m, n, k1, k2 = shape
+  spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+  vec = lambda s: jax.ShapeDtypeStruct((s,), jnp.float32)  # noqa: E731
+
+  def fwd(x, w, hs, b, g, bias):
+    return dual_matmul(x, w, hs, b, col_scale=g, col_bias=bias, want_pre=True,
+                       config=fused_dense._config("forward", dtype), interpret=False)
+
+  def dx(dpre, w, ts, a):
+    return dual_matmul(dpre, w, ts, a, trans_b=True, config=fused_dense._config("dx", dtype),
+                       interpret=False)[0]
+
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  for fn, args in ((fwd, (spec(m, k1), spec(k1, n), spec(m, k2), spec(k2, n), vec(n), vec(n))),
+                   (dx, (spec(m, n), spec(k1, n), spec(m, k2), spec(k1, k2)))):
+    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    assert "triton" in exported.mlir_module()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 
 def default_interpret() -> bool:
@@ -43,6 +44,14 @@ class MatmulConfig:
   group_m: int = 8
   num_warps: int = 8
   num_stages: int = 3
+
+  @staticmethod
+  def default_for(dtype) -> "MatmulConfig":
+    """The default tiling for an operand dtype: 2-byte types get the H100-tuned
+    (128, 256, 64) tiles; 4-byte types smaller ones (shared memory)."""
+    if jnp.dtype(dtype).itemsize >= 4:
+      return MatmulConfig(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=3)
+    return MatmulConfig()
 
   def k2(self, rank: int) -> int:
     if self.block_k2 is not None:

@@ -139,8 +139,9 @@ def _kernel(*refs, m, n, k1, k2, cfg: MatmulConfig, bk2: int, trans_b: bool,
     if full:
       body = functools.partial(k_step, a_ref, b_ref, scale_ref, bk, check_k=False)
       acc = lax.fori_loop(0, full, body, acc)
-    if tail:
-      acc = k_step(a_ref, b_ref, scale_ref, bk, full, acc, check_k=True)
+    if tail:  # one masked step; a loop of one keeps the index traced (no static bounds check)
+      body = functools.partial(k_step, a_ref, b_ref, scale_ref, bk, check_k=True)
+      acc = lax.fori_loop(full, full + 1, body, acc)
     return acc
 
   acc = jnp.zeros((bm, bn), _F32)
@@ -190,8 +191,8 @@ def dual_matmul(a1, b1, a2, b2, *, k_scale=None, col_scale=None, col_bias=None,
     trans_b: read ``b1``/``b2`` transposed.
     want_pre: also return ``pre = acc`` (before the epilogue).
     out_dtype: dtype of ``out`` and ``pre`` (default ``a1.dtype``).
-    config: tiling (:class:`MatmulConfig`); block sizes are capped at the
-      problem's padded sizes.
+    config: tiling (:class:`MatmulConfig`, default by dtype); block sizes are
+      capped at the problem's padded sizes.
     interpret: force interpret mode (``None``: interpret unless on a GPU).
     poison: testing aid: start the outputs as NaN (aliased buffers), so any
       element the kernel fails to write shows up.
@@ -201,7 +202,7 @@ def dual_matmul(a1, b1, a2, b2, *, k_scale=None, col_scale=None, col_bias=None,
   """
   m, n, k1, k2 = _check_shapes(a1, b1, a2, b2, trans_b)
   out_dtype = jnp.dtype(a1.dtype if out_dtype is None else out_dtype)
-  cfg = (config or MatmulConfig()).shrink_to(m, n, k1)
+  cfg = (config or MatmulConfig.default_for(a1.dtype)).shrink_to(m, n, k1)
   bk2 = max(16, min(cfg.k2(k2), 1 << max(0, k2 - 1).bit_length()))
   extra = [v for v in (k_scale, col_scale, col_bias) if v is not None]
   for name, vec, size in (("k_scale", k_scale, k1), ("col_scale", col_scale, n),

@@ -9,15 +9,21 @@ Same signatures and semantics as :func:`dora_jax.compose.forward_xla` and
 Forward: XLA computes ``h = x2·a [T, r]`` (float32 accumulation, kept as the
 residual) and ``s·h``; one Pallas launch (:func:`dual_matmul`) then runs the K
 loop over ``x2·W`` and ``(s·h)·b`` into one float32 accumulator and writes
-``y = g ⊙ acc + bias`` and the residual ``pre = acc`` in the activation dtype.
+``y = g ⊙ acc + bias`` and, when the backward needs it, the residual
+``pre = acc``, both in the activation dtype. :func:`forward_pallas_y` is the
+inference variant that writes ``y`` only.
 
-Backward (norm detached), with ``dpre = dy ⊙ g`` never materialised:
+Backward (norm detached): ``dpre = dy ⊙ g`` (one XLA elementwise pass, bf16)
+feeds ``t = dpre·bᵀ``, ``db = s·hᵀ·dpre`` and ``dx = dpre·Wᵀ + s·t·aᵀ``. ``dx``
+is one Pallas launch (K loop over ``Wᵀ`` tiles then ``(s·t)·aᵀ``) where
+:func:`use_dx_kernel` says it was measured faster than XLA's two GEMMs, else
+XLA. ``da = xᵀ·(s·t)``, ``dm = Σ_T dy ⊙ pre / n`` and ``dbias = Σ_T dy`` stay
+in XLA (small GEMMs and one reduction pass).
 
-* ``t = dpre·bᵀ = dy·(g ⊙ b)ᵀ [T, r]`` (XLA, ``g`` folded into ``b``);
-* ``dx = dpre·Wᵀ + s·t·aᵀ``: one Pallas launch, the prologue ``dy ⊙ g`` applied
-  to each ``dy`` tile, then the K loop over ``Wᵀ`` tiles and ``(s·t)·aᵀ``;
-* ``da = xᵀ·(s·t)``, ``db = s·(hᵀ·dy) ⊙ g``, ``dm = Σ_T dy ⊙ pre / n``,
-  ``dbias = Σ_T dy`` (XLA: small GEMMs and one reduction pass over ``dy``/``pre``).
+Folding ``dy ⊙ g`` into the ``dx`` kernel's prologue (``dual_matmul(...,
+k_scale=g)``) was measured on an H100 and lost: scaling the A tile in
+registers takes the MMA off its shared-memory pipeline (4.14 ms vs 3.13 ms
+with ``dpre`` materialised, 8192×28672, T=4096; see BENCHMARKS.md).
 
 No ``[d_in, d_out]`` temporary is formed anywhere. On a machine without a GPU
 the kernels run in Pallas interpret mode (slow; meant for tests).
@@ -27,48 +33,85 @@ from __future__ import annotations
 
 import contextlib
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dora_jax.compose import Grads, Wants, lora_hidden
-from dora_jax.kernels._common import MatmulConfig
+from dora_jax.compose import Grads, Wants
+from dora_jax.kernels._common import MatmulConfig, default_interpret
 from dora_jax.kernels.dual_matmul import dual_matmul
 
 _F32 = jnp.float32
 
 #: Tiling of the forward launch (M = T, N = d_out, K = d_in) and of the ``dx``
-#: launch (M = T, N = d_in, K = d_out), measured on an H100 (see BENCHMARKS.md).
-FORWARD_CONFIG = MatmulConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
-DX_CONFIG = MatmulConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
+#: launch (M = T, N = d_in, K = d_out) for 2-byte dtypes, measured on an H100
+#: (see BENCHMARKS.md). 4-byte dtypes use :meth:`MatmulConfig.default_for`.
+FORWARD_CONFIG = MatmulConfig(block_m=128, block_n=256, block_k=64, group_m=8,
+                              num_warps=8, num_stages=4)
+DX_CONFIG = MatmulConfig(block_m=128, block_n=256, block_k=64, group_m=8,
+                         num_warps=8, num_stages=4)
 
-_overrides: dict[str, MatmulConfig | None] = {"forward": None, "dx": None}
+_overrides: dict = {"forward": None, "dx": None, "dx_kernel": None}
 
 
 @contextlib.contextmanager
-def block_configs(*, forward: MatmulConfig | None = None, dx: MatmulConfig | None = None):
-  """Use other tilings for calls traced inside this context (tests, tuning)."""
+def block_configs(*, forward: MatmulConfig | None = None, dx: MatmulConfig | None = None,
+                  dx_kernel: bool | None = None):
+  """Override tilings (and whether ``dx`` uses the kernel) for calls traced inside."""
   saved = dict(_overrides)
-  _overrides.update(forward=forward, dx=dx)
+  _overrides.update(forward=forward, dx=dx, dx_kernel=dx_kernel)
   try:
     yield
   finally:
     _overrides.update(saved)
 
 
-def _config(name: str) -> MatmulConfig:
+def _config(name: str, dtype) -> MatmulConfig:
   override = _overrides[name]
   if override is not None:
     return override
+  if jnp.dtype(dtype).itemsize >= 4:
+    return MatmulConfig.default_for(dtype)
   return FORWARD_CONFIG if name == "forward" else DX_CONFIG
 
 
+def use_dx_kernel(tokens: int, d_in: int, d_out: int, rank: int, dtype) -> bool:
+  """Whether the fused ``dx`` launch beats XLA's ``dpre·Wᵀ + s·t·aᵀ`` here.
+
+  Off a GPU (interpret mode) the kernel always runs, so the tests cover it.
+  On the GPU: measured on an H100 (BENCHMARKS.md), the Pallas ``Wᵀ`` GEMM wins
+  while the GEMM is small enough that XLA's separate passes matter and loses
+  to cuBLAS on the large ones.
+  """
+  forced = _overrides["dx_kernel"]
+  if forced is not None:
+    return forced
+  if default_interpret():
+    return True
+  if jnp.dtype(dtype).itemsize != 2:
+    return False
+  return tokens * d_in * d_out <= DX_KERNEL_MAX_MNK
+
+
+#: Largest ``T·d_in·d_out`` for which the fused ``dx`` launch is used on a GPU.
+DX_KERNEL_MAX_MNK = 4096 * 4096 * 4096
+
+
 def _hidden_and_scaled(x2, lora_a, scale):
-  """``h = x2·a`` (as :func:`lora_hidden`) and ``s·h``, both rounded once from float32."""
+  """``h = x2·a`` (as :func:`dora_jax.compose.lora_hidden`) and ``s·h``, each
+  rounded once from the float32 accumulator."""
   cdt = x2.dtype
   acc = jnp.promote_types(_F32, cdt)
   h_acc = jnp.dot(x2, lora_a.astype(cdt), preferred_element_type=acc)
   return h_acc.astype(cdt), (scale.astype(acc) * h_acc).astype(cdt)
+
+
+def _forward(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre):
+  cdt = x2.dtype
+  h, hs = _hidden_and_scaled(x2, lora_a, scale)
+  y, pre = dual_matmul(
+      x2, kernel.astype(cdt), hs, lora_b.astype(cdt), col_scale=g,
+      col_bias=bias, want_pre=want_pre, out_dtype=cdt, config=_config("forward", cdt))
+  return y, pre, h
 
 
 def forward_pallas(x2, kernel, lora_a, lora_b, g, scale, bias):
@@ -78,12 +121,12 @@ def forward_pallas(x2, kernel, lora_a, lora_b, g, scale, bias):
   ``pre`` is the float32 accumulator rounded once (XLA's path rounds ``x2·W``
   and ``h·b`` separately), so the two agree to the activation dtype's rounding.
   """
-  cdt = x2.dtype
-  h, hs = _hidden_and_scaled(x2, lora_a, scale)
-  y, pre = dual_matmul(
-      x2, kernel.astype(cdt), hs, lora_b.astype(cdt), col_scale=g,
-      col_bias=bias, want_pre=True, out_dtype=cdt, config=_config("forward"))
-  return y, pre, h
+  return _forward(x2, kernel, lora_a, lora_b, g, scale, bias, True)
+
+
+def forward_pallas_y(x2, kernel, lora_a, lora_b, g, scale, bias):
+  """``y`` only (no ``pre`` written): the forward when nothing is differentiated."""
+  return _forward(x2, kernel, lora_a, lora_b, g, scale, bias, False)[0]
 
 
 def backward_pallas(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
@@ -96,22 +139,28 @@ def backward_pallas(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   acc = g.dtype
   dy_acc = dy.astype(acc)
   need_t = wants.x or wants.lora_a or wants.scale
+  need_dpre = need_t or wants.lora_b or wants.kernel
+  dpre = (dy_acc * g).astype(cdt) if need_dpre else None
   t = ts = None
   if need_t:
-    gb = (lora_b.astype(acc) * g[None, :]).astype(cdt)  # [r, d_out]: dpre·bᵀ = dy·(g⊙b)ᵀ
-    t = lax.dot_general(dy, gb, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    t = lax.dot_general(dpre, lora_b.astype(cdt), (((1,), (1,)), ((), ())),
+                        preferred_element_type=acc)  # [T, r]
     ts = (scale * t).astype(cdt)
 
   dx = da = db = dm = ds = dbias = dkernel = None
   if wants.x:
-    dx, _ = dual_matmul(
-        dy, kernel.astype(cdt), ts, lora_a.astype(cdt), k_scale=g, trans_b=True,
-        out_dtype=cdt, config=_config("dx"))
+    tokens, d_in = x2.shape
+    if use_dx_kernel(tokens, d_in, dy.shape[1], lora_a.shape[1], cdt):
+      dx, _ = dual_matmul(dpre, kernel.astype(cdt), ts, lora_a.astype(cdt), trans_b=True,
+                          out_dtype=cdt, config=_config("dx", cdt))
+    else:
+      base = lax.dot_general(dpre, kernel.astype(cdt), (((1,), (1,)), ((), ())))
+      low = lax.dot_general(ts, lora_a.astype(cdt), (((1,), (1,)), ((), ())))
+      dx = (base.astype(acc) + low.astype(acc)).astype(cdt)
   if wants.lora_a:
     da = lax.dot_general(x2, ts, (((0,), (0,)), ((), ())), preferred_element_type=acc)
   if wants.lora_b:
-    hty = lax.dot_general(h, dy, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-    db = scale * hty * g[None, :]
+    db = scale * lax.dot_general(h, dpre, (((0,), (0,)), ((), ())), preferred_element_type=acc)
   if wants.magnitude:
     dm = jnp.sum(dy_acc * pre.astype(acc), axis=0) * inv_norm
   if wants.scale:
@@ -119,10 +168,9 @@ def backward_pallas(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   if wants.bias:
     dbias = jnp.sum(dy_acc, axis=0)
   if wants.kernel:
-    dkernel = lax.dot_general(x2, dy, (((0,), (0,)), ((), ())),
-                              preferred_element_type=acc) * g[None, :]
+    dkernel = lax.dot_general(x2, dpre, (((0,), (0,)), ((), ())), preferred_element_type=acc)
   return Grads(dx, dkernel, da, db, dm, ds, dbias)
 
 
-__all__ = ["DX_CONFIG", "FORWARD_CONFIG", "backward_pallas", "block_configs",
-           "forward_pallas", "lora_hidden"]
+__all__ = ["DX_CONFIG", "DX_KERNEL_MAX_MNK", "FORWARD_CONFIG", "backward_pallas",
+           "block_configs", "forward_pallas", "forward_pallas_y", "use_dx_kernel"]

@@ -429,3 +429,20 @@ def test_pallas_runs_per_shard_inside_shard_map():
   want = dora_jax.dora_dense(*(jax.device_put(v, jax.devices()[0]) for v in (x, w, a, b, m)), 2.0,
                              backend="xla")
   assert rel_err(y, want) < RTOL
+
+
+# -- the example -----------------------------------------------------------------
+
+def test_sharded_finetune_example(capsys, monkeypatch):
+  import runpy
+  from pathlib import Path
+  example = Path(__file__).resolve().parents[1] / "examples" / "sharded_finetune.py"
+  monkeypatch.setattr("sys.argv", [str(example), "--steps", "6", "--d-model", "64", "--d-ff",
+                                   "128", "--batch", "16", "--seq", "8", "--lr", "1e-2"])
+  runpy.run_path(str(example), run_name="__main__")
+  out = capsys.readouterr().out
+  assert "mesh {'fsdp': 4, 'tp': 2}" in out, out
+  assert "lora_b P(None, 'tp')" in out, out
+  losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step ")]
+  assert len(losses) == 6 and losses[-1] < losses[0], out
+  assert "median step time" in out

@@ -153,6 +153,7 @@ GROUPS = [
     "test_memory_per_device_falls_as_one_over_n",
     "test_pallas_falls_back_to_xla_under_a_mesh_once",
     "test_pallas_runs_per_shard_inside_shard_map",
+    "test_sharded_finetune_example",
 ]
 
 
@@ -198,3 +199,4 @@ def test_eight_device_run_is_clean(eight_device_run):
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
   covered = {name.split("[")[0] for name in results}
   assert covered == set(GROUPS), covered ^ set(GROUPS)
+

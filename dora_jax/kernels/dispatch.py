@@ -9,8 +9,14 @@ XLA everywhere else. The measurements (H100, jax 0.11.2, bf16) are in
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+
+_log = logging.getLogger("dora_jax")
+_fallbacks_logged: set[str] = set()
 
 
 def on_cuda_gpu() -> bool:
@@ -52,3 +58,56 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   if max_rank is None or rank > max_rank:
     return "xla"
   return "pallas" if on_cuda_gpu() else "xla"
+
+
+def partitioned_reason(*arrays) -> str | None:
+  """Why a call over ``arrays`` may be split across devices at trace time, or ``None``.
+
+  ``pallas_call`` is not partitioned by GSPMD: under a mesh it would force its
+  operands to be gathered. Detected: a concrete array that is not fully
+  replicated over more than one device; an abstract value whose type carries
+  a sharded spec (explicit mesh axes); tracing under ``jax.set_mesh(mesh)``
+  with an ``Auto`` (or explicit) mesh axis of size > 1 that is not manual. Inside
+  ``jax.shard_map`` over every axis of size > 1 the arrays are per-device
+  blocks and this returns ``None`` (the kernels then run per shard).
+  Not detectable: a ``jit`` of sharded inputs traced outside any mesh context.
+  """
+  for x in arrays:
+    if x is None:
+      continue
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+      sharding = x.sharding
+      if len(sharding.device_set) > 1 and not sharding.is_fully_replicated:
+        return f"an input is sharded over {len(sharding.device_set)} devices"
+      continue
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
+      return f"an input has sharded type {sharding.spec}"
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    split = [name for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+             if size > 1 and kind != AxisType.Manual]
+    if split:
+      return f"traced under a device mesh (axes {split} are not manual)"
+  return None
+
+
+def unpartitioned(choice: str, *arrays, requested: bool = True) -> str:
+  """``choice``, or ``"xla"`` when it is ``"pallas"`` and the call may be partitioned.
+
+  The fallback is logged once per process on the ``"dora_jax"`` logger
+  (warning when Pallas was requested explicitly, info under ``"auto"``).
+  """
+  if choice != "pallas":
+    return choice
+  reason = partitioned_reason(*arrays)
+  if reason is None:
+    return choice
+  key = f"{requested}"
+  if key not in _fallbacks_logged:
+    _fallbacks_logged.add(key)
+    _log.log(logging.WARNING if requested else logging.INFO,
+             "dora_jax: the Pallas kernels are not partitioned by GSPMD and %s; "
+             "using the XLA path (run dora_dense inside jax.shard_map to use Pallas per shard)",
+             reason)
+  return "xla"

@@ -169,7 +169,7 @@ def annotate_adapters(model: nnx.Module, mesh: Mesh | None = None) -> dict[str, 
     rules = layer.kernel.get_metadata().get("sharding_rules")
     for name, spec in specs.items():
       extra: dict[str, Any] = {}
-      if rules is not None and name in ADAPTER_NAMES:
+      if rules is not None:
         extra["sharding_rules"] = rules
       if mesh is not None:
         extra["mesh"] = mesh

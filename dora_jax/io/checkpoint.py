@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -173,8 +174,13 @@ def restore_adapter_state(directory: str | os.PathLike, model: nnx.Module,
     for name, target in targets.items():
       saved = item_meta[name]
       _compare(name, getattr(saved, "tree", saved), target, directory)
+    # Restore to host arrays, then place them like the arrays they replace: an
+    # uncommitted array stays uncommitted (a committed one would make every jitted
+    # step recompile), a sharded one keeps its sharding.
+    host = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), targets)
     restored = ckpt.restore(directory, ocp.args.Composite(
-        **{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}))
+        **{name: ocp.args.StandardRestore(tree) for name, tree in host.items()}))
+  restored = {name: jax.tree.map(_place, targets[name], restored[name]) for name in targets}
 
   _update(model, nnx.LoRAParam, restored["adapter"])
   if optimizer is not None:
@@ -187,6 +193,13 @@ def restore_adapter_state(directory: str | os.PathLike, model: nnx.Module,
         lambda cur, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(cur))
         if _is_key(cur) else new, current, restored["rng"])
     _update(model, nnx.RngState, rng)
+
+
+def _place(current: Any, new: np.ndarray) -> Any:
+  """``new`` as a JAX array placed like ``current`` (committed/sharded only if it was)."""
+  if isinstance(current, jax.Array) and getattr(current, "_committed", False):
+    return jax.device_put(new, current.sharding)
+  return jnp.asarray(new, dtype=getattr(current, "dtype", None))
 
 
 def _update(model: nnx.Module, kind, pure: dict) -> None:

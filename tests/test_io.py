@@ -1,0 +1,596 @@
+"""Adapters on disk within dora_jax: PEFT-format save/load, Orbax checkpoints, merged export.
+
+Every test uses fresh random adapters with non-zero ``lora_b`` and a magnitude
+away from the column norms, so a transposition, a dropped tensor or a wrong
+scale changes the numbers. The cross-check against PyTorch PEFT itself is in
+``test_peft_compat.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import dora_jax
+from dora_jax.io import AdapterFormatError, atomic, naming, safetensors_format
+from dora_jax.io import peft as peft_io
+from io_models import ToyLM, inputs, randomize, rel_err
+
+ALL_PROJ = r"layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
+
+
+def adapted(key, *, targets=ALL_PROJ, rank=4, alpha=8.0, seed=0, **kwargs):
+  model = ToyLM(seed=seed)
+  dora_jax.apply_dora(model, targets=targets, rank=rank, alpha=alpha,
+                      rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 2**30))), **kwargs)
+  randomize(model, key)
+  return model
+
+
+def lora_flat(model):
+  return {"/".join(map(str, p)): np.asarray(v[...])
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+
+
+def assert_same_adapters(a, b):
+  fa, fb = lora_flat(a), lora_flat(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    assert fa[k].dtype == fb[k].dtype, k
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+  for (pa, la), (pb, lb) in zip(dora_jax.surgery.dora_layers(a), dora_jax.surgery.dora_layers(b)):
+    assert pa == pb
+    assert (la.rank, la.alpha, la.rslora, la.dropout_rate) == (
+        lb.rank, lb.alpha, lb.rslora, lb.dropout_rate), pa
+
+
+def rewrite(directory: Path, *, tensors=None, config=None, link=False):
+  """Rewrite an adapter's files (as PEFT would: no dora_jax config link unless ``link``)."""
+  old_t, _ = safetensors_format.read(directory / peft_io.WEIGHTS_NAME)
+  old_c = json.loads((directory / peft_io.CONFIG_NAME).read_text())
+  tensors = old_t if tensors is None else tensors
+  config = old_c if config is None else config
+  (directory / peft_io.CONFIG_NAME).write_text(json.dumps(config))
+  (directory / peft_io.WEIGHTS_NAME).write_bytes(safetensors_format.encode(tensors, {"format": "pt"}))
+
+
+# -- round trips ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_round_trip_into_plain_model_is_bit_exact(tmp_path, fresh_key, param_dtype):
+  model = adapted(fresh_key(), param_dtype=param_dtype)
+  dora_jax.save_adapter(model, tmp_path / "a")
+  fresh = ToyLM(seed=0)
+  assert dora_jax.load_adapter(fresh, tmp_path / "a") is fresh
+  assert_same_adapters(fresh, model)
+  x = inputs(fresh_key())
+  np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(model(x)))
+
+
+def test_round_trip_into_adapted_model_overwrites_everything(tmp_path, fresh_key):
+  model = adapted(fresh_key(), rank=3, alpha=5.0, rslora=True)
+  other = adapted(fresh_key(), rank=3, alpha=5.0, rslora=True)  # same layout, other values
+  assert any(not np.array_equal(lora_flat(model)[k], v) for k, v in lora_flat(other).items())
+  dora_jax.save_adapter(model, tmp_path)
+  dora_jax.load_adapter(other, tmp_path)
+  assert_same_adapters(other, model)
+
+
+def test_mixed_ranks_write_patterns_and_round_trip(tmp_path, fresh_key):
+  key = fresh_key()
+  model = ToyLM(seed=0)
+  dora_jax.apply_dora(model, targets=r"layers/\d+/self_attn/(q|v)_proj", rank=4, alpha=8,
+                      rngs=nnx.Rngs(1))
+  dora_jax.apply_dora(model, targets=r"layers/\d+/mlp/down_proj", rank=4, alpha=2.5,
+                      rngs=nnx.Rngs(2))
+  dora_jax.apply_dora(model, targets=r"lm_head", rank=2, alpha=8, rngs=nnx.Rngs(3))
+  randomize(model, key)
+  dora_jax.save_adapter(model, tmp_path, base_model_name_or_path="org/toy", task_type="CAUSAL_LM")
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert (config["r"], config["lora_alpha"]) == (4, 8)
+  assert config["rank_pattern"] == {"^lm_head": 2}
+  assert config["alpha_pattern"] == {
+      "^" + naming.re.escape(f"model.layers.{i}.mlp.down_proj"): 2.5 for i in (0, 1)}
+  assert config["target_modules"] == ["down_proj", "lm_head", "q_proj", "v_proj"]
+  assert config["base_model_name_or_path"] == "org/toy" and config["task_type"] == "CAUSAL_LM"
+  fresh = ToyLM(seed=0)
+  dora_jax.load_adapter(fresh, tmp_path)
+  assert_same_adapters(fresh, model)
+
+
+def test_config_matches_peft_format(tmp_path, fresh_key):
+  model = adapted(fresh_key(), targets=r"layers/0/self_attn/q_proj|lm_head", dropout=0.1)
+  dora_jax.save_adapter(model, tmp_path)
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert config["peft_type"] == "LORA" and config["use_dora"] is True
+  assert config["bias"] == "none" and config["fan_in_fan_out"] is False
+  assert config["init_lora_weights"] is True and config["use_rslora"] is False
+  assert config["lora_dropout"] == 0.1 and config["r"] == 4 and config["lora_alpha"] == 8
+  # Only layer 0's q_proj: the short name would also select layer 1's, so full names.
+  assert config["target_modules"] == ["lm_head", "model.layers.0.self_attn.q_proj"]
+  tensors, metadata = safetensors_format.read(tmp_path / "adapter_model.safetensors")
+  assert metadata["format"] == "pt"
+  shapes = {k: v.shape for k, v in tensors.items()}
+  assert shapes == {
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 16),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (8, 4),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": (8,),
+      "base_model.model.lm_head.lora_A.weight": (4, 16),
+      "base_model.model.lm_head.lora_B.weight": (10, 4),
+      "base_model.model.lm_head.lora_magnitude_vector": (10,),
+  }
+  layer = dict(dora_jax.surgery.dora_layers(model))["layers/0/self_attn/q_proj"]
+  np.testing.assert_array_equal(
+      tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"],
+      np.asarray(layer.lora_b[...]).reshape(4, 8).T)
+
+
+def test_files_readable_by_the_safetensors_library(tmp_path, fresh_key):
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  model = adapted(fresh_key())
+  dora_jax.save_adapter(model, tmp_path)
+  ours, _ = safetensors_format.read(tmp_path / "adapter_model.safetensors")
+  theirs = safetensors_numpy.load_file(str(tmp_path / "adapter_model.safetensors"))
+  assert sorted(ours) == sorted(theirs)
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], theirs[k])
+  # and the other way round
+  arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int64)}
+  safetensors_numpy.save_file(arrays, str(tmp_path / "lib.safetensors"))
+  back, _ = safetensors_format.read(tmp_path / "lib.safetensors")
+  for k in arrays:
+    np.testing.assert_array_equal(back[k], arrays[k])
+
+
+def test_bfloat16_tensors_round_trip_through_the_format():
+  x = np.asarray(jax.random.normal(jax.random.key(0), (3, 5), jnp.bfloat16))
+  back, meta = safetensors_format.decode(safetensors_format.encode({"x": x}, {"k": "v"}))
+  assert back["x"].dtype == x.dtype and meta == {"k": "v"}
+  np.testing.assert_array_equal(back["x"].view(np.uint16), x.view(np.uint16))
+
+
+def test_dtype_argument_casts(tmp_path, fresh_key):
+  model = adapted(fresh_key(), param_dtype=jnp.bfloat16)
+  dora_jax.save_adapter(model, tmp_path)
+  fresh = ToyLM(seed=0)
+  dora_jax.load_adapter(fresh, tmp_path, dtype=jnp.float32)
+  for k, v in lora_flat(fresh).items():
+    assert v.dtype == np.float32
+    np.testing.assert_array_equal(v, lora_flat(model)[k].astype(np.float32))
+
+
+def test_load_applies_config_dropout_and_rngs(tmp_path, fresh_key):
+  model = adapted(fresh_key(), dropout=0.25)
+  dora_jax.save_adapter(model, tmp_path)
+  fresh = ToyLM(seed=0)
+  dora_jax.load_adapter(fresh, tmp_path, rngs=nnx.Rngs(params=0, dropout=7))
+  assert {l.dropout_rate for _, l in dora_jax.surgery.dora_layers(fresh)} == {0.25}
+
+
+def test_custom_module_name_maps(tmp_path, fresh_key):
+  model = adapted(fresh_key(), targets=r"layers/\d+/mlp/up_proj|lm_head")
+  as_dict = {"lm_head": "output"}
+  dora_jax.save_adapter(model, tmp_path / "d", module_name_map=as_dict)
+  names = set(safetensors_format.read(tmp_path / "d" / "adapter_model.safetensors")[0])
+  assert "base_model.model.output.lora_A.weight" in names
+  assert "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight" in names
+  fresh = ToyLM(seed=0)
+  dora_jax.load_adapter(fresh, tmp_path / "d", module_name_map=as_dict)
+  assert_same_adapters(fresh, model)
+
+  fn = lambda path: "transformer." + path.replace("/", ".")
+  dora_jax.save_adapter(model, tmp_path / "f", module_name_map=fn)
+  names = set(safetensors_format.read(tmp_path / "f" / "adapter_model.safetensors")[0])
+  assert "base_model.model.transformer.layers.0.mlp.up_proj.lora_B.weight" in names
+  fresh = ToyLM(seed=0)
+  with pytest.raises(AdapterFormatError, match="name no adaptable layer"):
+    dora_jax.load_adapter(fresh, tmp_path / "f")  # default map: no such modules
+  dora_jax.load_adapter(fresh, tmp_path / "f", module_name_map=fn)
+  assert_same_adapters(fresh, model)
+
+  with pytest.raises(ValueError, match="maps both"):
+    dora_jax.save_adapter(model, tmp_path / "c", module_name_map=lambda p: "same")
+
+
+def test_default_module_names():
+  f = naming.default_module_name
+  assert f("layers/0/self_attn/q_proj") == "model.layers.0.self_attn.q_proj"
+  assert f("model/layers/3/mlp/down_proj") == "model.layers.3.mlp.down_proj"
+  assert f("lm_head") == "lm_head"
+  assert f("embed_tokens") == "model.embed_tokens"
+  assert f("encoder/block/0/dense") == "encoder.block.0.dense"
+  with pytest.raises(ValueError):
+    f("")
+
+
+def test_pattern_matching_follows_peft():
+  keys = ["o_proj", "^model\\.layers\\.0\\.mlp\\.up_proj", "layers.1.mlp.up_proj"]
+  assert naming.pattern_key(keys, "model.layers.0.self_attn.o_proj") == "o_proj"
+  assert naming.pattern_key(keys, "model.layers.0.mlp.up_proj") == keys[1]
+  assert naming.pattern_key(keys, "model.layers.1.mlp.up_proj") == keys[2]
+  assert naming.pattern_key(keys[1:2], "x.model.layers.0.mlp.up_proj") is None
+  assert naming.pattern_key(keys, "model.layers.0.mlp.gate_proj") is None
+
+
+def test_save_refuses_what_peft_cannot_express(tmp_path, fresh_key):
+  with pytest.raises(ValueError, match="no DoRA layers"):
+    dora_jax.save_adapter(ToyLM(seed=0), tmp_path)
+  model = ToyLM(seed=0)
+  dora_jax.apply_dora(model, targets="lm_head", rank=2, alpha=4, rslora=True, rngs=nnx.Rngs(0))
+  dora_jax.apply_dora(model, targets=r"layers/0/mlp/up_proj", rank=2, alpha=4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="use_rslora"):
+    dora_jax.save_adapter(model, tmp_path)
+  assert not (tmp_path / "adapter_config.json").exists()
+
+
+# -- corrupt or mismatched files -----------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path, fresh_key):
+  model = adapted(fresh_key(), targets=r"layers/\d+/self_attn/(q|k|o)_proj|lm_head")
+  dora_jax.save_adapter(model, tmp_path)
+  return model, tmp_path
+
+
+def _load_fresh(directory, **kwargs):
+  return dora_jax.load_adapter(ToyLM(seed=0), directory, **kwargs)
+
+
+def test_missing_tensor(saved):
+  _, d = saved
+  tensors, _ = safetensors_format.read(d / "adapter_model.safetensors")
+  key = "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"
+  del tensors[key]
+  rewrite(d, tensors=tensors)
+  with pytest.raises(AdapterFormatError, match="missing tensor.*" + key.replace(".", r"\.")):
+    _load_fresh(d)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(saved):
+  _, d = saved
+  tensors, _ = safetensors_format.read(d / "adapter_model.safetensors")
+  key = "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"
+  tensors[key] = np.zeros((15, 4), np.float32)
+  rewrite(d, tensors=tensors)
+  with pytest.raises(AdapterFormatError) as err:
+    _load_fresh(d)
+  assert key in str(err.value) and "(15, 4)" in str(err.value) and "(16, 4)" in str(err.value)
+
+
+def test_wrong_magnitude_shape(saved):
+  _, d = saved
+  tensors, _ = safetensors_format.read(d / "adapter_model.safetensors")
+  key = "base_model.model.lm_head.lora_magnitude_vector"
+  tensors[key] = np.ones((11,), np.float32)
+  rewrite(d, tensors=tensors)
+  with pytest.raises(AdapterFormatError, match=r"lm_head\.lora_magnitude_vector.*\(11,\).*\(10,\)"):
+    _load_fresh(d)
+
+
+def test_wrong_rank_in_config(saved):
+  _, d = saved
+  config = json.loads((d / "adapter_config.json").read_text())
+  config["r"] = 8
+  rewrite(d, config=config)
+  with pytest.raises(AdapterFormatError, match=r"rank 8.*shape \(4, 16\) \(rank 4\)"):
+    _load_fresh(d)
+
+
+def test_wrong_rank_pattern_in_config(saved):
+  _, d = saved
+  config = json.loads((d / "adapter_config.json").read_text())
+  config["rank_pattern"] = {"lm_head": 2}
+  rewrite(d, config=config)
+  with pytest.raises(AdapterFormatError, match=r"module 'lm_head' rank 2"):
+    _load_fresh(d)
+
+
+def test_edited_config_breaks_the_link(saved):
+  _, d = saved
+  config = json.loads((d / "adapter_config.json").read_text())
+  config["lora_alpha"] = 9  # same shapes, different numbers: only the link catches it
+  (d / "adapter_config.json").write_text(json.dumps(config))
+  with pytest.raises(AdapterFormatError, match="not the config"):
+    _load_fresh(d)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 100, -1])
+def test_truncated_safetensors(saved, keep):
+  _, d = saved
+  path = d / "adapter_model.safetensors"
+  data = path.read_bytes()
+  path.write_bytes(data[:keep] if keep >= 0 else data[:-3])
+  with pytest.raises(AdapterFormatError, match="not a valid safetensors file"):
+    _load_fresh(d)
+
+
+def test_corrupt_header(saved):
+  _, d = saved
+  path = d / "adapter_model.safetensors"
+  data = bytearray(path.read_bytes())
+  data[10] = ord("{")
+  path.write_bytes(bytes(data))
+  with pytest.raises(AdapterFormatError, match="not JSON|not a valid"):
+    _load_fresh(d)
+
+
+def test_extra_unknown_tensor(saved):
+  _, d = saved
+  tensors, _ = safetensors_format.read(d / "adapter_model.safetensors")
+  tensors["base_model.model.lm_head.base_layer.weight"] = np.zeros((10, 16), np.float32)
+  tensors["something_else"] = np.zeros((2,), np.float32)
+  rewrite(d, tensors=tensors)
+  with pytest.raises(AdapterFormatError) as err:
+    _load_fresh(d)
+  assert "lm_head.base_layer.weight" in str(err.value) and "something_else" in str(err.value)
+
+
+def test_tensor_for_a_module_the_model_lacks(saved):
+  _, d = saved
+  tensors, _ = safetensors_format.read(d / "adapter_model.safetensors")
+  for k in list(tensors):
+    if ".lm_head." in k:
+      tensors[k.replace(".lm_head.", ".score.")] = tensors.pop(k)
+  rewrite(d, tensors=tensors)
+  with pytest.raises(AdapterFormatError, match="module\\(s\\) score name no adaptable layer"):
+    _load_fresh(d)
+
+
+def test_non_finite_values(saved):
+  _, d = saved
+  tensors, _ = safetensors_format.read(d / "adapter_model.safetensors")
+  key = "base_model.model.lm_head.lora_A.weight"
+  tensors[key] = tensors[key].copy()
+  tensors[key][1, 2] = np.nan
+  rewrite(d, tensors=tensors)
+  with pytest.raises(AdapterFormatError, match="non-finite"):
+    _load_fresh(d)
+
+
+def test_missing_config_and_unsupported_configs(saved):
+  _, d = saved
+  config = json.loads((d / "adapter_config.json").read_text())
+  for change, pattern in [({"use_dora": False}, "not DoRA"), ({"bias": "all"}, "bias"),
+                          ({"peft_type": "IA3"}, "peft_type"), ({"fan_in_fan_out": True},
+                                                                 "fan_in_fan_out"),
+                          ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+                          ({"r": 0}, "positive")]:
+    rewrite(d, config={**config, **change})
+    with pytest.raises(AdapterFormatError, match=pattern):
+      _load_fresh(d)
+  (d / "adapter_config.json").unlink()
+  with pytest.raises(AdapterFormatError, match="adapter_config.json: missing"):
+    _load_fresh(d)
+
+
+def test_dtype_mismatch_with_adapted_layer(saved, fresh_key):
+  model, d = saved
+  target = adapted(fresh_key(), targets=r"layers/\d+/self_attn/(q|k|o)_proj|lm_head",
+                   param_dtype=jnp.bfloat16)
+  with pytest.raises(AdapterFormatError, match="dtype float32 but layer .* bfloat16"):
+    dora_jax.load_adapter(target, d)
+  dora_jax.load_adapter(target, d, dtype=jnp.bfloat16)
+  for k, v in lora_flat(target).items():
+    np.testing.assert_array_equal(v, lora_flat(model)[k].astype(jnp.bfloat16))
+
+
+def test_config_mismatch_with_adapted_layer(saved, fresh_key):
+  _, d = saved
+  target = adapted(fresh_key(), targets=r"layers/\d+/self_attn/(q|k|o)_proj|lm_head", alpha=3.0)
+  with pytest.raises(AdapterFormatError, match=r"alpha 3\.0 vs 8\.0"):
+    dora_jax.load_adapter(target, d)
+
+
+def test_strict_requires_every_adapted_layer_covered(saved, fresh_key):
+  model, d = saved
+  target = adapted(fresh_key(), targets=r"layers/\d+/self_attn/(q|k|v|o)_proj|lm_head")
+  with pytest.raises(AdapterFormatError, match="does not cover: layers/0/self_attn/v_proj"):
+    dora_jax.load_adapter(target, d)
+  v_before = lora_flat(target)["layers/0/self_attn/v_proj/lora_b"]
+  dora_jax.load_adapter(target, d, strict=False)
+  np.testing.assert_array_equal(lora_flat(target)["layers/0/self_attn/v_proj/lora_b"], v_before)
+  np.testing.assert_array_equal(lora_flat(target)["lm_head/lora_b"], lora_flat(model)["lm_head/lora_b"])
+
+
+def test_failed_load_leaves_the_model_unchanged(saved):
+  _, d = saved
+  tensors, _ = safetensors_format.read(d / "adapter_model.safetensors")
+  key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"  # sorts after others
+  tensors[key] = np.zeros((7, 4), np.float32)
+  rewrite(d, tensors=tensors)
+  model = ToyLM(seed=0)
+  before = nnx.to_flat_state(nnx.state(model))
+  with pytest.raises(AdapterFormatError):
+    dora_jax.load_adapter(model, d)
+  assert not dora_jax.surgery.dora_layers(model)
+  after = nnx.to_flat_state(nnx.state(model))
+  assert [p for p, _ in before] == [p for p, _ in after]
+
+
+# -- crash safety ----------------------------------------------------------------
+
+
+class Crash(RuntimeError):
+  pass
+
+
+def _crash_on(monkeypatch, name, call):
+  real = getattr(atomic, name)
+  count = {"n": 0}
+
+  def wrapper(*args, **kwargs):
+    count["n"] += 1
+    if count["n"] == call:
+      raise Crash(f"simulated crash in {name} call {call}")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(atomic, name, wrapper)
+
+
+_STEPS = [("_write_temp", 1), ("_write_temp", 2), ("_replace", 1), ("_replace", 2),
+          ("fsync_dir", 1), ("fsync_dir", 2)]
+
+
+# Overwriting an adapter fsyncs the directory once more (after removing the old config).
+@pytest.mark.parametrize("existing,where", [(False, w) for w in _STEPS]
+                         + [(True, w) for w in _STEPS + [("fsync_dir", 3)]])
+def test_interrupted_save_leaves_old_adapter_or_none(tmp_path, fresh_key, monkeypatch, where,
+                                                     existing):
+  old = adapted(fresh_key())
+  new = adapted(fresh_key())
+  if existing:
+    dora_jax.save_adapter(old, tmp_path)
+  _crash_on(monkeypatch, *where)
+  with pytest.raises(Crash):
+    dora_jax.save_adapter(new, tmp_path)
+  monkeypatch.undo()
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(atomic.TEMP_PREFIX)]
+  fresh = ToyLM(seed=0)
+  try:
+    dora_jax.load_adapter(fresh, tmp_path)
+  except AdapterFormatError:
+    # "None": nothing loads, and the model was left alone.
+    assert not (existing and where[0] == "_write_temp"), "the old adapter should survive"
+    assert not dora_jax.surgery.dora_layers(fresh)
+    return
+  # Whatever loads is one complete adapter: the old one, or the new one when the
+  # crash came after the commit (the last rename), never a mixture.
+  got = lora_flat(fresh)
+  old_flat, new_flat = lora_flat(old), lora_flat(new)
+  is_old = all(np.array_equal(got[k], old_flat[k]) for k in got)
+  is_new = all(np.array_equal(got[k], new_flat[k]) for k in got)
+  assert is_old != is_new
+  assert is_old or where == ("fsync_dir", 3 if existing else 2)
+  assert existing or is_new, "an interrupted first save must leave nothing loadable"
+
+
+def test_write_file_replaces_atomically(tmp_path, monkeypatch):
+  path = tmp_path / "f.bin"
+  atomic.write_file(path, b"old")
+  _crash_on(monkeypatch, "_replace", 1)
+  with pytest.raises(Crash):
+    atomic.write_file(path, b"new")
+  assert path.read_bytes() == b"old"
+  assert os.listdir(tmp_path) == ["f.bin"]
+
+
+# -- Orbax -------------------------------------------------------------------
+
+
+def test_adapter_state_checkpoint_round_trip(tmp_path, fresh_key):
+  model = adapted(fresh_key(), param_dtype=jnp.bfloat16)
+  dora_jax.save_adapter_state(tmp_path / "ckpt", model)
+  target = adapted(fresh_key(), param_dtype=jnp.bfloat16)
+  dora_jax.restore_adapter_state(tmp_path / "ckpt", target)
+  assert_same_adapters(target, model)
+  with pytest.raises(Exception):
+    dora_jax.save_adapter_state(tmp_path / "ckpt", model)  # exists, no overwrite
+  dora_jax.save_adapter_state(tmp_path / "ckpt", target, overwrite=True)
+
+
+def test_checkpoint_mismatches_are_clear(tmp_path, fresh_key):
+  model = adapted(fresh_key())
+  dora_jax.save_adapter_state(tmp_path / "ckpt", model)
+  with pytest.raises(ValueError, match="rank"):
+    dora_jax.restore_adapter_state(tmp_path / "ckpt", adapted(fresh_key(), rank=2))
+  opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.LoRAParam)
+  with pytest.raises(ValueError, match="no optimizer state"):
+    dora_jax.restore_adapter_state(tmp_path / "ckpt", model, opt)
+  with pytest.raises(FileNotFoundError):
+    dora_jax.restore_adapter_state(tmp_path / "nothing", model)
+
+
+# One optax transformation for every trainer: nnx.jit keys its cache on the optimizer's
+# (static) tx, so a fresh optax.adamw(...) per model would recompile the step.
+_TX = optax.adamw(3e-2, weight_decay=0.01)
+
+
+def _trainer(seed, *, dropout=0.1):
+  model = ToyLM(seed=0)  # the same frozen base every time
+  dora_jax.apply_dora(model, targets=ALL_PROJ + "|lm_head", rank=4, alpha=8, dropout=dropout,
+                      rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  randomize(model, jax.random.key(seed))
+  optimizer = nnx.Optimizer(model, _TX, wrt=nnx.LoRAParam)
+  return model, optimizer
+
+
+@nnx.jit
+def _train_step(model, optimizer, x, y):
+  def loss_fn(m):
+    return jnp.mean((m(x) - y) ** 2)
+  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+def test_resumed_training_is_bit_identical(tmp_path, fresh_key):
+  k = jax.random.split(fresh_key(), 2)
+  xs = jax.random.normal(k[0], (6, 4, 3, 16))
+  ys = jax.random.normal(k[1], (6, 4, 3, 10))
+
+  straight, opt = _trainer(1)
+  for i in range(6):
+    _train_step(straight, opt, xs[i], ys[i])
+
+  first, opt1 = _trainer(1)
+  for i in range(3):
+    _train_step(first, opt1, xs[i], ys[i])
+  dora_jax.save_adapter_state(tmp_path / "step3", first, opt1)
+
+  resumed, opt2 = _trainer(77)  # different adapters, dropout keys and optimizer state
+  dora_jax.restore_adapter_state(tmp_path / "step3", resumed, opt2)
+  for i in range(3, 6):
+    _train_step(resumed, opt2, xs[i], ys[i])
+
+  assert_same_adapters(resumed, straight)
+  a = jax.tree.leaves(nnx.state(opt2))
+  b = jax.tree.leaves(nnx.state(opt))
+  assert len(a) == len(b)
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+  assert int(opt2.step[...]) == 6
+  # And the checkpoint mattered: without it the runs differ.
+  other, opt3 = _trainer(77)
+  for i in range(3, 6):
+    _train_step(other, opt3, xs[i], ys[i])
+  assert not np.array_equal(lora_flat(other)["lm_head/lora_b"], lora_flat(straight)["lm_head/lora_b"])
+
+
+# -- merged export -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("separator", ["/", "."])
+def test_export_merged(tmp_path, fresh_key, separator):
+  model = adapted(fresh_key(), targets=ALL_PROJ + "|lm_head")
+  path = dora_jax.export_merged(model, tmp_path / "merged.safetensors", separator=separator)
+  tensors, metadata = safetensors_format.read(path)
+  assert metadata["separator"] == separator
+  merged = dora_jax.merge(model)
+  want = {separator.join(map(str, p)): np.asarray(v[...])
+          for p, v in nnx.to_flat_state(nnx.state(merged, nnx.Param))}
+  assert sorted(tensors) == sorted(want)
+  assert all("lora" not in k and "magnitude" not in k for k in tensors)
+  q = separator.join(["layers", "0", "self_attn", "q_proj", "kernel"])
+  assert tensors[q].shape == (16, 2, 4)
+  for k in want:
+    np.testing.assert_array_equal(tensors[k], want[k])
+  # A plain model loaded from the file computes what the adapted model computes.
+  plain = ToyLM(seed=5)
+  state = nnx.state(plain, nnx.Param)
+  flat = {separator.join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+  for k, v in flat.items():
+    v[...] = jnp.asarray(tensors[k])
+  x = inputs(fresh_key())
+  assert rel_err(plain(x), model(x)) < 1e-5
+  assert rel_err(ToyLM(seed=0)(x), model(x)) > 1e-2
+  assert dora_jax.surgery.dora_layers(model)  # the model itself is untouched

@@ -74,7 +74,7 @@ def test_interpret_is_default_off_gpu():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("k2", [1, 16, 40])
+@pytest.mark.parametrize("k2", [1, 40])  # 16 runs at the DoRA level below
 def test_dual_matmul_vs_twin_and_f64(fresh_key, dtype, trans_b, k2):
   m, n, k1 = 37, 90, 70  # none a multiple of SMALL's blocks
   ops = _operands(fresh_key(), m, n, k1, k2, dtype, trans_b)
@@ -237,6 +237,21 @@ def test_dispatch_is_xla_off_gpu():
   if GPU:
     pytest.skip("CPU-only expectation")
   assert dispatch.choose(4096, (4096, 4096), 16, jnp.bfloat16) == "xla"
+
+
+def test_dispatch_table_on_cuda(monkeypatch):
+  monkeypatch.setattr(dispatch, "on_cuda_gpu", lambda: True)
+  bf16 = jnp.bfloat16
+  assert dispatch.choose(4096, (4096, 4096), 16, bf16) == "pallas"
+  assert dispatch.choose(8192, (4096, 4096), 64, bf16) == "pallas"
+  # Outside the measured region: XLA.
+  assert dispatch.choose(4096, (4096, 4096), 384, bf16) == "xla"
+  assert dispatch.choose(4096, (4096, 4096), 16, jnp.float32) == "xla"
+  assert dispatch.choose(4096, (4096, 4096), 16, jnp.float16) == "xla"
+  assert dispatch.choose(16, (4096, 4096), 16, bf16) == "xla"
+  assert dispatch.choose(4100, (4096, 4096), 16, bf16) == "xla"
+  for shape in ((8192, 28672), (4096, 14336), (14336, 4096), (8192, 8192)):
+    assert dispatch.choose(4096, shape, 16, bf16) == "xla"
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -26,6 +26,10 @@ of ``block_k2``, keeping one float32 accumulator, so the low-rank term costs
 edges (``M``, ``N``, ``K1``, ``K2`` not multiples of the blocks) are handled by
 masked loads and stores; full tiles run unmasked (the masks are static).
 
+Precision: bf16/fp16 operands multiply exactly into the float32 accumulator.
+float32 operands use the Triton lowering's default for a float32 dot, TF32 on
+the GPU (as XLA's default float32 matmul there); interpret mode is exact fp32.
+
 :func:`dual_matmul_reference` is the pure ``jax.numpy`` twin.
 """
 

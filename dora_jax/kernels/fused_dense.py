@@ -23,7 +23,7 @@ in XLA (small GEMMs and one reduction pass).
 Folding ``dy ⊙ g`` into the ``dx`` kernel's prologue (``dual_matmul(...,
 k_scale=g)``) was measured on an H100 and lost: scaling the A tile in
 registers takes the MMA off its shared-memory pipeline (4.14 ms vs 3.13 ms
-with ``dpre`` materialised, 8192×28672, T=4096; see BENCHMARKS.md).
+with ``dpre`` materialised, 8192×28672, T=4096; see benchmarks/KERNELS.md).
 
 No ``[d_in, d_out]`` temporary is formed anywhere. On a machine without a GPU
 the kernels run in Pallas interpret mode (slow; meant for tests).
@@ -44,11 +44,14 @@ _F32 = jnp.float32
 
 #: Tiling of the forward launch (M = T, N = d_out, K = d_in) and of the ``dx``
 #: launch (M = T, N = d_in, K = d_out) for 2-byte dtypes, measured on an H100
-#: (see BENCHMARKS.md). 4-byte dtypes use :meth:`MatmulConfig.default_for`.
+#: (benchmarks/KERNELS.md): (128, 256, 64), 8 warps, 3 stages, grouped by 8
+#: rows of tiles. 4 stages measured within 1% but ran out of shared memory
+#: (240 KiB asked, 227 KiB available) on a ragged T = 1000, r = 384 call.
+#: 4-byte dtypes use :meth:`MatmulConfig.default_for`.
 FORWARD_CONFIG = MatmulConfig(block_m=128, block_n=256, block_k=64, group_m=8,
-                              num_warps=8, num_stages=4)
+                              num_warps=8, num_stages=3)
 DX_CONFIG = MatmulConfig(block_m=128, block_n=256, block_k=64, group_m=8,
-                         num_warps=8, num_stages=4)
+                         num_warps=8, num_stages=3)
 
 _overrides: dict = {"forward": None, "dx": None, "dx_kernel": None}
 
@@ -78,7 +81,7 @@ def use_dx_kernel(tokens: int, d_in: int, d_out: int, rank: int, dtype) -> bool:
   """Whether the fused ``dx`` launch beats XLA's ``dpre·Wᵀ + s·t·aᵀ`` here.
 
   Off a GPU (interpret mode) the kernel always runs, so the tests cover it.
-  On the GPU: measured on an H100 (BENCHMARKS.md), the Pallas ``Wᵀ`` GEMM wins
+  On the GPU: measured on an H100 (benchmarks/KERNELS.md), the Pallas ``Wᵀ`` GEMM wins
   while the GEMM is small enough that XLA's separate passes matter and loses
   to cuBLAS on the large ones.
   """

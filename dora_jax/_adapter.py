@@ -50,7 +50,12 @@ def init_lora_a(key: jax.Array, shape: tuple[int, ...], d_in: int, dtype) -> jax
   PyTorch's ``kaiming_uniform_(a=√5)`` on ``[r, d_in]`` has gain ``√(2/(1+5))``
   and bound ``gain·√(3/fan_in) = 1/√d_in``; ``shape`` is ``[*in_shape, r]``.
   """
-  bound = 1.0 / math.sqrt(d_in)
+  return _uniform_init(key, tuple(shape), 1.0 / math.sqrt(d_in), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _uniform_init(key, shape, bound, dtype):
+  # One compiled program instead of a dozen op-by-op dispatches per layer.
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 

@@ -38,6 +38,7 @@ weights call :func:`dora_jax.surgery.refresh_scales`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -49,6 +50,17 @@ from jax import lax
 from dora_jax import _adapter
 from dora_jax.dense import lora_scale, merge_kernel
 from dora_jax.norm import factored_norm
+
+
+# Compiled once per shape: used eagerly (merge, cache refresh), where op-by-op
+# dispatch would cost a dozen small compilations per layer.
+_merge_kernel_jit = jax.jit(merge_kernel, static_argnames=("scale",))
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _norm_and_stamp(kernel2d, lora_a2d, lora_b2d, *, scale: float):
+  norm = factored_norm(kernel2d, lora_a2d, lora_b2d, scale).astype(jnp.float32)
+  return norm, _adapter.fingerprint(lora_a2d, lora_b2d, jnp.asarray(scale, jnp.float32))
 
 
 class DoRAParam(nnx.LoRAParam):
@@ -149,13 +161,13 @@ class DoRALayer(nnx.Module):
   def weight_norm(self) -> jax.Array:
     """``‖W + s·a·b‖`` per output column, ``[d_out]`` float32, computed now."""
     a, b, _ = self.adapter_views()
-    return factored_norm(self._kernel2d(), a, b, self.scale).astype(jnp.float32)
+    return _norm_and_stamp(self._kernel2d(), a, b, scale=self.scale)[0]
 
   def refresh_cache(self) -> None:
     """Recompute the cached norm and its stamp from the current adapters."""
     a, b, _ = self.adapter_views()
-    self.norm_cache[...] = self.weight_norm()
-    self.norm_stamp[...] = _adapter.fingerprint(a, b, jnp.asarray(self.scale, jnp.float32))
+    self.norm_cache[...], self.norm_stamp[...] = _norm_and_stamp(
+        self._kernel2d(), a, b, scale=self.scale)
 
   def cache_is_fresh(self) -> jax.Array:
     """Whether the cached norm was computed from the current ``lora_a``/``lora_b``/scale."""
@@ -209,7 +221,7 @@ class DoRALayer(nnx.Module):
   def merged_kernel(self) -> jax.Array:
     """``g ⊙ (W + s·a·b)`` in the kernel's shape and dtype (see :func:`dora_jax.merge_kernel`)."""
     a, b, m = self.adapter_views()
-    merged = merge_kernel(self._kernel2d(), a, b, m, self.scale)
+    merged = _merge_kernel_jit(self._kernel2d(), a, b, m, scale=self.scale)
     return merged.reshape(self.kernel.shape)
 
   def _rebuild(self, kernel_value: jax.Array) -> nnx.Module:

@@ -11,13 +11,32 @@ import dora_jax
 from reference import f64
 
 
+def np_rng(key) -> np.random.Generator:
+  """A numpy generator seeded from a JAX key (host-side randomness: no compilation)."""
+  return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def build(make, key, *, std=0.3):
+  """``make()`` traced abstractly, then every ``nnx.Param`` filled with N(0, std²) values.
+
+  Much faster on a CPU than running Flax initialisers op by op, and just as random.
+  """
+  from flax import nnx
+  rng = np_rng(key)
+  module = nnx.eval_shape(make)
+  for _, var in nnx.iter_graph(module):
+    if isinstance(var, nnx.Param):
+      var.set_value(jnp.asarray(rng.normal(0.0, std, var.shape).astype(var.dtype)))
+  return module
+
+
 def randomize_adapters(layer, key, *, b_scale=0.3, m_jitter=0.2):
   """Give an NNX DoRA layer a non-zero ``lora_b`` and a magnitude away from the norm."""
-  kb, km = jax.random.split(key)
-  b = b_scale * jax.random.normal(kb, layer.lora_b.shape)
-  m = layer.magnitude[...] * (1.0 + m_jitter * jax.random.normal(km, layer.magnitude.shape))
-  layer.lora_b[...] = b.astype(layer.lora_b.dtype)
-  layer.magnitude[...] = m.astype(layer.magnitude.dtype)
+  rng = np_rng(key)
+  b = b_scale * rng.normal(size=layer.lora_b.shape)
+  m = np.asarray(layer.magnitude[...]) * (1.0 + m_jitter * rng.normal(size=layer.magnitude.shape))
+  layer.lora_b[...] = jnp.asarray(b, layer.lora_b.dtype)
+  layer.magnitude[...] = jnp.asarray(m, layer.magnitude.dtype)
 
 
 def g_is_exact_at_init() -> bool:

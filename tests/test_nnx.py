@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 import dora_jax
-from adapter_helpers import einsum_reference, randomize_adapters, reproduces_base, require_bit_exact
+from adapter_helpers import (build, einsum_reference, randomize_adapters, reproduces_base,
+                             require_bit_exact)
 from reference import dora_forward, dora_value_and_grads, f64, rel_err
 from dora_jax.nnx import DoRACache, DoRADense, DoRAEinsum, DoRALinearGeneral, DoRAParam
 
@@ -24,24 +25,41 @@ def _seed(fresh_key):
   return int(jax.random.randint(fresh_key(), (), 0, 2**30))
 
 
+_BASES: list = []
+
+
 def _layers(fresh_key):
-  """(base, wrapper class, input, einsum equation for the reference) triples."""
-  r = nnx.Rngs(_seed(fresh_key))
+  """(base layer, fresh input, einsum equation for the reference) triples.
+
+  The base layers (random kernels and biases) are built once per session and
+  shared, read-only, so their compiled forwards are reused; inputs are fresh.
+  """
+  if not _BASES:
+    makers = [
+        lambda r: nnx.Linear(12, 10, rngs=r),
+        lambda r: nnx.Linear(12, 10, use_bias=False, rngs=r),
+        lambda r: nnx.LinearGeneral(12, (2, 5), rngs=r),
+        # contracted axes (1, -1) are not trailing: the input is transposed
+        lambda r: nnx.LinearGeneral((5, 4), (6,), axis=(1, -1), rngs=r),
+        lambda r: nnx.Einsum("btd,dhk->bthk", (12, 2, 5), (2, 5), rngs=r),
+        # output order differs from the kernel's: the output (and bias) are permuted
+        lambda r: nnx.Einsum("btd,dhk->bkth", (12, 2, 5), (5, 2), rngs=r),
+        # attention-output style: two contracted axes
+        lambda r: nnx.Einsum("btnh,nhd->btd", (3, 4, 7), (7,), rngs=r),
+        lambda r: nnx.Einsum("...d,dk->...k", (12, 6), (6,), rngs=r),
+    ]
+    layers = [build(lambda: make(nnx.Rngs(0)), fresh_key()) for make in makers]
+    kinds = [(3, "btd,de->bte"), (3, "btd,de->bte"), (3, "btd,dhk->bthk"),
+             (4, "bsci,sie->bce"), (3, "btd,dhk->bthk"), (3, "btd,dhk->bkth"),
+             (4, "btnh,nhd->btd"), (3, "btd,dk->btk")]
+    _BASES.extend((layer, kind, eq) for layer, (kind, eq) in zip(layers, kinds))
   x3 = jax.random.normal(fresh_key(), (3, 5, 12))
   x4 = jax.random.normal(fresh_key(), (2, 5, 3, 4))
-  return [
-      (nnx.Linear(12, 10, rngs=r), x3, "btd,de->bte"),
-      (nnx.Linear(12, 10, use_bias=False, rngs=r), x3, "btd,de->bte"),
-      (nnx.LinearGeneral(12, (2, 5), rngs=r), x3, "btd,dhk->bthk"),
-      # contracted axes (1, -1) are not trailing: the input is transposed
-      (nnx.LinearGeneral((5, 4), (6,), axis=(1, -1), rngs=r), x4, "bsci,sie->bce"),
-      (nnx.Einsum("btd,dhk->bthk", (12, 2, 5), (2, 5), rngs=r), x3, "btd,dhk->bthk"),
-      # output order differs from the kernel's: the output (and bias) are permuted
-      (nnx.Einsum("btd,dhk->bkth", (12, 2, 5), (5, 2), rngs=r), x3, "btd,dhk->bkth"),
-      # attention-output style: two contracted axes
-      (nnx.Einsum("btnh,nhd->btd", (3, 4, 7), (7,), rngs=r), x4, "btnh,nhd->btd"),
-      (nnx.Einsum("...d,dk->...k", (12, 6), (6,), rngs=r), x3, "btd,dk->btk"),
-  ]
+  return [(base, x3 if kind == 3 else x4, eq) for base, kind, eq in _BASES]
+
+
+# Same adapter configuration everywhere, so each wrapper structure compiles once.
+RANK, ALPHA = 3, 6.0
 
 
 def _bias_shape(base, eq):
@@ -57,7 +75,7 @@ def test_init_reproduces_base(fresh_key):
   exact = []
   for base, x, _ in _layers(fresh_key):
     y_base = _fwd(base, x)
-    layer = dora_jax.nnx.wrap(base, rank=2, alpha=4.0, rngs=nnx.Rngs(_seed(fresh_key)))
+    layer = dora_jax.nnx.wrap(base, rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(_seed(fresh_key)))
     assert layer.kernel is base.kernel  # the same Variable, not a copy
     assert type(layer.kernel) is nnx.Param and not isinstance(layer.kernel, nnx.LoRAParam)
     assert isinstance(layer.lora_a, DoRAParam) and isinstance(layer.lora_a, nnx.LoRAParam)
@@ -87,7 +105,7 @@ def test_peft_init():
 
 def test_forward_matches_float64(fresh_key):
   for base, x, eq in _layers(fresh_key):
-    layer = dora_jax.nnx.wrap(base, rank=3, alpha=5.0, rngs=nnx.Rngs(_seed(fresh_key)))
+    layer = dora_jax.nnx.wrap(base, rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(_seed(fresh_key)))
     randomize_adapters(layer, fresh_key())
     y = _fwd(layer, x)
     expected = einsum_reference(eq, x, base.kernel[...], layer.lora_a[...], layer.lora_b[...],
@@ -100,8 +118,7 @@ def test_forward_matches_float64(fresh_key):
 
 
 def test_dense_matches_core_reference_and_grads(fresh_key):
-  base = nnx.Linear(24, 16, rngs=nnx.Rngs(_seed(fresh_key)))
-  base.bias[...] = jax.random.normal(fresh_key(), (16,))
+  base = build(lambda: nnx.Linear(24, 16, rngs=nnx.Rngs(0)), fresh_key())
   layer = DoRADense(base, rank=4, alpha=8, rngs=nnx.Rngs(_seed(fresh_key)))
   randomize_adapters(layer, fresh_key())
   x = jax.random.normal(fresh_key(), (7, 24))
@@ -130,22 +147,25 @@ class _Tiny(nnx.Module):
     return self.out(jax.nn.gelu(self.proj(jax.nn.gelu(self.up(x)))))
 
 
-def _train(model, x, y, steps=3, lr=1e-2):
-  opt = nnx.Optimizer(model, optax.adamw(lr), wrt=nnx.LoRAParam)
+_TX = optax.adamw(3e-2)  # one transformation object: the jitted step compiles once
 
-  @nnx.jit
-  def step(model, opt, x, y):
-    def loss(model):
-      return jnp.mean((model(x) - y) ** 2)
-    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-    opt.update(model, grads)
-    return value
 
-  return [float(step(model, opt, x, y)) for _ in range(steps)]
+@nnx.jit
+def _step(model, opt, x, y):
+  def loss(model):
+    return jnp.mean((model(x) - y) ** 2)
+  value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  opt.update(model, grads)
+  return value
+
+
+def _train(model, x, y, steps=3, opt=None):
+  opt = opt if opt is not None else nnx.Optimizer(model, _TX, wrt=nnx.LoRAParam)
+  return [float(_step(model, opt, x, y)) for _ in range(steps)]
 
 
 def test_training_changes_only_adapters(fresh_key):
-  model = _Tiny(nnx.Rngs(_seed(fresh_key)))
+  model = build(lambda: _Tiny(nnx.Rngs(0)), fresh_key())
   x = jax.random.normal(fresh_key(), (4, 3, 12))
   y = jax.random.normal(fresh_key(), (4, 3, 6))
   before_base = {k: np.asarray(v) for k, v in
@@ -168,7 +188,7 @@ def test_training_changes_only_adapters(fresh_key):
 
 def test_merge_matches_unmerged(fresh_key):
   for base, x, _ in _layers(fresh_key):
-    layer = dora_jax.nnx.wrap(base, rank=3, alpha=6.0, rngs=nnx.Rngs(_seed(fresh_key)))
+    layer = dora_jax.nnx.wrap(base, rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(_seed(fresh_key)))
     randomize_adapters(layer, fresh_key())
     merged = layer.merged_layer()
     assert type(merged) is type(base)
@@ -181,11 +201,11 @@ def test_merge_matches_unmerged(fresh_key):
 
 
 def test_merge_model_and_resume(fresh_key):
-  model = _Tiny(nnx.Rngs(_seed(fresh_key)))
+  model = build(lambda: _Tiny(nnx.Rngs(0)), fresh_key())
   x = jax.random.normal(fresh_key(), (4, 3, 12))
   y = jax.random.normal(fresh_key(), (4, 3, 6))
   dora_jax.apply_dora(model, targets="all-linear", rank=2, alpha=4, rngs=nnx.Rngs(1))
-  _train(model, x, y, steps=3, lr=3e-2)
+  _train(model, x, y, steps=3)
   merged = dora_jax.merge(model)
   assert type(merged.up) is nnx.Linear and type(merged.proj) is nnx.Einsum
   assert type(merged.out) is nnx.LinearGeneral
@@ -193,18 +213,18 @@ def test_merge_model_and_resume(fresh_key):
   assert rel_err(merged(x), model(x)) < 1e-5
   # The adapted model is untouched, so training resumes from it.
   assert isinstance(model.up, DoRADense)
-  losses = _train(model, x, y, steps=2, lr=3e-2)
+  losses = _train(model, x, y, steps=2)
   assert np.isfinite(losses).all()
   base = dora_jax.unmerge(model)
   np.testing.assert_array_equal(base.up.kernel[...], model.up.kernel[...])
 
 
 def test_cached_norm_matches_and_refreshes(fresh_key):
-  model = _Tiny(nnx.Rngs(_seed(fresh_key)))
+  model = build(lambda: _Tiny(nnx.Rngs(0)), fresh_key())
   x = jax.random.normal(fresh_key(), (4, 3, 12))
   y = jax.random.normal(fresh_key(), (4, 3, 6))
   dora_jax.apply_dora(model, targets="all-linear", rank=2, alpha=4, rngs=nnx.Rngs(1))
-  _train(model, x, y, steps=2, lr=3e-2)
+  _train(model, x, y, steps=2)
   forward = nnx.jit(lambda m, x: m(x))
   y_train = forward(model, x)
 
@@ -221,7 +241,7 @@ def test_cached_norm_matches_and_refreshes(fresh_key):
   model.up.norm_cache[...] = saved
 
   # An optimizer step changes lora_a/lora_b: the stale norm must not be used.
-  _train(model, x, y, steps=1, lr=3e-2)
+  _train(model, x, y, steps=1)
   assert not bool(model.up.cache_is_fresh())
   dora_jax.unfreeze_scales(model)
   y_new = forward(model, x)  # recomputes the norm every call
@@ -242,7 +262,7 @@ def test_cached_norm_matches_and_refreshes(fresh_key):
 
 
 def test_cached_norm_in_training_keeps_magnitude_grad(fresh_key):
-  base = nnx.Linear(10, 6, rngs=nnx.Rngs(_seed(fresh_key)))
+  base = build(lambda: nnx.Linear(10, 6, rngs=nnx.Rngs(0)), fresh_key())
   layer = DoRADense(base, rank=2, alpha=4, rngs=nnx.Rngs(1))
   randomize_adapters(layer, fresh_key())
   x = jax.random.normal(fresh_key(), (5, 10))
@@ -281,8 +301,7 @@ def _dropout_expected(x, xt, layer):
 
 
 def test_dropout_semantics(fresh_key):
-  base = nnx.Linear(20, 12, rngs=nnx.Rngs(_seed(fresh_key)))
-  base.bias[...] = jax.random.normal(fresh_key(), (12,))
+  base = build(lambda: nnx.Linear(20, 12, rngs=nnx.Rngs(0)), fresh_key())
   layer = DoRADense(base, rank=4, alpha=8, dropout=0.3,
                     rngs=nnx.Rngs(params=_seed(fresh_key), dropout=_seed(fresh_key)))
   randomize_adapters(layer, fresh_key())

@@ -13,7 +13,7 @@ from flax import nnx
 import dora_jax
 from dora_jax.nnx import DoRADense, DoRAEinsum, DoRALinearGeneral
 from dora_jax.surgery import adaptable_paths, adapted_paths
-from adapter_helpers import randomize_adapters
+from adapter_helpers import build, randomize_adapters
 from reference import rel_err
 
 _fwd = nnx.jit(lambda m, x: m(x))
@@ -55,7 +55,7 @@ class Model(nnx.Module):
 
 
 def _model(seed=0):
-  return Model(rngs=nnx.Rngs(seed))
+  return build(lambda: Model(rngs=nnx.Rngs(0)), jax.random.key(seed))
 
 
 def _tokens(key):

@@ -489,25 +489,25 @@ def test_write_file_replaces_atomically(tmp_path, monkeypatch):
 
 def test_adapter_state_checkpoint_round_trip(tmp_path, fresh_key):
   model = adapted(fresh_key(), param_dtype=jnp.bfloat16)
-  dora_jax.save_adapter_state(tmp_path / "ckpt", model)
+  dora_jax.save_adapter_state(model, tmp_path / "ckpt")
   target = adapted(fresh_key(), param_dtype=jnp.bfloat16)
-  dora_jax.restore_adapter_state(tmp_path / "ckpt", target)
+  dora_jax.restore_adapter_state(target, tmp_path / "ckpt")
   assert_same_adapters(target, model)
   with pytest.raises(Exception):
-    dora_jax.save_adapter_state(tmp_path / "ckpt", model)  # exists, no overwrite
-  dora_jax.save_adapter_state(tmp_path / "ckpt", target, overwrite=True)
+    dora_jax.save_adapter_state(model, tmp_path / "ckpt")  # exists, no overwrite
+  dora_jax.save_adapter_state(target, tmp_path / "ckpt", overwrite=True)
 
 
 def test_checkpoint_mismatches_are_clear(tmp_path, fresh_key):
   model = adapted(fresh_key())
-  dora_jax.save_adapter_state(tmp_path / "ckpt", model)
+  dora_jax.save_adapter_state(model, tmp_path / "ckpt")
   with pytest.raises(ValueError, match="rank"):
-    dora_jax.restore_adapter_state(tmp_path / "ckpt", adapted(fresh_key(), rank=2))
+    dora_jax.restore_adapter_state(adapted(fresh_key(), rank=2), tmp_path / "ckpt")
   opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.LoRAParam)
   with pytest.raises(ValueError, match="no optimizer state"):
-    dora_jax.restore_adapter_state(tmp_path / "ckpt", model, opt)
+    dora_jax.restore_adapter_state(model, tmp_path / "ckpt", opt)
   with pytest.raises(FileNotFoundError):
-    dora_jax.restore_adapter_state(tmp_path / "nothing", model)
+    dora_jax.restore_adapter_state(model, tmp_path / "nothing")
 
 
 # One optax transformation for every trainer: nnx.jit keys its cache on the optimizer's
@@ -545,10 +545,10 @@ def test_resumed_training_is_bit_identical(tmp_path, fresh_key):
   first, opt1 = _trainer(1)
   for i in range(3):
     _train_step(first, opt1, xs[i], ys[i])
-  dora_jax.save_adapter_state(tmp_path / "step3", first, opt1)
+  dora_jax.save_adapter_state(first, tmp_path / "step3", opt1)
 
   resumed, opt2 = _trainer(77)  # different adapters, dropout keys and optimizer state
-  dora_jax.restore_adapter_state(tmp_path / "step3", resumed, opt2)
+  dora_jax.restore_adapter_state(resumed, tmp_path / "step3", opt2)
   for i in range(3, 6):
     _train_step(resumed, opt2, xs[i], ys[i])
 

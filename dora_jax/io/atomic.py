@@ -82,7 +82,9 @@ def write_files(directory: str | os.PathLike, files: Mapping[str, bytes],
   commit = names[-1] if commit is None else commit
   if commit not in files:
     raise ValueError(f"commit file {commit!r} is not among {names}")
-  directory.mkdir(parents=True, exist_ok=True)
+  if not directory.is_dir():
+    directory.mkdir(parents=True, exist_ok=True)
+    fsync_dir(directory.parent)
   temps: dict[str, Path] = {}
   try:
     for name in names:

@@ -73,14 +73,14 @@ def _items(model: nnx.Module, optimizer: nnx.Optimizer | None, include_rng: bool
   return items
 
 
-def save_adapter_state(directory: str | os.PathLike, model: nnx.Module,
+def save_adapter_state(model: nnx.Module, directory: str | os.PathLike,
                        optimizer: nnx.Optimizer | None = None, *,
                        include_rng: bool = True, overwrite: bool = False) -> Path:
   """Save the DoRA adapters (and optionally the optimizer and RNG state) with Orbax.
 
   Args:
-    directory: checkpoint directory (must not exist unless ``overwrite``).
     model: an NNX model with DoRA layers.
+    directory: checkpoint directory (must not exist unless ``overwrite``).
     optimizer: an ``nnx.Optimizer`` over the adapters, for resumable training.
     include_rng: also save the model's RNG streams (dropout keys and counters).
     overwrite: replace an existing checkpoint at ``directory``.
@@ -122,7 +122,7 @@ def _compare(name: str, saved: Any, target: Any, directory: Path) -> None:
     raise ValueError(f"{directory}: the {name} state does not fit: " + "; ".join(problems))
 
 
-def restore_adapter_state(directory: str | os.PathLike, model: nnx.Module,
+def restore_adapter_state(model: nnx.Module, directory: str | os.PathLike,
                           optimizer: nnx.Optimizer | None = None, *,
                           include_rng: bool = True) -> None:
   """Restore what :func:`save_adapter_state` wrote into ``model`` (and ``optimizer``), in place.

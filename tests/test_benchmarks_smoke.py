@@ -30,3 +30,14 @@ def test_module_suite_and_report_smoke(tmp_path):
   text = doc.read_text()
   assert "old" not in text and "tail" in text and "Forward+backward" in text
   assert (tmp_path / "time_vs_rank.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_decoder_layer_smoke(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decoder_layer.py"),
+                        "--out", str(tmp_path), "--smoke", "--ranks", "4"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = json.loads((tmp_path / "decoder_results.json").read_text())["rows"]
+  assert {r["impl"] for r in rows} == {"lora", "dora"}
+  assert all(r["ms"] > 0 and r["temp_mb"] > 0 for r in rows)

@@ -262,7 +262,8 @@ def test_apply_dora_model_unmerged_equals_merged():
   assert [r.source for r in adapted] == ["dora", "dora"] and [r.source for r in merged] == ["kernel"] * 2
   for a, m in zip(adapted, merged):
     assert a.layer == m.layer
-    np.testing.assert_allclose([a.delta_m, a.delta_d], [m.delta_m, m.delta_d], rtol=1e-4, atol=1e-8)
+    # ΔM of layer 0 is 0 in exact arithmetic: fp32 rounding of magnitudes ~1 leaves ~1e-7.
+    np.testing.assert_allclose([a.delta_m, a.delta_d], [m.delta_m, m.delta_d], rtol=1e-4, atol=1e-6)
   assert all(r.delta_d > 1e-4 for r in adapted)
 
 

@@ -37,11 +37,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, spec, rngs):
+  def __init__(self, spec, rngs, bias=True):
     h, i = spec["hidden"], spec["inter"]
     self.gate_proj = nnx.Linear(h, i, use_bias=False, rngs=rngs)
     self.up_proj = nnx.Linear(h, i, use_bias=False, rngs=rngs)
-    self.down_proj = nnx.Linear(i, h, bias_init=nnx.initializers.normal(0.5), rngs=rngs)
+    self.down_proj = nnx.Linear(i, h, use_bias=bias, bias_init=nnx.initializers.normal(0.5),
+                                rngs=rngs)
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -89,8 +90,9 @@ def torch_base_weights(model) -> dict[str, np.ndarray]:
   """
   out = {}
   plain = dora_jax.unmerge(model) if dora_jax.surgery.dora_layers(model) else model
-  for path in dora_jax.surgery.adaptable_paths(plain):
-    module = dict((("/".join(map(str, p)), m) for p, m in nnx.iter_modules(plain)))[path]
+  for path, module in (("/".join(map(str, p)), m) for p, m in nnx.iter_modules(plain)):
+    if type(module) not in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum):
+      continue
     kernel = np.asarray(module.kernel[...])
     name = naming.default_module_name(path)
     # The wrapper knows the layer's [d_in, d_out] view (the toy model's biases are
@@ -109,3 +111,88 @@ def inputs(key, spec=SPEC, lead=(2, 5)):
 def rel_err(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# -- a tiny Llama, to check against transformers' LlamaForCausalLM -------------
+
+LLAMA_SPEC = {"vocab": 50, "hidden": 32, "inter": 64, "layers": 2, "heads": 4, "kv_heads": 2,
+              "rms_eps": 1e-6, "rope_theta": 10000.0}
+
+
+def _rotate_half(x):
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+class LlamaAttention(nnx.Module):
+  def __init__(self, spec, rngs):
+    h, n, kv = spec["hidden"], spec["heads"], spec["kv_heads"]
+    d = h // n
+    self.q_proj = nnx.Linear(h, n * d, use_bias=False, rngs=rngs)
+    self.k_proj = nnx.Linear(h, kv * d, use_bias=False, rngs=rngs)
+    self.v_proj = nnx.Linear(h, kv * d, use_bias=False, rngs=rngs)
+    self.o_proj = nnx.Linear(n * d, h, use_bias=False, rngs=rngs)
+    self.n, self.kv, self.d, self.theta = n, kv, d, spec["rope_theta"]
+
+  def __call__(self, x):
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.n, self.d)
+    k = self.k_proj(x).reshape(b, t, self.kv, self.d)
+    v = self.v_proj(x).reshape(b, t, self.kv, self.d)
+    inv_freq = 1.0 / (self.theta ** (jnp.arange(0, self.d, 2, dtype=jnp.float32) / self.d))
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    cos, sin = jnp.cos(emb)[:, None, :], jnp.sin(emb)[:, None, :]
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    k = jnp.repeat(k, self.n // self.kv, axis=2)
+    v = jnp.repeat(v, self.n // self.kv, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.d)
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.n * self.d)
+    return self.o_proj(out)
+
+
+class LlamaLayer(nnx.Module):
+  def __init__(self, spec, rngs):
+    h = spec["hidden"]
+    self.input_layernorm = nnx.RMSNorm(h, epsilon=spec["rms_eps"],
+                                       scale_init=nnx.initializers.normal(1.0), rngs=rngs)
+    self.self_attn = LlamaAttention(spec, rngs)
+    self.post_attention_layernorm = nnx.RMSNorm(h, epsilon=spec["rms_eps"],
+                                                scale_init=nnx.initializers.normal(1.0), rngs=rngs)
+    self.mlp = MLP({"hidden": h, "inter": spec["inter"]}, rngs, bias=False)
+
+  def __call__(self, x):
+    x = x + self.self_attn(self.input_layernorm(x))
+    return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TinyLlama(nnx.Module):
+  """Llama with Hugging Face's module names at the Flax root (``embed_tokens``, ``layers``, ``norm``, ``lm_head``)."""
+
+  def __init__(self, spec=LLAMA_SPEC, *, seed=0):
+    rngs = nnx.Rngs(seed)
+    self.embed_tokens = nnx.Embed(spec["vocab"], spec["hidden"], rngs=rngs)
+    self.layers = nnx.List([LlamaLayer(spec, rngs) for _ in range(spec["layers"])])
+    self.norm = nnx.RMSNorm(spec["hidden"], epsilon=spec["rms_eps"], rngs=rngs)
+    self.lm_head = nnx.Linear(spec["hidden"], spec["vocab"], use_bias=False, rngs=rngs)
+
+  def __call__(self, ids):
+    x = self.embed_tokens(ids)
+    for layer in self.layers:
+      x = layer(x)
+    return self.lm_head(self.norm(x))
+
+
+def torch_llama_weights(model) -> dict[str, np.ndarray]:
+  """``LlamaForCausalLM``'s state dict from a (plain or adapted) :class:`TinyLlama`."""
+  out = torch_base_weights(model)
+  out["model.embed_tokens.weight"] = np.asarray(model.embed_tokens.embedding[...])
+  out["model.norm.weight"] = np.asarray(model.norm.scale[...])
+  for i, layer in enumerate(model.layers):
+    for name in ("input_layernorm", "post_attention_layernorm"):
+      out[f"model.layers.{i}.{name}.weight"] = np.asarray(getattr(layer, name).scale[...])
+  return out

@@ -14,7 +14,10 @@ Usage: ``python peft_side.py JOBS.json`` where the JSON file holds
   ``lora_A``, ``lora_B`` and the magnitude, ``save_pretrained(adapter)`` and
   write the adapted output to ``out``.
 
-A summary (adapted module names per job) is printed as JSON on the last line.
+A job may carry its own ``"spec"`` and ``"arch": "llama"`` (a transformers
+``LlamaForCausalLM`` with eager attention, inputs are token ids) instead of the
+toy model. A summary (adapted module names per job) is printed as JSON on the
+last line.
 """
 
 from __future__ import annotations
@@ -89,15 +92,30 @@ class ToyLM(torch.nn.Module):
     return self.lm_head(self.model(x))
 
 
-def base_model(spec, base_path):
-  model = ToyLM(spec)
+def llama(spec):
+  from transformers import LlamaConfig, LlamaForCausalLM
+  config = LlamaConfig(
+      vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["inter"],
+      num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+      num_key_value_heads=spec["kv_heads"], rms_norm_eps=spec["rms_eps"],
+      rope_theta=spec["rope_theta"], max_position_embeddings=64, tie_word_embeddings=False,
+      attention_bias=False, mlp_bias=False)
+  config._attn_implementation = "eager"
+  return LlamaForCausalLM(config)
+
+
+def base_model(spec, base_path, arch="toy"):
+  model = llama(spec) if arch == "llama" else ToyLM(spec)
   model.load_state_dict(load_file(base_path), strict=True)
   return model.eval()
 
 
 def run(model, x):
+  inputs = torch.from_numpy(np.load(x))
   with torch.no_grad():
-    return model(torch.from_numpy(np.load(x))).numpy()
+    if inputs.dtype in (torch.int32, torch.int64):  # token ids: a transformers causal LM
+      return model(input_ids=inputs.long()).logits.numpy()
+    return model(inputs).numpy()
 
 
 def dora_modules(model):
@@ -121,7 +139,8 @@ def check_loaded(model, adapter_dir):
 
 
 def job_load(spec, job):
-  model = base_model(spec, job["base"])
+  spec = job.get("spec", spec)
+  model = base_model(spec, job["base"], job.get("arch", "toy"))
   y_base = run(model, job["x"])
   peft_model = PeftModel.from_pretrained(model, job["adapter"]).eval()
   check_loaded(peft_model, job["adapter"])
@@ -142,7 +161,8 @@ def _lora_layers(model):
 
 def job_make(spec, job):
   torch.manual_seed(job["seed"])
-  model = base_model(spec, job["base"])
+  spec = job.get("spec", spec)
+  model = base_model(spec, job["base"], job.get("arch", "toy"))
   peft_model = get_peft_model(model, LoraConfig(use_dora=True, **job["config"]))
   with torch.no_grad():
     for _, module in _lora_layers(peft_model):

@@ -15,6 +15,9 @@ Cases (one PyTorch process runs all of them):
   the JAX outputs; PEFT re-saves it and dora_jax loads that bit-identically.
 * ``jax_mixed``: a subset of layers, two ranks/alphas (``rank_pattern``,
   ``alpha_pattern``), rsLoRA, dropout recorded in the config.
+* ``llama_jax`` / ``llama_peft``: the same both ways on a 2-layer
+  ``transformers`` ``LlamaForCausalLM`` (GQA, RoPE, RMSNorm; eager attention)
+  against a Flax twin with Hugging Face's module names, token ids in, logits out.
 * ``peft_uniform`` / ``peft_patterns``: PEFT creates DoRA adapters
   (``get_peft_model(..., LoraConfig(use_dora=True, ...))``), randomised, saved
   with ``save_pretrained``; ``dora_jax.load_adapter`` into the plain JAX model
@@ -39,7 +42,8 @@ from flax import nnx
 
 import dora_jax
 from dora_jax.io import safetensors_format
-from io_models import SPEC, ToyLM, inputs, randomize, rel_err, torch_base_weights
+from io_models import (LLAMA_SPEC, SPEC, TinyLlama, ToyLM, inputs, randomize, rel_err,
+                       torch_base_weights, torch_llama_weights)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_VAR = "DORA_JAX_PEFT_PYTHON"
@@ -69,11 +73,13 @@ def _jax_cases(tmp: Path, key) -> dict:
   k = jax.random.split(key, 6)
   x = inputs(k[0])
   np.save(tmp / "x.npy", np.asarray(x))
+  ids = jax.random.randint(k[3], (2, 7), 0, LLAMA_SPEC["vocab"], jnp.int32)
+  np.save(tmp / "ids.npy", np.asarray(ids))
 
   m = ToyLM(seed=1)
   dora_jax.apply_dora(m, targets=ALL_PROJ, rank=4, alpha=8, rngs=nnx.Rngs(2))
   randomize(m, k[1])
-  cases["jax_uniform"] = {"model": m, "y": np.asarray(m(x))}
+  cases["jax_uniform"] = {"model": m, "fresh": lambda: ToyLM(seed=1), "x": x}
 
   m = ToyLM(seed=3)
   dora_jax.apply_dora(m, targets=r"layers/0/self_attn/(q|k|v|o)_proj", rank=4, alpha=8,
@@ -82,35 +88,55 @@ def _jax_cases(tmp: Path, key) -> dict:
                       rslora=True, dropout=0.1, rngs=nnx.Rngs(5))
   randomize(m, k[2])
   m.eval()
-  cases["jax_mixed"] = {"model": m, "y": np.asarray(m(x))}
+  cases["jax_mixed"] = {"model": m, "fresh": lambda: ToyLM(seed=3), "x": x}
+
+  m = TinyLlama(seed=11)
+  dora_jax.apply_dora(m, targets=ALL_PROJ, rank=4, alpha=8, rngs=nnx.Rngs(12))
+  randomize(m, k[4])
+  cases["llama_jax"] = {"model": m, "fresh": lambda: TinyLlama(seed=11), "x": ids,
+                        "arch": "llama"}
 
   for name, case in cases.items():
+    case["y"] = np.asarray(case["model"](case["x"]))
+    llama = case.get("arch") == "llama"
     base = tmp / f"{name}-base.safetensors"
-    base.write_bytes(safetensors_format.encode(torch_base_weights(case["model"])))
-    dora_jax.save_adapter(case["model"], tmp / name)
-    case["job"] = {"kind": "load", "base": str(base), "x": str(tmp / "x.npy"),
+    weights = (torch_llama_weights if llama else torch_base_weights)(case["model"])
+    base.write_bytes(safetensors_format.encode(weights))
+    dora_jax.save_adapter(case["model"], tmp / name, task_type="CAUSAL_LM" if llama else None)
+    case["job"] = {"kind": "load", "base": str(base),
+                   "x": str(tmp / ("ids.npy" if llama else "x.npy")),
                    "adapter": str(tmp / name), "out": str(tmp / f"{name}.npz"),
                    "resave": str(tmp / f"{name}-resaved")}
+    if llama:
+      case["job"].update(arch="llama", spec=LLAMA_SPEC)
   return cases
 
 
 def _peft_cases(tmp: Path) -> dict:
   cases = {}
-  plain = ToyLM(seed=6)
   base = tmp / "peft-base.safetensors"
-  base.write_bytes(safetensors_format.encode(torch_base_weights(plain)))
+  base.write_bytes(safetensors_format.encode(torch_base_weights(ToyLM(seed=6))))
+  llama_base = tmp / "peft-llama-base.safetensors"
+  llama_base.write_bytes(safetensors_format.encode(torch_llama_weights(TinyLlama(seed=13))))
+  all_proj = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
   configs = {
-      "peft_uniform": {"r": 4, "lora_alpha": 8, "target_modules": [
-          "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+      "peft_uniform": {"r": 4, "lora_alpha": 8, "target_modules": all_proj},
       "peft_patterns": {"r": 4, "lora_alpha": 16, "use_rslora": True, "lora_dropout": 0.05,
                         "target_modules": ["q_proj", "o_proj", "up_proj", "lm_head"],
                         "rank_pattern": {"o_proj": 2, "lm_head": 3},
                         "alpha_pattern": {"layers.1.mlp.up_proj": 5}},
+      "llama_peft": {"r": 8, "lora_alpha": 16, "target_modules": all_proj,
+                     "task_type": "CAUSAL_LM"},
   }
   for i, (name, config) in enumerate(configs.items()):
-    cases[name] = {"job": {"kind": "make", "base": str(base), "x": str(tmp / "x.npy"),
+    llama = name.startswith("llama")
+    cases[name] = {"job": {"kind": "make", "base": str(llama_base if llama else base),
+                           "x": str(tmp / ("ids.npy" if llama else "x.npy")),
                            "adapter": str(tmp / name), "out": str(tmp / f"{name}.npz"),
-                           "config": config, "seed": 100 + i}}
+                           "config": config, "seed": 100 + i},
+                   "fresh": (lambda: TinyLlama(seed=13)) if llama else (lambda: ToyLM(seed=6))}
+    if llama:
+      cases[name]["job"].update(arch="llama", spec=LLAMA_SPEC)
   return cases
 
 
@@ -137,7 +163,7 @@ def _names(model):
   return sorted(dora_jax.io.default_module_name(p) for p in dora_jax.surgery.adapted_paths(model))
 
 
-@pytest.mark.parametrize("name", ["jax_uniform", "jax_mixed"])
+@pytest.mark.parametrize("name", ["jax_uniform", "jax_mixed", "llama_jax"])
 def test_dora_jax_adapter_in_peft(crosscheck, name):
   tmp, cases = crosscheck
   case = cases[name]
@@ -150,17 +176,16 @@ def test_dora_jax_adapter_in_peft(crosscheck, name):
     assert result["scaling"][peft_name] == pytest.approx(layer.scale, rel=1e-12)
   # ... the base models agree, the adapters matter, and PEFT computes what dora_jax does.
   plain = dora_jax.unmerge(model)
-  x = jnp.asarray(np.load(tmp / "x.npy"))
-  assert rel_err(out["base"], np.asarray(plain(x))) < TOL
+  assert rel_err(out["base"], np.asarray(plain(case["x"]))) < TOL
   assert rel_err(out["adapted"], out["base"]) > 1e-2
   assert rel_err(out["adapted"], case["y"]) < TOL
 
 
-@pytest.mark.parametrize("name", ["jax_uniform", "jax_mixed"])
+@pytest.mark.parametrize("name", ["jax_uniform", "jax_mixed", "llama_jax"])
 def test_peft_resave_round_trips_bit_exactly(crosscheck, name):
   _, cases = crosscheck
   case = cases[name]
-  fresh = ToyLM(seed={"jax_uniform": 1, "jax_mixed": 3}[name])
+  fresh = case["fresh"]()
   dora_jax.load_adapter(fresh, case["job"]["resave"])
   want = nnx.to_flat_state(nnx.state(case["model"], nnx.LoRAParam))
   got = nnx.to_flat_state(nnx.state(fresh, nnx.LoRAParam))
@@ -173,12 +198,12 @@ def test_peft_resave_round_trips_bit_exactly(crosscheck, name):
     assert (a.rank, a.alpha, a.rslora) == (b.rank, b.alpha, b.rslora), path
 
 
-@pytest.mark.parametrize("name", ["peft_uniform", "peft_patterns"])
+@pytest.mark.parametrize("name", ["peft_uniform", "peft_patterns", "llama_peft"])
 def test_peft_adapter_in_dora_jax(crosscheck, name):
-  tmp, cases = crosscheck
+  _, cases = crosscheck
   case = cases[name]
-  model = ToyLM(seed=6)
-  x = jnp.asarray(np.load(tmp / "x.npy"))
+  model = case["fresh"]()
+  x = jnp.asarray(np.load(case["job"]["x"]))
   y_base = np.asarray(model(x))
   dora_jax.load_adapter(model, case["job"]["adapter"])
   assert _names(model) == case["result"]["modules"]

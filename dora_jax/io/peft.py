@@ -53,7 +53,13 @@ from flax import nnx
 from dora_jax import surgery
 from dora_jax.io import atomic, naming, safetensors_format
 from dora_jax.io.naming import ModuleNameMap
-from dora_jax.nnx import WRAPPERS, DoRALayer
+from dora_jax.nnx import WRAPPERS, DoRAEinsum, DoRALayer, DoRALinearGeneral, DoRADense
+
+#: Base layer types stored as PEFT ``Linear`` adapters (``lora_A``/``lora_B``), and their
+#: wrappers. Other DoRA layers (embeddings, convolutions) have other PEFT layouts and are
+#: refused rather than written in a form PEFT would misread.
+LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+LINEAR_WRAPPERS = (DoRADense, DoRALinearGeneral, DoRAEinsum)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -118,15 +124,27 @@ def _candidate_paths(model: nnx.Module) -> list[str]:
 
   The root itself is ``""`` when it is a (DoRA) layer.
   """
-  paths = set(surgery.adapted_paths(model)) | set(surgery.adaptable_paths(model))
-  if isinstance(model, DoRALayer) or type(model) in WRAPPERS:
-    paths.add("")
+  paths = {p for p, m in _module_lookup(model).items() if _is_linear(m)}
   return sorted(paths)
 
 
+def _is_linear(module: nnx.Module) -> bool:
+  """A linear-type base layer or its DoRA wrapper (what a PEFT ``Linear`` adapter maps to)."""
+  return type(module) in LINEAR_TYPES or isinstance(module, LINEAR_WRAPPERS)
+
+
 def _module_lookup(model: nnx.Module) -> dict[str, nnx.Module]:
-  """``{'/'-joined path: module}`` for every module (the root is ``""``)."""
-  return {"/".join(str(p) for p in path): module for path, module in nnx.iter_modules(model)}
+  """``{'/'-joined path: module}`` for every module (the root is ``""``), DoRA internals excluded."""
+  out: dict[str, nnx.Module] = {}
+  inside: list[str] = []
+  for path, module in nnx.iter_modules(model):
+    p = "/".join(str(x) for x in path)
+    if any(p.startswith(q) for q in inside):
+      continue
+    out[p] = module
+    if isinstance(module, DoRALayer):
+      inside.append(p + "/" if p else "")
+  return out
 
 
 def _target_modules(adapted: list[str], all_names: list[str]) -> list[str]:
@@ -157,6 +175,12 @@ def _build(model, base_model_name_or_path, module_name_map, task_type):
   layers = surgery.dora_layers(model)
   if not layers:
     raise ValueError("save_adapter: the model has no DoRA layers (call apply_dora first)")
+  others = [f"{p} ({type(l).__name__})" for p, l in layers if not isinstance(l, LINEAR_WRAPPERS)]
+  if others:
+    raise NotImplementedError(
+        "save_adapter writes PEFT Linear adapters (DoRA on nnx.Linear, LinearGeneral, Einsum); "
+        "these DoRA layers have other PEFT layouts and are not supported yet: "
+        + ", ".join(others))
   table = naming.name_table(_candidate_paths(model), module_name_map)
   names = {path: table[path] for path, _ in layers}
   rslora = {layer.rslora for _, layer in layers}

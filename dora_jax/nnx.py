@@ -52,11 +52,8 @@ from dora_jax.dense import lora_scale, merge_kernel
 from dora_jax.norm import factored_norm
 
 
-# Compiled once per shape: used eagerly (merge, cache refresh), where op-by-op
+# Compiled once per shape: used eagerly (cache refresh), where op-by-op
 # dispatch would cost a dozen small compilations per layer.
-_merge_kernel_jit = jax.jit(merge_kernel, static_argnames=("scale",))
-
-
 @functools.partial(jax.jit, static_argnames=("scale",))
 def _norm_and_stamp(kernel2d, lora_a2d, lora_b2d, *, scale: float):
   norm = factored_norm(kernel2d, lora_a2d, lora_b2d, scale).astype(jnp.float32)
@@ -221,7 +218,7 @@ class DoRALayer(nnx.Module):
   def merged_kernel(self) -> jax.Array:
     """``g ⊙ (W + s·a·b)`` in the kernel's shape and dtype (see :func:`dora_jax.merge_kernel`)."""
     a, b, m = self.adapter_views()
-    merged = _merge_kernel_jit(self._kernel2d(), a, b, m, scale=self.scale)
+    merged = merge_kernel(self._kernel2d(), a, b, m, self.scale)
     return merged.reshape(self.kernel.shape)
 
   def _rebuild(self, kernel_value: jax.Array) -> nnx.Module:

@@ -87,7 +87,8 @@ def _matcher(targets: Targets) -> Callable[[str, nnx.Module], bool]:
   if callable(targets) and not isinstance(targets, (str, re.Pattern)):
     return targets
   if targets == ALL_LINEAR:
-    return lambda path, module: type(module) in WRAPPERS
+    return lambda path, module: getattr(WRAPPERS.get(type(module)), "all_linear",
+                                        type(module) in WRAPPERS)
   if isinstance(targets, str):
     try:
       pattern = re.compile(targets)
@@ -149,7 +150,8 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
     rngs: ``params`` stream initialises ``lora_a``; ``dropout`` stream for dropout.
 
   Returns:
-    ``model``, modified in place.
+    ``model``, modified in place (for a bare ``Linear``/... passed as ``model``
+    whose empty path matches, e.g. ``"all-linear"``, its new wrapper).
 
   Raises:
     ValueError: nothing matched (the message lists the adaptable paths), a
@@ -180,6 +182,10 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
     raise TypeError(
         "targets matched layers DoRA cannot adapt: " + ", ".join(unsupported)
         + ". Supported types: " + ", ".join(f"nnx.{t.__name__}" for t in WRAPPERS))
+  if not selected and type(model) in WRAPPERS and match("", model):
+    # A bare layer: nothing holds it, so the wrapper is returned (not in place).
+    return WRAPPERS[type(model)](model, rank=rank, alpha=alpha, rslora=rslora,
+                                 dropout=dropout, param_dtype=param_dtype, rngs=rngs)
   if not selected:
     available = adaptable_paths(model)
     raise ValueError(

@@ -193,3 +193,11 @@ def test_immutable_container_is_reported():
 
   with pytest.raises(TypeError, match="immutable"):
     dora_jax.apply_dora(Holder(), targets="all-linear", rank=2, alpha=1, rngs=nnx.Rngs(0))
+
+
+def test_bare_layer_is_wrapped(fresh_key):
+  base = build(lambda: nnx.Linear(6, 4, rngs=nnx.Rngs(0)), fresh_key())
+  layer = dora_jax.apply_dora(base, targets="all-linear", rank=2, alpha=4, rngs=nnx.Rngs(1))
+  assert isinstance(layer, DoRADense) and layer.kernel is base.kernel
+  merged = dora_jax.merge(layer)
+  assert type(merged) is nnx.Linear

@@ -594,3 +594,38 @@ def test_export_merged(tmp_path, fresh_key, separator):
   assert rel_err(plain(x), model(x)) < 1e-5
   assert rel_err(ToyLM(seed=0)(x), model(x)) > 1e-2
   assert dora_jax.surgery.dora_layers(model)  # the model itself is untouched
+
+
+# -- other layouts ---------------------------------------------------------------
+
+
+def test_project_llama_port_gets_peft_names(tmp_path, fresh_key):
+  models = pytest.importorskip("dora_jax.models")
+  cfg = models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+  model = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  dora_jax.apply_dora(model, targets=r"model/layers/\d+/self_attn/(q|v)_proj|lm_head", rank=2,
+                      alpha=4, rngs=nnx.Rngs(1))
+  randomize(model, fresh_key())
+  dora_jax.save_adapter(model, tmp_path)
+  names = sorted(safetensors_format.read(tmp_path / "adapter_model.safetensors")[0])
+  assert names[:3] == ["base_model.model.lm_head.lora_A.weight",
+                       "base_model.model.lm_head.lora_B.weight",
+                       "base_model.model.lm_head.lora_magnitude_vector"]
+  assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in names
+  assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == [
+      "lm_head", "q_proj", "v_proj"]
+  fresh = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  dora_jax.load_adapter(fresh, tmp_path)
+  assert_same_adapters(fresh, model)
+
+
+def test_non_linear_dora_layers_are_refused(tmp_path):
+  if nnx.Embed not in dora_jax.nnx.WRAPPERS:
+    pytest.skip("this build has no DoRA for nnx.Embed")
+  model = ToyLM(seed=0)
+  model.embed_tokens = nnx.Embed(10, 16, rngs=nnx.Rngs(0))
+  dora_jax.apply_dora(model, targets="embed_tokens|lm_head", rank=2, alpha=4, rngs=nnx.Rngs(1))
+  with pytest.raises(NotImplementedError, match="embed_tokens"):
+    dora_jax.save_adapter(model, tmp_path)
+  assert not (tmp_path / "adapter_config.json").exists()

@@ -37,8 +37,10 @@ from dora_jax.nnx import WRAPPERS, DoRALayer
 #: ``targets``: a regular expression (full match against the path) or a predicate.
 Targets = Union[str, "re.Pattern[str]", Callable[[str, nnx.Module], bool]]
 
-#: ``targets`` value that selects every adaptable layer (as PEFT's ``"all-linear"``,
-#: but output heads are not excluded: pass a regex or predicate to skip them).
+#: ``targets`` value that selects every ``Linear``/``LinearGeneral``/``Einsum`` layer
+#: and registered wrappers that declare ``all_linear = True`` (as PEFT's
+#: ``"all-linear"``, but output heads are not excluded: pass a regex or predicate
+#: to skip them).
 ALL_LINEAR = "all-linear"
 
 
@@ -66,7 +68,8 @@ def _modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
 
 
 def adaptable_paths(model: nnx.Module) -> list[str]:
-  """Paths of the layers :func:`apply_dora` can adapt (``Linear``, ``LinearGeneral``, ``Einsum``)."""
+  """Paths of the layers :func:`apply_dora` can adapt (``Linear``, ``LinearGeneral``,
+  ``Einsum`` and any type registered in :data:`dora_jax.nnx.WRAPPERS`)."""
   return sorted(p for p, m in _modules(model) if type(m) in WRAPPERS)
 
 
@@ -139,7 +142,7 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
     model: an NNX module.
     targets: a regex matched in full against each layer's ``'/'``-joined path
       (e.g. ``r"layers/\\d+/mlp/(up|down)_proj"``), ``"all-linear"`` for every
-      adaptable layer, or a predicate ``(path, module) -> bool``. Matching
+      ``Linear``/``LinearGeneral``/``Einsum`` layer, or a predicate ``(path, module) -> bool``. Matching
       modules that hold no Variables of their own (containers such as a
       block or a list) are ignored; matching layers of another type are an error.
     rank: LoRA rank ``r``, ``1 <= r <= min(d_in, d_out)`` for every matched layer.

@@ -88,7 +88,7 @@ def test_callable_and_all_linear_targets(fresh_key):
   dora_jax.apply_dora(model, targets="all-linear", rank=2, alpha=4, rngs=nnx.Rngs(1))
   assert isinstance(model.head, DoRALinearGeneral)
   assert len(adapted_paths(model)) == 9
-  assert adaptable_paths(model) == []
+  assert set(adaptable_paths(model)) <= {"embed"}  # "all-linear": linear layers only
 
 
 def test_adapted_model_runs_and_merges(fresh_key):
@@ -102,7 +102,8 @@ def test_adapted_model_runs_and_merges(fresh_key):
   y = _fwd(model, tokens)
   assert rel_err(y, y0) > 1e-3
   merged = dora_jax.merge(model)
-  assert adapted_paths(merged) == [] and len(adaptable_paths(merged)) == 9
+  assert adapted_paths(merged) == []
+  assert len([p for p in adaptable_paths(merged) if p != "embed"]) == 9
   assert merged.tied is merged.layers[0].mlp.up_proj  # sharing survives the merge
   assert rel_err(_fwd(merged, tokens), y) < 1e-5
   assert isinstance(model.head, DoRALinearGeneral)  # not in place by default

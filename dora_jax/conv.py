@@ -1,0 +1,360 @@
+"""DoRA for convolutions: the functional core and the Flax NNX wrapper of ``nnx.Conv``.
+
+Semantics are Hugging Face PEFT's DoRA conv layers (``DoraConv1dLayer``,
+``DoraConv2dLayer``, ``DoraConv3dLayer``) in Flax layout. For a kernel
+``W [*window, in, out]`` (channels last, ``nnx.Conv``'s layout):
+
+========== ========================== ===============================================
+name       shape                      PEFT tensor
+========== ========================== ===============================================
+lora_a     ``[*window, in, r]``       ``lora_A.weight [r, in, *window]`` (a conv in → r)
+lora_b     ``[r, out]``               ``lora_B.weight [out, r, 1, ...]`` (a 1×1 conv r → out)
+magnitude  ``[out]``                  ``lora_magnitude_vector [out]``
+========== ========================== ===============================================
+
+The low-rank update is the conv ``A`` (same window, strides, padding and
+dilations as the base) followed by the 1×1 conv ``B``, which on channels-last
+activations is a matmul over the channel axis. Because a conv is linear in
+its kernel, ``B(A(x)) = conv(x, ΔW)`` with ``ΔW`` the ``[*window, in, out]``
+reshape of ``a₂·b``, where ``a₂ [prod(window)·in, r]`` is ``lora_a`` reshaped;
+likewise ``W₂ [prod(window)·in, out]`` is ``W`` reshaped (no copy). PEFT's norm
+(per output channel, over the flattened ``in × window``) is therefore
+``factored_norm(W₂, a₂, b, s)``::
+
+  n = ‖W₂ + s·a₂·b‖ per output channel        [out], float32, detached
+  g = m / n
+  y = g ⊙ (conv(x, W) + s·conv(x, A)·b) + bias
+  (dropout p > 0, training: y = conv(x, W) + bias + (g−1)⊙conv(x̃, W) + g⊙s·conv(x̃, A)·b)
+
+Supported: 1-D/2-D/3-D ``nnx.Conv`` with any strides, padding (``SAME``,
+``VALID``, explicit, ``CIRCULAR``, ``REFLECT``, ``CAUSAL``), input and kernel
+dilation, bias. Refused with a clear error: ``feature_group_count > 1`` (PEFT
+gives such layers an ungrouped ``lora_A``, so the update is not a grouped
+kernel: PEFT cannot merge it either, and its norm reshapes an unrelated
+product), a ``mask``, a custom ``conv_general_dilated`` or ``promote_dtype``.
+
+Dilation: dora_jax applies the base layer's kernel dilation to ``A`` too, so the
+adapted layer equals its merged kernel. PEFT builds ``lora_A`` without the
+base's dilation, which makes its unmerged output differ from its own merge
+(or fail on a shape mismatch); adapters of dilated convs are not
+interchangeable with PEFT's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from dora_jax import _adapter
+from dora_jax._checks import accumulation_dtype, check_float, check_scale
+from dora_jax.norm import NORM_EPS, factored_norm
+from dora_jax.nnx import WRAPPERS, DoRALayer, _check_dtype_promotion
+
+PaddingLike = Any
+
+
+def _tuple(value, n: int, name: str) -> tuple[int, ...]:
+  if value is None:
+    value = 1
+  if isinstance(value, int):
+    return (value,) * n
+  value = tuple(int(v) for v in value)
+  if len(value) != n:
+    raise ValueError(f"{name} must be an int or {n} ints for a {n}-D conv, got {value}")
+  return value
+
+
+def canonical_padding(padding: PaddingLike, n: int):
+  """A hashable form of Flax's conv ``padding`` (a string, or ``n`` ``(lo, hi)`` pairs)."""
+  if isinstance(padding, str):
+    return padding
+  if isinstance(padding, int):
+    return ((padding, padding),) * n
+  if isinstance(padding, Sequence) and len(padding) == n:
+    pads = tuple((p, p) if isinstance(p, int) else tuple(int(q) for q in p) for p in padding)
+    if all(len(p) == 2 for p in pads):
+      return pads
+  raise ValueError(f"padding must be a string, an int or {n} ints/(lo, hi) pairs, got {padding!r}")
+
+
+def _pad_input(x, padding, window, kernel_dilation):
+  """Flax's input padding for ``CIRCULAR``/``REFLECT``/``CAUSAL``; returns ``(x, lax padding)``."""
+  if padding in ("CIRCULAR", "REFLECT"):
+    dilated = [(k - 1) * d + 1 for k, d in zip(window, kernel_dilation)]
+    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+    return jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]), "VALID"
+  if padding == "CAUSAL":
+    if len(window) != 1:
+      raise ValueError("padding='CAUSAL' is only implemented for 1-D convolutions")
+    return jnp.pad(x, [(0, 0), (kernel_dilation[0] * (window[0] - 1), 0), (0, 0)]), "VALID"
+  return x, padding
+
+
+def _conv(x, kernel, strides, padding, input_dilation, kernel_dilation, precision, acc):
+  nd = x.ndim
+  lhs = (0, nd - 1) + tuple(range(1, nd - 1))
+  rhs = (nd - 1, nd - 2) + tuple(range(0, nd - 2))
+  return lax.conv_general_dilated(
+      x, kernel, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
+      dimension_numbers=lax.ConvDimensionNumbers(lhs, rhs, lhs), precision=precision,
+      preferred_element_type=acc)
+
+
+def _check_conv(x, kernel, lora_a, lora_b, magnitude, scale, bias):
+  for name, value in (("kernel", kernel), ("lora_a", lora_a), ("lora_b", lora_b),
+                      ("magnitude", magnitude)):
+    check_float(name, value)
+  check_scale(scale)
+  if jnp.ndim(kernel) < 3:
+    raise ValueError(f"kernel must be [*window, in, out] with 1-3 window dims, got {jnp.shape(kernel)}")
+  *lead, d_out = jnp.shape(kernel)
+  if jnp.ndim(lora_b) != 2:
+    raise ValueError(f"lora_b must be [r, out], got {jnp.shape(lora_b)}")
+  rank = jnp.shape(lora_b)[0]
+  if tuple(jnp.shape(lora_a)) != (*lead, rank):
+    raise ValueError(f"lora_a must be [*window, in, r] = {(*lead, rank)} to match kernel "
+                     f"{jnp.shape(kernel)} and lora_b {jnp.shape(lora_b)}, got {jnp.shape(lora_a)}")
+  if tuple(jnp.shape(lora_b)) != (rank, d_out):
+    raise ValueError(f"lora_b must be [r, out] = {(rank, d_out)}, got {jnp.shape(lora_b)}")
+  if tuple(jnp.shape(magnitude)) != (d_out,):
+    raise ValueError(f"magnitude must be [out] = [{d_out}], got {jnp.shape(magnitude)}")
+  if bias is not None and tuple(jnp.shape(bias)) != (d_out,):
+    raise ValueError(f"bias must be [out] = [{d_out}], got {jnp.shape(bias)}")
+  n_window = len(lead) - 1
+  if x is not None:
+    check_float("x", x)
+    if jnp.ndim(x) < n_window + 1 or jnp.shape(x)[-1] != lead[-1]:
+      raise ValueError(f"x must be [*batch, *spatial({n_window}), in={lead[-1]}], got {jnp.shape(x)}")
+  return int(math.prod(lead)), d_out, rank
+
+
+def conv_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale) -> jax.Array:
+  """PEFT's conv DoRA norm ``[out]``: per output channel over the flattened ``[*window, in]``.
+
+  ``factored_norm`` on the reshaped kernel ``[prod(window)·in, out]`` and
+  ``lora_a [prod(window)·in, r]``: no ``ΔW`` is formed.
+  """
+  d_in, d_out, rank = (int(math.prod(kernel.shape[:-1])), kernel.shape[-1], lora_b.shape[0])
+  return factored_norm(kernel.reshape(d_in, d_out), lora_a.reshape(d_in, rank), lora_b, scale)
+
+
+def dora_conv(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+              magnitude: jax.Array, scale, bias: jax.Array | None = None, *,
+              strides: int | Sequence[int] = 1, padding: PaddingLike = "SAME",
+              input_dilation: int | Sequence[int] = 1,
+              kernel_dilation: int | Sequence[int] = 1, precision=None,
+              norm: jax.Array | None = None, x_dropped: jax.Array | None = None,
+              dtype=None, preferred_element_type=None) -> jax.Array:
+  """DoRA convolution ``g ⊙ (conv(x, W) + s·conv(x, A)·b) + bias`` (PEFT's conv DoRA).
+
+  Args:
+    x: ``[*batch, *spatial, in]`` channels last (batch dims flattened and
+      restored; none: one example), as ``nnx.Conv``.
+    kernel: frozen ``W [*window, in, out]``.
+    lora_a: ``[*window, in, r]``, the kernel of the conv ``A``.
+    lora_b: ``[r, out]``, the 1×1 conv ``B``.
+    magnitude: ``[out]``.
+    scale: LoRA scale ``s``.
+    bias: optional ``[out]``, not scaled by ``g``.
+    strides, padding, input_dilation, kernel_dilation, precision: as ``nnx.Conv``
+      (applied to both ``W`` and ``A``).
+    norm: optional precomputed :func:`conv_norm` ``[out]`` (a constant either way).
+    x_dropped: a dropped-out copy of ``x`` for the adapter path (PEFT's dropout).
+    dtype: compute dtype (default: ``x``, kernel and bias promoted).
+    preferred_element_type: output dtype (default: the compute dtype).
+
+  Returns:
+    ``[*batch, *spatial_out, out]``. Differentiable in ``x``, ``lora_a``,
+    ``lora_b``, ``magnitude``, ``bias`` (and ``kernel``); the norm is detached.
+  """
+  _check_conv(x, kernel, lora_a, lora_b, magnitude, scale, bias)
+  n = kernel.ndim - 2
+  window = tuple(kernel.shape[:n])
+  strides = _tuple(strides, n, "strides")
+  input_dilation = _tuple(input_dilation, n, "input_dilation")
+  kernel_dilation = _tuple(kernel_dilation, n, "kernel_dilation")
+  padding = canonical_padding(padding, n)
+  acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
+  if norm is None:
+    norm = conv_norm(kernel, lax.stop_gradient(lora_a), lax.stop_gradient(lora_b), scale)
+  norm = lax.stop_gradient(norm.astype(acc))
+  g = magnitude.astype(acc) / jnp.maximum(norm, NORM_EPS)
+  s = jnp.asarray(scale, acc)
+  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
+      *[v for v in (x, kernel, bias) if v is not None])
+
+  n_batch = x.ndim - (n + 1)
+  batch_shape = x.shape[:n_batch]
+
+  def prepare(v):
+    v = v.astype(cdt)
+    if n_batch != 1:
+      v = v.reshape((-1,) + v.shape[n_batch:])
+    return _pad_input(v, padding, window, kernel_dilation)
+
+  conv = functools.partial(_conv, strides=strides, input_dilation=input_dilation,
+                           kernel_dilation=kernel_dilation, precision=precision, acc=acc)
+  xp, pad_lax = prepare(x)
+  w = kernel.astype(cdt)
+  base = conv(xp, w, padding=pad_lax)
+  xa = xp if x_dropped is None else prepare(x_dropped)[0]
+  h = conv(xa, lora_a.astype(cdt), padding=pad_lax)
+  low = jnp.dot(h, lora_b.astype(acc), precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+  if x_dropped is None:
+    y = g * (base + s * low)
+  else:
+    y = base + (g - 1.0) * conv(xa, w, padding=pad_lax) + g * s * low
+  if bias is not None:
+    y = y + bias.astype(cdt).astype(acc)
+  if n_batch != 1:
+    y = y.reshape(batch_shape + y.shape[1:])
+  out_dtype = cdt if preferred_element_type is None else jnp.dtype(preferred_element_type)
+  return y.astype(out_dtype)
+
+
+def conv_merge_kernel(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+                      magnitude: jax.Array, scale) -> jax.Array:
+  """Merged conv kernel ``g ⊙ (W + s·ΔW)`` ``[*window, in, out]`` in ``kernel.dtype``."""
+  from dora_jax.dense import merge_kernel
+  _check_conv(None, kernel, lora_a, lora_b, magnitude, scale, None)
+  d_in, d_out, rank = (int(math.prod(kernel.shape[:-1])), kernel.shape[-1], lora_b.shape[0])
+  merged = merge_kernel(kernel.reshape(d_in, d_out), lora_a.reshape(d_in, rank), lora_b,
+                        magnitude, scale)
+  return merged.reshape(kernel.shape)
+
+
+_STATIC = ("scale", "strides", "padding", "input_dilation", "kernel_dilation", "precision",
+           "dtype", "preferred_element_type")
+# One compiled program per configuration: eager calls round the norm as jitted ones do.
+_dora_conv_jit = jax.jit(dora_conv, static_argnames=_STATIC)
+
+
+def check_conv_base(base: Any, *, where: str) -> None:
+  """Raise ``NotImplementedError`` for ``nnx.Conv``/``nn.Conv`` settings DoRA cannot adapt."""
+  groups = getattr(base, "feature_group_count", 1)
+  if groups != 1:
+    raise NotImplementedError(
+        f"{where}: feature_group_count={groups} is not supported. PEFT gives a grouped conv an "
+        "ungrouped lora_A (in -> r) and a grouped lora_B, so the update is not a grouped kernel: "
+        "it cannot be merged (PEFT refuses too) and PEFT's norm reshapes a product that is not "
+        "the layer's weight. Adapt only convs with feature_group_count=1")
+  if getattr(base, "mask", None) is not None:
+    raise NotImplementedError(f"{where}: a masked conv (mask=...) is not supported by DoRA")
+  if getattr(base, "conv_general_dilated", lax.conv_general_dilated) is not lax.conv_general_dilated:
+    raise NotImplementedError(f"{where}: a custom conv_general_dilated is not supported by DoRA")
+
+
+class DoRAConv(DoRALayer):
+  """DoRA around a frozen :class:`flax.nnx.Conv` (1-D/2-D/3-D), PEFT's conv DoRA.
+
+  Keeps the base ``kernel [*window, in, out]`` and ``bias [out]`` Variables and
+  adds :class:`dora_jax.nnx.DoRAParam` ``lora_a [*window, in, r]`` (PEFT's
+  kaiming-uniform init, bound ``1/√(prod(window)·in)``), ``lora_b [r, out]``
+  (zeros) and ``magnitude [out]`` (``‖W[..., j]‖₂``). ``d_in = prod(window)·in``,
+  ``d_out = out``; merge, cached norms and the I/O 2-D view work as for
+  :class:`dora_jax.nnx.DoRADense`. See :mod:`dora_jax.conv` for the formulas
+  and what is refused.
+
+  Args:
+    base: the ``nnx.Conv`` to adapt.
+    rank: ``r``, ``1 <= r <= min(prod(window)·in, out)``.
+    alpha, rslora, dropout, param_dtype, rngs: as :class:`dora_jax.nnx.DoRADense`.
+  """
+
+  #: ``apply_dora(targets="all-linear")`` does not select convs (as PEFT).
+  all_linear = False
+
+  def __init__(self, base: nnx.Conv, *, rank: int, alpha: float, rslora: bool = False,
+               dropout: float = 0.0, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               path: str = ""):
+    if type(base) is not nnx.Conv:
+      raise TypeError(f"DoRAConv wraps an nnx.Conv, got {type(base).__name__}")
+    where = path or "Conv"
+    check_conv_base(base, where=where)
+    _check_dtype_promotion(base)
+    window = tuple(int(k) for k in base.kernel_size)
+    if not 1 <= len(window) <= 3:
+      raise NotImplementedError(f"{where}: DoRA supports 1-D, 2-D and 3-D convs, got window {window}")
+    n = len(window)
+    self.kernel_size = window
+    self.strides = _tuple(base.strides, n, "strides")
+    self.padding = canonical_padding(base.padding, n)
+    self.input_dilation = _tuple(base.input_dilation, n, "input_dilation")
+    self.kernel_dilation = _tuple(base.kernel_dilation, n, "kernel_dilation")
+    self.in_features = int(base.in_features)
+    self.out_features = int(base.out_features)
+    self._init_adapters(base, in_shape=(*window, self.in_features),
+                        out_shape=(self.out_features,), rank=rank, alpha=alpha, rslora=rslora,
+                        dropout=dropout, param_dtype=param_dtype, rngs=rngs, path=path)
+
+  def __call__(self, inputs: jax.Array, out_sharding: Any = None, *,
+               deterministic: bool | None = None,
+               rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+    """``[*batch, *spatial, in] -> [*batch, *spatial_out, out]`` (as ``nnx.Conv``).
+
+    ``deterministic``/``rngs`` override the dropout mode and key for this call.
+    """
+    if out_sharding is not None:
+      raise NotImplementedError("DoRAConv does not support out_sharding")
+    if inputs.ndim < len(self.kernel_size) + 1 or inputs.shape[-1] != self.in_features:
+      raise ValueError(f"inputs must be [*batch, *spatial({len(self.kernel_size)}), "
+                       f"{self.in_features}], got {inputs.shape}")
+    cdt = self._compute_dtype(inputs)
+    x = inputs.astype(cdt)
+    a, b, _ = self.adapter_views()
+    norm = self._norm_for_call(self._kernel2d(), a, b)
+    x_dropped = None
+    if self.dropout is not None:
+      x_dropped = self.dropout(x, deterministic=deterministic, rngs=rngs)
+      if x_dropped is x:
+        x_dropped = None
+    return _dora_conv_jit(
+        x, self.kernel[...], self.lora_a[...], self.lora_b[...], self.magnitude[...],
+        scale=self.scale, bias=None if self.bias is None else self.bias[...],
+        strides=self.strides, padding=self.padding, input_dilation=self.input_dilation,
+        kernel_dilation=self.kernel_dilation, precision=self.precision, norm=norm,
+        x_dropped=x_dropped, dtype=cdt,
+        preferred_element_type=(None if self.preferred_element_type is None
+                                else jnp.dtype(self.preferred_element_type)))
+
+  def describe(self) -> str:
+    return (f"Conv{len(self.kernel_size)}D({self.in_features} -> {self.out_features}, "
+            f"window {self.kernel_size}) rank={self.rank} alpha={self.alpha:g} "
+            f"scale={self.scale:g}" + (" rslora" if self.rslora else "")
+            + (f" dropout={self.dropout_rate:g}" if self.dropout_rate else ""))
+
+  # -- PEFT tensors (for an I/O hook) -----------------------------------------
+
+  def peft_tensors(self) -> dict[str, jax.Array]:
+    """``lora_A.weight [r, in, *window]``, ``lora_B.weight [out, r, 1, ...]``, magnitude."""
+    n = len(self.kernel_size)
+    a = jnp.transpose(self.lora_a[...], (n + 1, n, *range(n)))
+    b = self.lora_b[...].T.reshape(self.out_features, self.rank, *(1,) * n)
+    return {".lora_A.weight": a, ".lora_B.weight": b,
+            ".lora_magnitude_vector": self.magnitude[...]}
+
+  def load_peft_tensors(self, tensors: dict[str, Any]) -> None:
+    """Set the adapters from PEFT-layout arrays (the inverse of :meth:`peft_tensors`)."""
+    n = len(self.kernel_size)
+    want = {".lora_A.weight": (self.rank, self.in_features, *self.kernel_size),
+            ".lora_B.weight": (self.out_features, self.rank, *(1,) * n),
+            ".lora_magnitude_vector": (self.out_features,)}
+    for suffix, shape in want.items():
+      got = None if suffix not in tensors else tuple(jnp.shape(tensors[suffix]))
+      if got != shape:
+        raise ValueError(f"{suffix} must have shape {shape}, got {got}")
+    a = jnp.transpose(jnp.asarray(tensors[".lora_A.weight"]), (*range(2, n + 2), 1, 0))
+    self.lora_a[...] = a.astype(self.lora_a.dtype)
+    b = jnp.asarray(tensors[".lora_B.weight"]).reshape(self.out_features, self.rank).T
+    self.lora_b[...] = b.astype(self.lora_b.dtype)
+    self.magnitude[...] = jnp.asarray(tensors[".lora_magnitude_vector"]).astype(
+        self.magnitude.dtype)
+
+
+WRAPPERS[nnx.Conv] = DoRAConv

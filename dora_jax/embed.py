@@ -1,0 +1,268 @@
+"""DoRA for embedding tables: the functional core and the Flax NNX wrapper of ``nnx.Embed``.
+
+Semantics are Hugging Face PEFT's ``DoraEmbeddingLayer`` in Flax layout. The
+table ``E [num_embeddings, features]`` plays the role of a Dense kernel with
+``d_in = num_embeddings`` (a lookup is ``onehot(ids)·E``) and
+``d_out = features``:
+
+========== ============================ ==========================================
+name       shape                        PEFT tensor (init)
+========== ============================ ==========================================
+lora_a     ``[num_embeddings, r]``      ``lora_embedding_A [r, num_embeddings]``ᵀ (zeros)
+lora_b     ``[r, features]``            ``lora_embedding_B [features, r]``ᵀ (``N(0, 1)``)
+magnitude  ``[features]``               ``lora_magnitude_vector`` (``‖E[:, j]‖₂``)
+========== ============================ ==========================================
+
+The norm is taken per feature over the vocabulary (PEFT's embedding layer
+normalises the transposed weight ``[features, num_embeddings]`` over its rows),
+computed by :func:`dora_jax.factored_norm` on ``E`` itself: the intermediates
+are ``[r, features]`` and ``[r, r]``, never a second ``[num_embeddings,
+features]`` table. For integer ids ``x [...]``::
+
+  n = ‖E + s·a·b‖ per feature column           [features], float32, detached
+  g = m / n                                      [features]
+  y = g ⊙ (E[x] + s·a[x]·b)                      [..., features]
+
+``attend`` (the tied output projection, ``q·Eᵀ`` in ``nnx.Embed``) uses the same
+adapted table ``E' = g ⊙ (E + s·a·b)`` without forming it::
+
+  attend(q) = (q ⊙ g)·Eᵀ + s·((q ⊙ g)·bᵀ)·aᵀ    [..., num_embeddings]
+
+so a model that ties its output head to the embedding sees the adapter in both
+places, exactly as after :func:`dora_jax.merge` (PEFT's tied ``lm_head`` keeps
+the base weight until merged; dora_jax is consistent before and after merging).
+PEFT applies no dropout to embedding adapters: ``dropout`` is recorded (so an
+adapter config stays uniform) but has no effect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from dora_jax import _adapter
+from dora_jax._checks import accumulation_dtype, check_scale, check_vector, check_weights
+from dora_jax.dense import lora_scale
+from dora_jax.norm import NORM_EPS, factored_norm
+from dora_jax.nnx import WRAPPERS, DoRACache, DoRALayer, DoRAParam, _check_dtype_promotion
+
+
+def _check_table(table, lora_a, lora_b, magnitude, scale):
+  dims = check_weights(table, lora_a, lora_b)
+  check_vector("magnitude", magnitude, dims.d_out)
+  check_scale(scale)
+  return dims
+
+
+def embed_scale(table: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+                magnitude: jax.Array, scale, *, norm: jax.Array | None = None) -> jax.Array:
+  """``g = m / ‖E + s·a·b‖`` per feature, ``[features]`` float32 (float64 for float64 inputs).
+
+  Differentiable with respect to ``magnitude`` only: the norm is detached, as in PEFT.
+  ``norm`` may pass a precomputed (cached) ``[features]`` norm.
+  """
+  dims = _check_table(table, lora_a, lora_b, magnitude, scale)
+  acc = accumulation_dtype(table, lora_a, lora_b, magnitude)
+  if norm is None:
+    norm = factored_norm(table, lax.stop_gradient(lora_a), lax.stop_gradient(lora_b), scale)
+  else:
+    check_vector("norm", norm, dims.d_out)
+  norm = lax.stop_gradient(norm.astype(acc))
+  return magnitude.astype(acc) / jnp.maximum(norm, NORM_EPS)
+
+
+def _lookup_ids(ids: jax.Array, num_embeddings: int) -> jax.Array:
+  if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+    raise ValueError(f"ids must be an integer array, got dtype {jnp.result_type(ids)}")
+  # nnx.Embed broadcasts a one-row table whatever the ids are.
+  return jnp.zeros_like(ids) if num_embeddings == 1 else ids
+
+
+def dora_embed(ids: jax.Array, table: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+               magnitude: jax.Array, scale, *, norm: jax.Array | None = None,
+               dtype=None) -> jax.Array:
+  """DoRA embedding lookup ``g ⊙ (E[ids] + s·a[ids]·b)``.
+
+  Args:
+    ids: integer array ``[...]`` (negative ids count from the end, out-of-range
+      ids give NaN rows, as ``nnx.Embed``'s ``jnp.take``).
+    table: frozen embedding ``E [num_embeddings, features]``.
+    lora_a: ``[num_embeddings, r]`` (PEFT's ``lora_embedding_A`` transposed).
+    lora_b: ``[r, features]`` (PEFT's ``lora_embedding_B`` transposed).
+    magnitude: ``[features]``.
+    scale: LoRA scale ``s``.
+    norm: optional precomputed ``‖E + s·a·b‖ [features]`` (treated as a constant).
+    dtype: output dtype (default: the table's dtype, as ``nnx.Embed``).
+
+  Returns:
+    ``[..., features]``. Gradients flow to ``lora_a`` (rows selected by ``ids``),
+    ``lora_b`` and ``magnitude`` (and the table if asked); the norm is detached.
+  """
+  num_embeddings = table.shape[0] if jnp.ndim(table) == 2 else -1
+  g = embed_scale(table, lora_a, lora_b, magnitude, scale, norm=norm)
+  ids = _lookup_ids(ids, num_embeddings)
+  acc = g.dtype
+  out_dtype = jnp.dtype(dtype) if dtype is not None else table.dtype
+  base = jnp.take(table.astype(out_dtype), ids, axis=0).astype(acc)
+  h = jnp.take(lora_a, ids, axis=0)
+  low = jnp.dot(h.astype(acc), lora_b.astype(acc), precision=lax.Precision.HIGHEST,
+                preferred_element_type=acc)
+  return (g * (base + jnp.asarray(scale, acc) * low)).astype(out_dtype)
+
+
+def dora_attend(query: jax.Array, table: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+                magnitude: jax.Array, scale, *, norm: jax.Array | None = None,
+                dtype=None, precision=None) -> jax.Array:
+  """Tied output projection with the adapted table: ``q·E'ᵀ``, ``E' = g ⊙ (E + s·a·b)``.
+
+  Computed as ``(q⊙g)·Eᵀ + s·((q⊙g)·bᵀ)·aᵀ``: no ``[num_embeddings, features]``
+  temporary. ``query [..., features] -> [..., num_embeddings]``; the large
+  product runs in ``dtype`` (default: ``query`` promoted with the table, as
+  ``nnx.Embed.attend``) with float32 accumulation.
+  """
+  dims = _check_table(table, lora_a, lora_b, magnitude, scale)
+  if jnp.ndim(query) < 1 or jnp.shape(query)[-1] != dims.d_out:
+    raise ValueError(f"query must be [..., features] = [..., {dims.d_out}], got {jnp.shape(query)}")
+  g = embed_scale(table, lora_a, lora_b, magnitude, scale, norm=norm)
+  acc = g.dtype
+  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query, table)
+  qg = query.astype(acc) * g
+  base = jnp.dot(qg.astype(cdt), table.astype(cdt).T, precision=precision,
+                 preferred_element_type=acc)
+  hq = jnp.dot(qg, lora_b.astype(acc).T, precision=lax.Precision.HIGHEST,
+               preferred_element_type=acc)
+  low = jnp.dot(hq, lora_a.astype(acc).T, precision=lax.Precision.HIGHEST,
+                preferred_element_type=acc)
+  return (base + jnp.asarray(scale, acc) * low).astype(cdt)
+
+
+# Compiled once per shape: an eager call then rounds the norm's reductions as a
+# jitted one does (so at init ``m`` equals the norm bit for bit, g = 1 exactly).
+_embed_jit = jax.jit(dora_embed, static_argnames=("scale", "dtype"))
+_attend_jit = jax.jit(dora_attend, static_argnames=("scale", "dtype", "precision"))
+
+
+class DoRAEmbed(DoRALayer):
+  """DoRA around a frozen :class:`flax.nnx.Embed` (PEFT's embedding DoRA).
+
+  Keeps the base layer's ``embedding`` Variable (same object, same attribute
+  name, so state paths do not change) and adds ``lora_a [num_embeddings, r]``
+  (zeros), ``lora_b [r, features]`` (``N(0, 1)``) and ``magnitude [features]``
+  as :class:`dora_jax.nnx.DoRAParam` (PEFT's init: ``lora_embedding_A`` zeros,
+  ``lora_embedding_B`` normal, so the layer starts as the base layer).
+  ``__call__(ids)`` and ``attend(query)`` match ``nnx.Embed``'s; see
+  :mod:`dora_jax.embed` for the formulas. Cached-norm inference
+  (:func:`dora_jax.surgery.freeze_scales`) works as for the Dense wrappers.
+
+  Args:
+    base: the ``nnx.Embed`` to adapt (a custom ``promote_dtype`` is refused).
+    rank: ``r``, ``1 <= r <= min(num_embeddings, features)``.
+    alpha, rslora: scale ``alpha / r`` (``alpha / √r`` with rsLoRA).
+    dropout: recorded only (PEFT applies no dropout to embedding adapters).
+    param_dtype: adapter dtype (default float32).
+    rngs: ``params`` stream initialises ``lora_b``.
+  """
+
+  #: ``apply_dora(targets="all-linear")`` does not select embeddings (as PEFT).
+  all_linear = False
+
+  def __init__(self, base: nnx.Embed, *, rank: int, alpha: float, rslora: bool = False,
+               dropout: float = 0.0, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               path: str = ""):
+    if type(base) is not nnx.Embed:
+      raise TypeError(f"DoRAEmbed wraps an nnx.Embed, got {type(base).__name__}")
+    _check_dtype_promotion(base)
+    self.in_shape = (int(base.num_embeddings),)
+    self.out_shape = (int(base.features),)
+    self.d_in, self.d_out = self.in_shape[0], self.out_shape[0]
+    _adapter.check_rank(rank, self.d_in, self.d_out, path or "Embed")
+    self.rank = rank
+    self.alpha = float(alpha)
+    self.rslora = bool(rslora)
+    self.scale = lora_scale(alpha, rank, rslora=rslora)
+    self.dropout_rate = _adapter.check_dropout(dropout)
+    self.cache_norm = False
+    self.base_graphdef = nnx.graphdef(base)
+    self.base_type = type(base)
+    self.embedding = base.embedding
+    self.bias = nnx.data(None)
+    self.dtype = base.dtype
+    self.precision = None
+    self.preferred_element_type = None
+    self.param_dtype = jnp.dtype(param_dtype)
+    self.lora_a = DoRAParam(jnp.zeros((self.d_in, rank), self.param_dtype))
+    self.lora_b = DoRAParam(
+        jax.random.normal(rngs.params(), (rank, self.d_out), jnp.float32).astype(self.param_dtype))
+    self.magnitude = DoRAParam(
+        _adapter.init_magnitude(self.embedding[...], self.param_dtype))
+    self.norm_cache = DoRACache(jnp.zeros((self.d_out,), jnp.float32))
+    self.norm_stamp = DoRACache(_adapter.empty_stamp())
+    self.dropout = nnx.data(None)
+
+  @property
+  def kernel(self) -> nnx.Param:
+    """The frozen table ``[num_embeddings, features]`` (the 2-D view of the base weight)."""
+    return self.embedding
+
+  @property
+  def num_embeddings(self) -> int:
+    return self.d_in
+
+  @property
+  def features(self) -> int:
+    return self.d_out
+
+  def _norm(self) -> jax.Array | None:
+    a, b, _ = self.adapter_views()
+    return self._norm_for_call(self._kernel2d(), a, b)
+
+  def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+    """``ids [...] (integers) -> [..., features]`` in ``dtype`` (as ``nnx.Embed``)."""
+    if out_sharding is not None:
+      raise NotImplementedError("DoRAEmbed does not support out_sharding")
+    a, b, m = self.adapter_views()
+    return _embed_jit(inputs, self._kernel2d(), a, b, m, scale=self.scale, norm=self._norm(),
+                      dtype=jnp.dtype(self.dtype))
+
+  def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
+    """``query [..., features] -> [..., num_embeddings]`` with the adapted table (tied heads)."""
+    if out_sharding is not None:
+      raise NotImplementedError("DoRAEmbed.attend does not support out_sharding")
+    a, b, m = self.adapter_views()
+    return _attend_jit(query, self._kernel2d(), a, b, m, scale=self.scale, norm=self._norm(),
+                       dtype=jnp.result_type(query, self.dtype))
+
+  def _rebuild(self, kernel_value: jax.Array) -> nnx.Module:
+    state = {"embedding": self.embedding.replace(kernel_value)}
+    return nnx.merge(self.base_graphdef, nnx.State(state))
+
+  def describe(self) -> str:
+    return (f"Embed({self.d_in} x {self.d_out}) rank={self.rank} alpha={self.alpha:g} "
+            f"scale={self.scale:g}" + (" rslora" if self.rslora else ""))
+
+  # -- PEFT tensors (for an I/O hook) -----------------------------------------
+
+  def peft_tensors(self) -> dict[str, jax.Array]:
+    """This layer's adapter as PEFT names it: ``{suffix: array}`` in torch layout."""
+    a, b, m = self.adapter_views()
+    return {".lora_embedding_A": a.T, ".lora_embedding_B": b.T, ".lora_magnitude_vector": m}
+
+  def load_peft_tensors(self, tensors: dict[str, Any]) -> None:
+    """Set ``lora_a``/``lora_b``/``magnitude`` from :meth:`peft_tensors`-style arrays."""
+    want = {".lora_embedding_A": (self.rank, self.d_in),
+            ".lora_embedding_B": (self.d_out, self.rank), ".lora_magnitude_vector": (self.d_out,)}
+    for suffix, shape in want.items():
+      if suffix not in tensors or tuple(jnp.shape(tensors[suffix])) != shape:
+        got = None if suffix not in tensors else tuple(jnp.shape(tensors[suffix]))
+        raise ValueError(f"{suffix} must have shape {shape}, got {got}")
+    self.lora_a[...] = jnp.asarray(tensors[".lora_embedding_A"]).T.astype(self.lora_a.dtype)
+    self.lora_b[...] = jnp.asarray(tensors[".lora_embedding_B"]).T.astype(self.lora_b.dtype)
+    self.magnitude[...] = jnp.asarray(tensors[".lora_magnitude_vector"]).astype(
+        self.magnitude.dtype)
+
+
+WRAPPERS[nnx.Embed] = DoRAEmbed

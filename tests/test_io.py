@@ -295,6 +295,18 @@ def test_wrong_rank_pattern_in_config(saved):
     _load_fresh(d)
 
 
+def test_target_modules_must_cover_the_tensors(saved):
+  _, d = saved
+  config = json.loads((d / "adapter_config.json").read_text())
+  config["target_modules"] = ["q_proj", "k_proj", "o_proj"]  # lm_head left out
+  rewrite(d, config=config)
+  with pytest.raises(AdapterFormatError, match="module\\(s\\) lm_head that target_modules"):
+    _load_fresh(d)
+  config["target_modules"] = r".*\.(q|k|o)_proj|lm_head"  # a regex covering everything
+  rewrite(d, config=config)
+  _load_fresh(d)
+
+
 def test_edited_config_breaks_the_link(saved):
   _, d = saved
   config = json.loads((d / "adapter_config.json").read_text())
@@ -341,7 +353,9 @@ def test_tensor_for_a_module_the_model_lacks(saved):
   for k in list(tensors):
     if ".lm_head." in k:
       tensors[k.replace(".lm_head.", ".score.")] = tensors.pop(k)
-  rewrite(d, tensors=tensors)
+  config = json.loads((d / "adapter_config.json").read_text())
+  config["target_modules"] = [*config["target_modules"], "score"]
+  rewrite(d, tensors=tensors, config=config)
   with pytest.raises(AdapterFormatError, match="module\\(s\\) score name no adaptable layer"):
     _load_fresh(d)
 

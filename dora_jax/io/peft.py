@@ -323,6 +323,10 @@ def _check_config(config: Any, path: Path) -> None:
   for key, what in _UNSUPPORTED.items():
     if config.get(key) not in (None, False, [], {}):
       raise fail(f"{key}={config[key]!r} ({what}) is not supported by dora_jax")
+  targets = config.get("target_modules")
+  if targets is not None and not isinstance(targets, str) and not (
+      isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+    raise fail(f"target_modules must be a string, a list of strings or null, got {targets!r}")
   for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
     pattern = config.get(key) or {}
     if not isinstance(pattern, dict) or not all(
@@ -420,7 +424,8 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
 
   Raises:
     AdapterFormatError: missing/corrupt/truncated files, a config that does
-      not match the tensors (e.g. a wrong ``r``), tensors that are not adapter
+      not match the tensors (e.g. a wrong ``r``, or ``target_modules`` that
+      leaves out a module the file holds), tensors that are not adapter
       weights or name no layer of the model, missing tensors, shape or dtype
       mismatches (the message names the tensor and both shapes/dtypes), an
       adapted layer whose rank/alpha/rsLoRA differ from the config.
@@ -446,6 +451,17 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   modules = _group_tensors(tensors, weights_path)
   if not modules:
     raise AdapterFormatError(f"{weights_path}: holds no adapter tensors")
+
+  targets = config.get("target_modules")
+  if targets is not None:
+    if isinstance(targets, str):
+      untargeted = [n for n in sorted(modules) if not naming.peft_matches(targets, n)]
+    else:
+      untargeted = [n for n in sorted(modules) if not naming.peft_matches(list(targets), n)]
+    if untargeted:
+      raise AdapterFormatError(
+          f"{directory}: tensors for module(s) {', '.join(untargeted)} that target_modules="
+          f"{targets!r} does not select (PEFT would not load them): config and weights disagree")
 
   paths = _candidate_paths(model)
   table = naming.name_table(paths, module_name_map)

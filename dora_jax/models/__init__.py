@@ -10,7 +10,8 @@ from dora_jax.models.hf_loader import (HFCheckpointError, config_from_hf, config
                                        hf_state_dict, load_hf_llama, read_hf_config,
                                        read_hf_weights, save_hf_llama)
 from dora_jax.models.llama import (ALL_PROJECTIONS, ATTENTION_PROJECTIONS, LlamaConfig,
-                                   LlamaForCausalLM, LlamaModel, RMSNorm, causal_lm_loss)
+                                   LlamaForCausalLM, LlamaModel, RMSNorm, causal_lm_loss,
+                                   random_llama)
 
 __all__ = [
     "ALL_PROJECTIONS",
@@ -26,6 +27,7 @@ __all__ = [
     "hf_state_dict",
     "load_hf_llama",
     "read_hf_config",
+    "random_llama",
     "read_hf_weights",
     "save_hf_llama",
 ]

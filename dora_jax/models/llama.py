@@ -324,6 +324,31 @@ class LlamaForCausalLM(nnx.Module):
     return self.lm_head(h)
 
 
+def random_llama(config: LlamaConfig, *, dtype=jnp.float32, seed: int = 0,
+                 attn_implementation: str | None = None) -> LlamaForCausalLM:
+  """A randomly initialised :class:`LlamaForCausalLM`, generated on the host.
+
+  Weights ``normal(0, config.initializer_range)``, norms one, biases zero (as
+  ``transformers`` initialises). The model is built abstractly and filled from
+  NumPy's generator: no compilation and no op-by-op dispatch, which dominate
+  the cost of ``LlamaForCausalLM(config, rngs=...)`` for small models on a CPU.
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(
+      config, dtype=dtype, attn_implementation=attn_implementation, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  std = np.float32(config.initializer_range)
+  filled = []
+  for path, var in nnx.to_flat_state(state):
+    if path[-1] == "weight":  # RMSNorm
+      value = np.ones(var.shape, np.float32)
+    elif path[-1] == "bias":
+      value = np.zeros(var.shape, np.float32)
+    else:
+      value = rng.standard_normal(var.shape, np.float32) * std
+    filled.append((path, var.replace(jnp.asarray(value, dtype))))
+  return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
 def causal_lm_loss(logits: jax.Array, input_ids: jax.Array,
                    mask: jax.Array | None = None) -> jax.Array:
   """Mean next-token cross-entropy, float32 (``transformers``' loss with ``labels=input_ids``).

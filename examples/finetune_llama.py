@@ -25,6 +25,9 @@ A Llama-3-8B-shaped slice (two layers) on a GPU, bf16, timing the steps::
   python examples/finetune_llama.py /tmp/l3slice --init-random llama3-8b --layers 2 \\
       --dtype bfloat16 --data README.md --seq 4096 --batch 1 --rank 16 --steps 30 \\
       --eval-every 0
+
+and the same steps with Hugging Face PEFT for comparison:
+``python benchmarks/llama_slice_peft.py /tmp/l3slice --seq 4096 --batch 1 --rank 16 --steps 30``.
 """
 
 from __future__ import annotations
@@ -186,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--weight-decay", type=float, default=0.0)
   p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+  p.add_argument("--attn", choices=["xla", "cudnn"], default=None,
+                 help="jax.nn.dot_product_attention implementation (default: JAX's choice)")
   p.add_argument("--eval-every", type=int, default=50, help="0: evaluate at the end only")
   p.add_argument("--eval-batches", type=int, default=4)
   p.add_argument("--eval-fraction", type=float, default=0.1)
@@ -204,7 +209,7 @@ def main(argv=None) -> dict:
   if args.init_random and not (args.checkpoint / "config.json").exists():
     make_random_checkpoint(args.checkpoint, args.init_random, args.layers, dtype, args.seed)
   t0 = time.perf_counter()
-  model = load_hf_llama(args.checkpoint, dtype=dtype)
+  model = load_hf_llama(args.checkpoint, dtype=dtype, attn_implementation=args.attn)
   cfg = model.config
   print(f"loaded {args.checkpoint} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden "
         f"{cfg.hidden_size}, vocab {cfg.vocab_size}, {args.dtype}) in "
@@ -268,8 +273,11 @@ def main(argv=None) -> dict:
   print(f"held-out loss {first_eval:.4f} -> {final_eval:.4f} after {args.steps} steps; "
         f"last train loss {loss:.4f}")
   if steady:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = (f"; peak device memory {stats['peak_bytes_in_use'] / 2**20:,.0f} MiB"
+            if "peak_bytes_in_use" in stats else "")
     print(f"step time: median {step_ms:.2f} ms over {len(steady)} steps (first step, with "
-          f"compilation, {1e3 * times[0]:.0f} ms); {tokens_per_s:,.0f} tokens/s")
+          f"compilation, {1e3 * times[0]:.0f} ms); {tokens_per_s:,.0f} tokens/s{peak}")
   if args.out:
     dora_jax.save_adapter(model, args.out, base_model_name_or_path=str(args.checkpoint),
                           task_type="CAUSAL_LM")

@@ -481,3 +481,18 @@ def test_finetune_example_runs_resumes_and_exports(tmp_path, capsys):
   dora_jax.load_adapter(model, out)
   ids = jnp.asarray(rng.integers(0, 256, size=(1, 16)), jnp.int32)
   assert rel_err(forward(load_hf_llama(merged), ids), forward(model, ids)) < 1e-5
+
+
+def test_example_tokenizer_choice(tmp_path):
+  example = _load_example()
+  ids = example.Tokenizer(tmp_path, 256).encode(["hé", "x"])
+  np.testing.assert_array_equal(ids, list("hé\n\n".encode()) + list(b"x\n\n"))
+  with pytest.raises(SystemExit, match="vocab_size >= 256"):
+    example.Tokenizer(tmp_path, 100)
+  (tmp_path / "tokenizer.json").write_text("{}")
+  try:
+    import tokenizers  # noqa: F401
+  except ImportError:
+    with pytest.raises(SystemExit, match="needs the tokenizers package"):
+      example.Tokenizer(tmp_path, 256)
+  assert example.Tokenizer(tmp_path, 256, force_bytes=True).name == "bytes"

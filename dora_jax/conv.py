@@ -9,7 +9,7 @@ name       shape                      PEFT tensor
 ========== ========================== ===============================================
 lora_a     ``[*window, in, r]``       ``lora_A.weight [r, in, *window]`` (a conv in → r)
 lora_b     ``[r, out]``               ``lora_B.weight [out, r, 1, ...]`` (a 1×1 conv r → out)
-magnitude  ``[out]``                  ``lora_magnitude_vector [out]``
+magnitude  ``[out]``                  ``lora_magnitude_vector [1, out, 1, ...]``
 ========== ========================== ===============================================
 
 The low-rank update is the conv ``A`` (same window, strides, padding and
@@ -332,19 +332,21 @@ class DoRAConv(DoRALayer):
   # -- PEFT tensors (for an I/O hook) -----------------------------------------
 
   def peft_tensors(self) -> dict[str, jax.Array]:
-    """``lora_A.weight [r, in, *window]``, ``lora_B.weight [out, r, 1, ...]``, magnitude."""
+    """PEFT's tensors: ``lora_A.weight [r, in, *window]``, ``lora_B.weight [out, r, 1, ...]``,
+    ``lora_magnitude_vector [1, out, 1, ...]`` (PEFT keeps a conv magnitude with the
+    kernel's rank, as its keepdim norm)."""
     n = len(self.kernel_size)
     a = jnp.transpose(self.lora_a[...], (n + 1, n, *range(n)))
     b = self.lora_b[...].T.reshape(self.out_features, self.rank, *(1,) * n)
-    return {".lora_A.weight": a, ".lora_B.weight": b,
-            ".lora_magnitude_vector": self.magnitude[...]}
+    m = self.magnitude[...].reshape(1, self.out_features, *(1,) * n)
+    return {".lora_A.weight": a, ".lora_B.weight": b, ".lora_magnitude_vector": m}
 
   def load_peft_tensors(self, tensors: dict[str, Any]) -> None:
     """Set the adapters from PEFT-layout arrays (the inverse of :meth:`peft_tensors`)."""
     n = len(self.kernel_size)
     want = {".lora_A.weight": (self.rank, self.in_features, *self.kernel_size),
             ".lora_B.weight": (self.out_features, self.rank, *(1,) * n),
-            ".lora_magnitude_vector": (self.out_features,)}
+            ".lora_magnitude_vector": (1, self.out_features, *(1,) * n)}
     for suffix, shape in want.items():
       got = None if suffix not in tensors else tuple(jnp.shape(tensors[suffix]))
       if got != shape:
@@ -353,8 +355,8 @@ class DoRAConv(DoRALayer):
     self.lora_a[...] = a.astype(self.lora_a.dtype)
     b = jnp.asarray(tensors[".lora_B.weight"]).reshape(self.out_features, self.rank).T
     self.lora_b[...] = b.astype(self.lora_b.dtype)
-    self.magnitude[...] = jnp.asarray(tensors[".lora_magnitude_vector"]).astype(
-        self.magnitude.dtype)
+    self.magnitude[...] = jnp.asarray(tensors[".lora_magnitude_vector"]).reshape(
+        self.out_features).astype(self.magnitude.dtype)
 
 
 WRAPPERS[nnx.Conv] = DoRAConv

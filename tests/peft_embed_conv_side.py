@@ -67,7 +67,8 @@ def run(job):
   with torch.no_grad():
     a_param.copy_(torch.from_numpy(data["lora_A"]))
     b_param.copy_(torch.from_numpy(data["lora_B"]))
-    m_param.copy_(torch.from_numpy(data["magnitude"]))
+    # PEFT keeps a conv magnitude as [1, out, 1, ...] (a keepdim norm, transposed).
+    m_param.copy_(torch.from_numpy(data["magnitude"]).reshape(m_param.shape))
   if job["kind"] == "embed":
     x = torch.from_numpy(data["x"]).long()
   else:
@@ -75,7 +76,7 @@ def run(job):
   y = peft_model(x)
   (y * torch.from_numpy(data["cot"])).sum().backward()
   out = {"y": y.detach().numpy(), "d_lora_A": a_param.grad.numpy(),
-         "d_lora_B": b_param.grad.numpy(), "d_magnitude": m_param.grad.numpy()}
+         "d_lora_B": b_param.grad.numpy(), "d_magnitude": m_param.grad.numpy().reshape(-1)}
   if job["kind"] != "embed":
     out["d_x"] = x.grad.numpy()
   state = get_peft_model_state_dict(peft_model)

@@ -77,18 +77,26 @@ def _nnx_grads(layer, fn, cot):
   return np.asarray(y), {k: np.asarray(v) for k, v in grads.items()}
 
 
+@nnx.jit
+def _conv_grads(model, x, cot):
+  def loss(model, x):
+    y = model(x)
+    return jnp.sum(y * cot), y
+  (grads, dx), y = nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.LoRAParam), 1),
+                            has_aux=True)(model, x)
+  return y, {k: grads[k][...] for k in ("lora_a", "lora_b", "magnitude")}, dx
+
+
 def _nnx_grads_x(layer, x, cot):
   """Conv: ``y``, adapter gradients and ``dx`` of ``Σ layer(x) ⊙ cot`` (one compiled call)."""
-  @nnx.jit
-  def run(model, x):
-    def loss(model, x):
-      y = model(x)
-      return jnp.sum(y * cot), y
-    (grads, dx), y = nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.LoRAParam), 1),
-                              has_aux=True)(model, x)
-    return y, {k: grads[k][...] for k in ("lora_a", "lora_b", "magnitude")}, dx
-  y, grads, dx = run(layer, x)
+  y, grads, dx = _conv_grads(layer, x, cot)
   return np.asarray(y), {k: np.asarray(v) for k, v in grads.items()}, np.asarray(dx)
+
+
+@nnx.jit
+def _apply(model, *args):
+  """``model(*args)`` compiled (plain Flax layers run op by op otherwise: slow on a CPU)."""
+  return model(*args)
 
 
 # -- float64 references --------------------------------------------------------
@@ -105,7 +113,7 @@ def ref_embed(table, p, s, ids, cot, query=None, cot_q=None):
   """Float64 lookup (and attend) outputs and adapter gradients via plain nnx.Embed."""
   with jax.enable_x64(True):
     n, f = table.shape
-    embed64 = nnx.Embed(n, f, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    embed64 = nnx.eval_shape(lambda: nnx.Embed(n, f, param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
     gdef, _ = nnx.split(embed64)
     t = jnp.asarray(f64(table))
 
@@ -131,10 +139,11 @@ def ref_embed(table, p, s, ids, cot, query=None, cot_q=None):
 def ref_conv(base: nnx.Conv, p, s, x, cot):
   """Float64 output and gradients (adapters and x) via plain nnx.Conv on the merged kernel."""
   with jax.enable_x64(True):
-    conv64 = nnx.Conv(base.in_features, base.out_features, base.kernel_size, base.strides,
-                      padding=base.padding, input_dilation=base.input_dilation,
-                      kernel_dilation=base.kernel_dilation, use_bias=base.bias is not None,
-                      param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    conv64 = nnx.eval_shape(lambda: nnx.Conv(
+        base.in_features, base.out_features, base.kernel_size, base.strides,
+        padding=base.padding, input_dilation=base.input_dilation,
+        kernel_dilation=base.kernel_dilation, use_bias=base.bias is not None,
+        param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
     gdef, _ = nnx.split(conv64)
     w = jnp.asarray(f64(base.kernel[...]))
     d_in = math.prod(w.shape[:-1])
@@ -240,7 +249,7 @@ def test_conv_matches_float64(fresh_key, name):
   case = CONV_CASES[name]
   base, layer = _conv_layer(fresh_key(), case)
   x = _normal(fresh_key(), case["x"])
-  np.testing.assert_allclose(layer(x), base(x), rtol=1e-6, atol=1e-6)  # lora_b = 0 at init
+  np.testing.assert_allclose(layer(x), _apply(base, x), rtol=1e-6, atol=1e-6)  # b = 0
   _randomize(layer, fresh_key())
   y0 = np.asarray(layer(x))
   cot = _normal(fresh_key(), y0.shape)
@@ -248,7 +257,7 @@ def test_conv_matches_float64(fresh_key, name):
   y_ref, g_ref = ref_conv(base, _params(layer), layer.scale, x, cot)
   assert y0.shape == y_ref.shape
   assert rel_err(y0, y_ref) < TOL
-  assert rel_err(y0, base(x)) > 1e-2
+  assert rel_err(y0, _apply(base, x)) > 1e-2
   for k in ("lora_a", "lora_b", "magnitude"):
     assert rel_err(grads[k], g_ref[k]) < TOL, k
   assert rel_err(dx, g_ref["x"]) < TOL
@@ -268,7 +277,7 @@ def test_conv_norm_is_the_flattened_kernel_norm(fresh_key):
 
 
 def test_conv_dropout_follows_peft(fresh_key):
-  base = nnx.Conv(3, 4, (3,), rngs=nnx.Rngs(0))
+  base = build(lambda: nnx.Conv(3, 4, (3,), rngs=nnx.Rngs(0)), fresh_key())
   layer = DoRAConv(base, rank=2, alpha=2.0, dropout=0.5, rngs=nnx.Rngs(1, dropout=2))
   _randomize(layer, fresh_key())
   x = _normal(fresh_key(), (2, 6, 3))
@@ -307,29 +316,29 @@ def test_apply_dora_merge_unmerge(fresh_key):
   model = build(_VisionText, fresh_key())
   img = _normal(fresh_key(), (2, 9, 9, 3))
   ids = jnp.asarray(_rng(fresh_key()).integers(0, 20, (2, 4)))
-  y0 = np.asarray(model(img, ids))
+  y0 = np.asarray(_apply(model, img, ids))
   assert dora_jax.surgery.adaptable_paths(model) == ["embed", "proj", "stem"]
   dora_jax.apply_dora(model, targets="all-linear", rank=2, alpha=4, rngs=nnx.Rngs(1))
   assert dora_jax.surgery.adapted_paths(model) == ["proj"]  # as PEFT: no embeddings/convs
   dora_jax.apply_dora(model, targets="stem|embed", rank=2, alpha=4, rngs=nnx.Rngs(2))
   assert isinstance(model.stem, DoRAConv) and isinstance(model.embed, DoRAEmbed)
-  np.testing.assert_allclose(model(img, ids), y0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_apply(model, img, ids), y0, rtol=1e-5, atol=1e-6)
   for _, layer in dora_jax.surgery.dora_layers(model):
     _randomize(layer, fresh_key())
-  y = np.asarray(model(img, ids))
+  y = np.asarray(_apply(model, img, ids))
   assert rel_err(y, y0) > 1e-2
   # Training touches only the adapters.
   n_train = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
   assert n_train == (27 * 2 + 2 * 8 + 8) + (20 * 2 + 2 * 8 + 8) + (8 * 2 + 2 * 8 + 8)
   merged = dora_jax.merge(model)
   assert type(merged.stem) is nnx.Conv and type(merged.embed) is nnx.Embed
-  assert rel_err(merged(img, ids), y) < TOL
+  assert rel_err(_apply(merged, img, ids), y) < TOL
   dora_jax.freeze_scales(model)
-  assert rel_err(model(img, ids), y) < TOL
+  assert rel_err(_apply(model, img, ids), y) < TOL
   assert bool(model.stem.cache_is_fresh()) and bool(model.embed.cache_is_fresh())
   dora_jax.unfreeze_scales(model)
   base = dora_jax.unmerge(model)
-  np.testing.assert_array_equal(base(img, ids), y0)
+  np.testing.assert_array_equal(_apply(base, img, ids), y0)
 
 
 def test_jitted_training_step_updates_adapters(fresh_key):
@@ -357,26 +366,29 @@ def test_jitted_training_step_updates_adapters(fresh_key):
 # -- bad configurations ----------------------------------------------------------
 
 
-def test_bad_configurations_raise_clear_errors():
+def test_bad_configurations_raise_clear_errors(fresh_key):
   rngs = nnx.Rngs(0)
+  shaped = nnx.eval_shape  # the checks run before any weight is read
   with pytest.raises(NotImplementedError, match="feature_group_count=2"):
-    DoRAConv(nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=rngs), rank=2, alpha=1,
-             rngs=rngs)
+    DoRAConv(shaped(lambda: nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))),
+             rank=2, alpha=1, rngs=rngs)
   with pytest.raises(NotImplementedError, match="mask"):
-    DoRAConv(nnx.Conv(2, 3, (3,), mask=jnp.ones((3, 2, 3)), rngs=rngs), rank=1, alpha=1,
-             rngs=rngs)
+    DoRAConv(shaped(lambda: nnx.Conv(2, 3, (3,), mask=jnp.ones((3, 2, 3)), rngs=nnx.Rngs(0))),
+             rank=1, alpha=1, rngs=rngs)
+  with pytest.raises(ValueError, match="rank"):  # min(2·1, 3) = 2
+    DoRAConv(shaped(lambda: nnx.Conv(1, 3, (2,), rngs=nnx.Rngs(0))), rank=3, alpha=1, rngs=rngs)
   with pytest.raises(ValueError, match="rank"):
-    DoRAConv(nnx.Conv(1, 3, (2,), rngs=rngs), rank=3, alpha=1, rngs=rngs)  # min(2, 3) = 2
-  with pytest.raises(ValueError, match="rank"):
-    DoRAEmbed(nnx.Embed(50, 4, rngs=rngs), rank=5, alpha=1, rngs=rngs)
+    DoRAEmbed(shaped(lambda: nnx.Embed(50, 4, rngs=nnx.Rngs(0))), rank=5, alpha=1, rngs=rngs)
   with pytest.raises(TypeError, match="nnx.Embed"):
-    DoRAEmbed(nnx.Linear(2, 2, rngs=rngs), rank=1, alpha=1, rngs=rngs)
-  layer = DoRAEmbed(nnx.Embed(10, 4, rngs=rngs), rank=2, alpha=1, rngs=rngs)
+    DoRAEmbed(shaped(lambda: nnx.Linear(2, 2, rngs=nnx.Rngs(0))), rank=1, alpha=1, rngs=rngs)
+  layer = DoRAEmbed(build(lambda: nnx.Embed(10, 4, rngs=nnx.Rngs(0)), fresh_key()), rank=2,
+                    alpha=1, rngs=rngs)
   with pytest.raises(ValueError, match="integer"):
     layer(jnp.ones((3,)))
   with pytest.raises(ValueError, match=r"query must be \[\.\.\., features\]"):
     layer.attend(jnp.ones((2, 5)))
-  conv = DoRAConv(nnx.Conv(3, 4, (3, 3), rngs=rngs), rank=2, alpha=1, rngs=rngs)
+  conv = DoRAConv(build(lambda: nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)), fresh_key()), rank=2,
+                  alpha=1, rngs=rngs)
   with pytest.raises(ValueError, match="inputs must be"):
     conv(jnp.ones((1, 5, 5, 2)))
   k = jnp.ones((3, 3, 2, 4))
@@ -392,7 +404,7 @@ def test_bad_configurations_raise_clear_errors():
       self.c = nnx.Conv(4, 4, (3,), feature_group_count=4, rngs=nnx.Rngs(0))
 
   with pytest.raises(NotImplementedError, match="c: feature_group_count=4"):
-    dora_jax.apply_dora(Grouped(), targets="c", rank=4, alpha=1, rngs=nnx.Rngs(0))
+    dora_jax.apply_dora(shaped(Grouped), targets="c", rank=4, alpha=1, rngs=nnx.Rngs(0))
 
 
 # -- Hugging Face PEFT -------------------------------------------------------------

@@ -55,9 +55,10 @@ class _StaticWants:
 
 
 def _scale_vectors(magnitude, norm, acc):
+  """``(g, 1/n)``. ``g = m / n`` is a true division so that ``m == n`` gives
+  exactly 1 (``m · (1/n)`` can round to 1 − 2⁻²⁴), keeping PEFT's init exact."""
   safe = jnp.maximum(norm.astype(acc), NORM_EPS)
-  inv_norm = 1.0 / safe
-  return magnitude.astype(acc) * inv_norm, inv_norm
+  return magnitude.astype(acc) / safe, 1.0 / safe
 
 
 def _implementation(impl: str):

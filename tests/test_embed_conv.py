@@ -535,3 +535,56 @@ def test_peft_conv(peft_run, name):
   layer.load_peft_tensors({k: np.asarray(v) for k, v in layer.peft_tensors().items()})
   for k, v in _params(layer).items():
     np.testing.assert_array_equal(v, before[k])
+
+
+# -- Linen -----------------------------------------------------------------------
+
+
+def test_linen_embed_and_conv_match_nnx_and_merge(fresh_key):
+  import flax.linen as nn
+  from dora_jax import linen_conv
+
+  rng = _rng(fresh_key())
+  ids = jnp.asarray(rng.integers(0, 9, (2, 3)))
+  q = _normal(fresh_key(), (2, 5))
+  emb = linen_conv.DoRAEmbed(num_embeddings=9, features=5, rank=2, alpha=3.0)
+  v = emb.init(jax.random.key(0), ids)
+  plain = nn.Embed(9, 5)
+  np.testing.assert_array_equal(emb.apply(v, ids), plain.apply({"params": v["params"]}, ids))
+
+  img = _normal(fresh_key(), (2, 6, 5, 3))
+  conv = linen_conv.DoRAConv(features=4, kernel_size=(3, 2), strides=(2, 1), padding="SAME",
+                             rank=2, alpha=3.0, rslora=True)
+  cv = conv.init(jax.random.key(1), img)
+  plain_conv = nn.Conv(4, (3, 2), strides=(2, 1), padding="SAME")
+  np.testing.assert_allclose(conv.apply(cv, img), plain_conv.apply({"params": cv["params"]}, img),
+                             rtol=1e-6, atol=1e-6)
+
+  # Random adapters: Linen = NNX on the same weights, and the merged plain layers agree.
+  def rand(tree):
+    return jax.tree.map(lambda x: jnp.asarray(
+        np.asarray(x) * (1 + 0.2 * rng.standard_normal(x.shape)) + 0.1
+        * rng.standard_normal(x.shape), jnp.float32), tree)
+  v = {**v, "dora": rand(v["dora"])}
+  cv = {**cv, "dora": rand(cv["dora"])}
+  nnx_emb = DoRAEmbed(build(lambda: nnx.Embed(9, 5, rngs=nnx.Rngs(0)), fresh_key()), rank=2,
+                      alpha=3.0, rngs=nnx.Rngs(0))
+  nnx_emb.embedding[...] = v["params"]["embedding"]
+  for k in ("lora_a", "lora_b", "magnitude"):
+    getattr(nnx_emb, k)[...] = v["dora"][k]
+  y = emb.apply(v, ids)
+  np.testing.assert_allclose(y, nnx_emb(ids), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(emb.apply(v, q, method="attend"), nnx_emb.attend(q), rtol=1e-6,
+                             atol=1e-6)
+  assert rel_err(y, plain.apply({"params": v["params"]}, ids)) > 1e-2
+  merged = linen_conv.merge_params(v, v, alpha=3.0)
+  assert rel_err(plain.apply(merged, ids), y) < TOL
+  assert rel_err(plain.apply(merged, q, method="attend"), emb.apply(v, q, method="attend")) < TOL
+
+  yc = conv.apply(cv, img)
+  merged = linen_conv.merge_params(cv, cv, alpha=3.0, rslora=True)
+  assert rel_err(yc, plain_conv.apply({"params": cv["params"]}, img)) > 1e-2
+  assert rel_err(plain_conv.apply(merged, img), yc) < TOL
+  with pytest.raises(NotImplementedError, match="feature_group_count"):
+    linen_conv.DoRAConv(features=4, kernel_size=(3,), feature_group_count=2).init(
+        jax.random.key(0), jnp.ones((1, 5, 4)))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dora_jax._checks import precision_name
 from dora_jax.dense import dora_dense
 from dora_jax.norm import column_sq_norm, factored_norm
 
@@ -134,22 +135,6 @@ def cached_norm(kernel2d, lora_a2d, lora_b2d, scale: float, cache: jax.Array,
   return norm, norm, new_stamp
 
 
-def precision_name(precision) -> str | None:
-  """Map a Flax/JAX ``precision`` setting to a ``jax.default_matmul_precision`` name."""
-  if precision is None:
-    return None
-  if isinstance(precision, (tuple, list)):
-    if len(set(precision)) != 1:
-      raise ValueError(f"DoRA layers need one precision for both operands, got {precision!r}")
-    precision = precision[0]
-  if isinstance(precision, lax.Precision):
-    return {lax.Precision.DEFAULT: "default", lax.Precision.HIGH: "high",
-            lax.Precision.HIGHEST: "highest"}[precision]
-  if isinstance(precision, str):
-    return precision.lower() if precision.lower() in ("default", "high", "highest") else precision
-  raise ValueError(f"unsupported precision {precision!r} for a DoRA layer")
-
-
 def precision_scope(precision):
   """Context applying a layer's ``precision`` to the matmuls traced inside it."""
   name = precision_name(precision)
@@ -182,9 +167,10 @@ def _dora_forward_jit(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, bias1d, norm
                       *, scale: float, precision):
   with precision_scope(precision):
     if x_dropped is None:
-      return dora_dense(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d, norm=norm)
+      return dora_dense(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d, norm=norm,
+                        precision=precision)
     y = dora_dense(x_dropped, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d,
-                   norm=norm)
+                   norm=norm, precision=precision)
     rest = jnp.dot(x - x_dropped, kernel2d.astype(x.dtype))
     return (y.astype(jnp.promote_types(y.dtype, jnp.float32))
             + rest.astype(jnp.promote_types(rest.dtype, jnp.float32))).astype(y.dtype)

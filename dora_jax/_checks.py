@@ -12,6 +12,7 @@ import numbers
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 
@@ -121,3 +122,22 @@ def accumulation_dtype(*values) -> jnp.dtype:
     if value is not None and _dtype(value) == jnp.float64:
       dtype = jnp.float64
   return jnp.dtype(dtype)
+
+
+def precision_name(precision) -> str | None:
+  """Map a Flax/JAX ``precision`` setting to a ``jax.default_matmul_precision`` name."""
+  if precision is None:
+    return None
+  if isinstance(precision, (tuple, list)):
+    if len(set(precision)) != 1:
+      raise ValueError(f"DoRA layers need one precision for both operands, got {precision!r}")
+    precision = precision[0]
+  if isinstance(precision, lax.Precision):
+    return {lax.Precision.DEFAULT: "default", lax.Precision.HIGH: "high",
+            lax.Precision.HIGHEST: "highest"}[precision]
+  if isinstance(precision, str):
+    if precision.lower() in ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
+      return precision.lower()
+    if precision.isupper():  # a dot algorithm name such as "BF16_BF16_F32_X3"
+      return precision
+  raise ValueError(f"precision must be None, a jax.lax.Precision or one of 'default', 'high', 'highest', got {precision!r}")

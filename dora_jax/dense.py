@@ -16,6 +16,7 @@ kernel itself is differentiated).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import NamedTuple
@@ -26,7 +27,7 @@ from jax import lax
 
 from dora_jax import backend as backend_lib
 from dora_jax._checks import (accumulation_dtype, check_dora_args, check_scale,
-                              check_vector, check_weights)
+                              check_vector, check_weights, precision_name)
 from dora_jax.compose import Wants, backward_xla, forward_xla
 from dora_jax.norm import NORM_EPS, factored_norm
 
@@ -41,9 +42,16 @@ def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
 
 
 class _Config(NamedTuple):
-  """Static (hashable) part of a call: which implementation runs."""
+  """Static (hashable) part of a call: which implementation runs, matmul precision."""
 
   impl: str
+  precision: str | None = None
+
+  def scope(self):
+    """The matmul-precision context for tracing the forward or the backward."""
+    if self.precision is None:
+      return contextlib.nullcontext()
+    return jax.default_matmul_precision(self.precision)
 
 
 @jax.tree_util.register_static
@@ -71,6 +79,11 @@ def _implementation(impl: str):
 
 
 def _core(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
+  with cfg.scope():
+    return _core_primal(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
+
+
+def _core_primal(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   g, _ = _scale_vectors(magnitude, norm, scale.dtype)
   if cfg.impl == "pallas":  # nothing is differentiated: the kernel skips writing `pre`
     from dora_jax.kernels import fused_dense
@@ -90,7 +103,8 @@ def _core_fwd(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   bias = None if bias is None else bias.value
   g, inv_norm = _scale_vectors(magnitude, norm, scale.dtype)
   forward, _ = _implementation(cfg.impl)
-  y, pre, h = forward(x2, kernel, lora_a, lora_b, g, scale, bias)
+  with cfg.scope():
+    y, pre, h = forward(x2, kernel, lora_a, lora_b, g, scale, bias)
   bias_dtype = None if bias is None else jnp.zeros((), bias.dtype)
   res = (x2, kernel, lora_a, lora_b, h, pre if wants.magnitude else None, g,
          inv_norm, scale, jnp.zeros((), magnitude.dtype), bias_dtype, _StaticWants(wants))
@@ -102,7 +116,8 @@ def _core_bwd(cfg, res, dy):
    static) = res
   wants = static.wants
   _, backward = _implementation(cfg.impl)
-  grads = backward(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants)
+  with cfg.scope():  # the backward is traced later, outside any caller's context
+    grads = backward(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants)
 
   def cast(value, like_dtype):
     return None if value is None else value.astype(like_dtype)
@@ -138,7 +153,7 @@ def _resolve(backend: str | None, x2, kernel, lora_a, *others) -> str:
 def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                magnitude: jax.Array, scale, bias: jax.Array | None = None, *,
                norm: jax.Array | None = None, base_sq_norm: jax.Array | None = None,
-               backend: str | None = None) -> jax.Array:
+               precision=None, backend: str | None = None) -> jax.Array:
   """DoRA Dense layer: ``(m / ‖W + s·a·b‖) ⊙ (x·W + s·(x·a)·b) + bias``.
 
   Args:
@@ -157,6 +172,10 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
       frozen, so its column norms can be computed once (the NNX/Linen layers
       cache them) instead of re-reading the whole kernel every call. Ignored
       when ``norm`` is given.
+    precision: matmul precision of the layer's matmuls, forward and backward
+      (``None``, a ``jax.lax.Precision`` or ``"default"``/``"high"``/``"highest"``,
+      as Flax's ``precision``); ``None`` follows ``jax.default_matmul_precision``.
+      The norm's own matmuls always run at full float32 precision.
     backend: ``"auto"``, ``"xla"``, ``"pallas"`` or ``None`` (process default, see
       :mod:`dora_jax.backend`).
 
@@ -189,7 +208,7 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
   lead = x.shape[:-1]
   x2 = x.reshape(-1, dims.d_in)
   impl = _resolve(backend, x2, kernel, lora_a, lora_b, magnitude, bias)
-  y2 = _dora_core(_Config(impl), x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
+  y2 = _dora_core(_Config(impl, precision_name(precision)), x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
   return y2.reshape(*lead, dims.d_out)
 
 

@@ -216,3 +216,20 @@ def test_backend_argument_and_env(monkeypatch, fresh_key):
   monkeypatch.setenv("DORA_JAX_BACKEND", "xla")
   np.testing.assert_allclose(dora_jax.dora_dense(*args),
                              dora_jax.dora_dense(*args, backend="xla"), rtol=0, atol=0)
+
+
+def test_precision_reaches_forward_and_backward(fresh_key):
+  """``precision`` is applied to every matmul of the forward and of the backward."""
+  x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(fresh_key(), 24, 20, 4, (3,))
+
+  def loss(x, a):
+    y = dora_jax.dora_dense(x, kernel, a, lora_b, magnitude, 0.5, bias,
+                            precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(y * cot)
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, lora_a).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) >= 6  # forward x·W, x·a, h·b; backward dx (2), da, t
+  assert all("HIGHEST" in line for line in dots), [l for l in dots if "HIGHEST" not in l][:3]
+  with pytest.raises(ValueError, match="precision"):
+    dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 0.5, precision="fastest")

@@ -133,7 +133,7 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   on_gpu = jax.default_backend() == "gpu"
   configs = [c for c in grid(args.smoke) if args.only in (None, c["sweep"])]
-  timing_kw = dict(calls=3, repeats=2, warmup=1) if args.smoke else dict(calls=20, repeats=7)
+  timing_kw = dict(calls=3, repeats=2, warmup=1) if args.smoke else dict(calls=10, repeats=5)
   start = time.time()
   rows = []
   print(harness.device_description(), flush=True)

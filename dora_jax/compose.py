@@ -81,12 +81,16 @@ def forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias):
 
 
 def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
-                 wants: Wants) -> Grads:
+                 wants: Wants, *, dx_matmul=None) -> Grads:
   """Cotangents of :func:`forward_xla` with the norm held constant (PEFT's detach).
 
   ``dpre = dy ⊙ g``; ``dx = dpre·Wᵀ + s·(dpre·bᵀ)·aᵀ``; ``db = s·hᵀ·dpre``;
   ``da = s·x2ᵀ·(dpre·bᵀ)``; ``dm = Σ_T dy ⊙ pre / n``; ``dbias = Σ_T dy``;
   ``ds = Σ h ⊙ (dpre·bᵀ)``; ``dW = x2ᵀ·dpre`` (only when asked for).
+
+  ``dx_matmul(dpre [T, d_out], ts [T, r]) -> dx [T, d_in]``, with ``ts = s·t`` in
+  the activation dtype, replaces the two XLA matmuls of ``dx`` (the fused
+  Pallas backward plugs in here); ``None`` keeps XLA's.
   """
   cdt = dy.dtype
   acc = g.dtype
@@ -97,7 +101,9 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   t = _dot_nt(dpre, lora_b.astype(cdt), acc) if need_t else None  # [T, r]
 
   dx = da = db = dm = ds = dbias = dkernel = None
-  if wants.x:
+  if wants.x and dx_matmul is not None:
+    dx = dx_matmul(dpre, (scale * t).astype(cdt))
+  elif wants.x:
     dx_base = _dot_nt(dpre, kernel.astype(cdt))
     dx_lora = _dot_nt(t.astype(cdt), lora_a.astype(cdt))
     dx = (dx_base.astype(acc) + scale * dx_lora.astype(acc)).astype(cdt)

@@ -36,7 +36,7 @@ import contextlib
 import jax.numpy as jnp
 from jax import lax
 
-from dora_jax.compose import Grads, Wants
+from dora_jax.compose import Grads, Wants, backward_xla
 from dora_jax.kernels._common import MatmulConfig, default_interpret
 from dora_jax.kernels.dual_matmul import dual_matmul
 
@@ -137,42 +137,20 @@ def backward_pallas(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   """Cotangents of :func:`forward_pallas`, like :func:`dora_jax.compose.backward_xla`.
 
   Only the cotangents ``wants`` asks for are computed; the rest are ``None``.
+  Everything but ``dx`` is XLA's; ``dx = [dpre | s·t]·[Wᵀ ; aᵀ]`` is one fused
+  launch where :func:`use_dx_kernel` says it measured faster.
   """
   cdt = dy.dtype
-  acc = g.dtype
-  dy_acc = dy.astype(acc)
-  need_t = wants.x or wants.lora_a or wants.scale
-  need_dpre = need_t or wants.lora_b or wants.kernel
-  dpre = (dy_acc * g).astype(cdt) if need_dpre else None
-  t = ts = None
-  if need_t:
-    t = lax.dot_general(dpre, lora_b.astype(cdt), (((1,), (1,)), ((), ())),
-                        preferred_element_type=acc)  # [T, r]
-    ts = (scale * t).astype(cdt)
+  tokens, d_in = x2.shape
 
-  dx = da = db = dm = ds = dbias = dkernel = None
-  if wants.x:
-    tokens, d_in = x2.shape
-    if use_dx_kernel(tokens, d_in, dy.shape[1], lora_a.shape[1], cdt):
-      dx, _ = dual_matmul(dpre, kernel.astype(cdt), ts, lora_a.astype(cdt), trans_b=True,
-                          out_dtype=cdt, config=_config("dx", cdt))
-    else:
-      base = lax.dot_general(dpre, kernel.astype(cdt), (((1,), (1,)), ((), ())))
-      low = lax.dot_general(ts, lora_a.astype(cdt), (((1,), (1,)), ((), ())))
-      dx = (base.astype(acc) + low.astype(acc)).astype(cdt)
-  if wants.lora_a:
-    da = lax.dot_general(x2, ts, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-  if wants.lora_b:
-    db = scale * lax.dot_general(h, dpre, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-  if wants.magnitude:
-    dm = jnp.sum(dy_acc * pre.astype(acc), axis=0) * inv_norm
-  if wants.scale:
-    ds = jnp.sum(h.astype(acc) * t)
-  if wants.bias:
-    dbias = jnp.sum(dy_acc, axis=0)
-  if wants.kernel:
-    dkernel = lax.dot_general(x2, dpre, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-  return Grads(dx, dkernel, da, db, dm, ds, dbias)
+  def dx_kernel(dpre, ts):
+    dx, _ = dual_matmul(dpre, kernel.astype(cdt), ts, lora_a.astype(cdt), trans_b=True,
+                        out_dtype=cdt, config=_config("dx", cdt))
+    return dx
+
+  fused = use_dx_kernel(tokens, d_in, dy.shape[1], lora_a.shape[1], cdt)
+  return backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants,
+                      dx_matmul=dx_kernel if fused else None)
 
 
 __all__ = ["DX_CONFIG", "DX_KERNEL_MAX_MNK", "FORWARD_CONFIG", "backward_pallas",

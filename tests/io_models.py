@@ -196,3 +196,20 @@ def torch_llama_weights(model) -> dict[str, np.ndarray]:
     for name in ("input_layernorm", "post_attention_layernorm"):
       out[f"model.layers.{i}.{name}.weight"] = np.asarray(getattr(layer, name).scale[...])
   return out
+
+
+class EmbedConvNet(nnx.Module):
+  """ids ``[B, H, W]`` -> Embed ``[B, H, W, 8]`` -> 3x3 Conv ``[B, H, W, 6]`` -> Linear ``[B, H, W, 5]``.
+
+  Mirrors ``EmbedConvNet`` in ``peft_io_embed_conv_side.py`` (PyTorch, NCHW).
+  """
+
+  def __init__(self, seed=0):
+    rngs = nnx.Rngs(seed)
+    self.embed = nnx.Embed(12, 8, rngs=rngs)
+    self.conv = nnx.Conv(8, 6, (3, 3), padding="SAME", use_bias=True,
+                         bias_init=nnx.initializers.normal(0.5), rngs=rngs)
+    self.head = nnx.Linear(6, 5, rngs=rngs)
+
+  def __call__(self, ids):
+    return self.head(jnp.tanh(self.conv(self.embed(ids))))

@@ -22,7 +22,7 @@ from flax import nnx
 import dora_jax
 from dora_jax.io import AdapterFormatError, atomic, naming, safetensors_format
 from dora_jax.io import peft as peft_io
-from io_models import ToyLM, inputs, randomize, rel_err
+from io_models import EmbedConvNet, ToyLM, inputs, randomize, rel_err
 
 ALL_PROJ = r"layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 
@@ -634,12 +634,79 @@ def test_project_llama_port_gets_peft_names(tmp_path, fresh_key):
   assert_same_adapters(fresh, model)
 
 
-def test_non_linear_dora_layers_are_refused(tmp_path):
-  if nnx.Embed not in dora_jax.nnx.WRAPPERS:
-    pytest.skip("this build has no DoRA for nnx.Embed")
-  model = ToyLM(seed=0)
-  model.embed_tokens = nnx.Embed(10, 16, rngs=nnx.Rngs(0))
-  dora_jax.apply_dora(model, targets="embed_tokens|lm_head", rank=2, alpha=4, rngs=nnx.Rngs(1))
-  with pytest.raises(NotImplementedError, match="embed_tokens"):
-    dora_jax.save_adapter(model, tmp_path)
-  assert not (tmp_path / "adapter_config.json").exists()
+EMBED_CONV_TARGETS = "embed|conv|head"
+
+
+def embed_conv_adapted(key, *, rank=3, alpha=6.0):
+  model = EmbedConvNet(seed=0)
+  dora_jax.apply_dora(model, targets=EMBED_CONV_TARGETS, rank=rank, alpha=alpha,
+                      rngs=nnx.Rngs(1))
+  randomize(model, key)
+  return model
+
+
+def embed_conv_ids(key):
+  return jax.random.randint(key, (2, 4, 5), 0, 12)
+
+
+def test_embed_conv_round_trip_is_bit_exact(tmp_path, fresh_key):
+  model = embed_conv_adapted(fresh_key())
+  dora_jax.save_adapter(model, tmp_path)
+  tensors, _ = safetensors_format.read(tmp_path / peft_io.WEIGHTS_NAME)
+  assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+      "base_model.model.embed.lora_embedding_A": (3, 12),
+      "base_model.model.embed.lora_embedding_B": (8, 3),
+      "base_model.model.embed.lora_magnitude_vector": (8,),
+      "base_model.model.conv.lora_A.weight": (3, 8, 3, 3),
+      "base_model.model.conv.lora_B.weight": (6, 3, 1, 1),
+      "base_model.model.conv.lora_magnitude_vector": (1, 6, 1, 1),
+      "base_model.model.head.lora_A.weight": (3, 6),
+      "base_model.model.head.lora_B.weight": (5, 3),
+      "base_model.model.head.lora_magnitude_vector": (5,)}
+  config = json.loads((tmp_path / peft_io.CONFIG_NAME).read_text())
+  assert config["target_modules"] == ["conv", "embed", "head"]
+  assert (config["r"], config["lora_alpha"]) == (3, 6)
+  fresh = EmbedConvNet(seed=0)
+  dora_jax.load_adapter(fresh, tmp_path)
+  assert_same_adapters(fresh, model)
+  ids = embed_conv_ids(fresh_key())
+  assert rel_err(EmbedConvNet(seed=0)(ids), model(ids)) > 1e-2  # the adapter matters
+  np.testing.assert_array_equal(np.asarray(fresh(ids)), np.asarray(model(ids)))
+  # Loading again into the now adapted model overwrites with the same values.
+  dora_jax.load_adapter(fresh, tmp_path)
+  assert_same_adapters(fresh, model)
+
+
+@pytest.mark.parametrize("key, shape", [
+    ("base_model.model.conv.lora_A.weight", (3, 8, 3, 2)),
+    ("base_model.model.conv.lora_magnitude_vector", (6,)),
+    ("base_model.model.embed.lora_embedding_B", (8, 2)),
+])
+def test_embed_conv_wrong_shape_names_the_tensor(tmp_path, fresh_key, key, shape):
+  dora_jax.save_adapter(embed_conv_adapted(fresh_key()), tmp_path)
+  tensors, _ = safetensors_format.read(tmp_path / peft_io.WEIGHTS_NAME)
+  good = tuple(tensors[key].shape)
+  tensors[key] = np.zeros(shape, np.float32)
+  rewrite(tmp_path, tensors=tensors)
+  fresh = EmbedConvNet(seed=0)
+  with pytest.raises(AdapterFormatError) as err:
+    dora_jax.load_adapter(fresh, tmp_path)
+  msg = str(err.value)
+  assert key in msg and str(shape) in msg and str(good) in msg
+  assert not dora_jax.surgery.dora_layers(fresh)  # nothing was touched
+
+
+def test_embed_conv_missing_or_foreign_tensor_raises(tmp_path, fresh_key):
+  dora_jax.save_adapter(embed_conv_adapted(fresh_key()), tmp_path)
+  tensors, _ = safetensors_format.read(tmp_path / peft_io.WEIGHTS_NAME)
+  missing = dict(tensors)
+  del missing["base_model.model.embed.lora_embedding_A"]
+  rewrite(tmp_path, tensors=missing)
+  with pytest.raises(AdapterFormatError, match=r"missing tensor.*embed\.lora_embedding_A"):
+    dora_jax.load_adapter(EmbedConvNet(seed=0), tmp_path)
+  # Linear-style names on an embedding: PEFT would not load them into nn.Embedding.
+  foreign = {k.replace("lora_embedding_A", "lora_A.weight").replace(
+      "lora_embedding_B", "lora_B.weight"): v for k, v in tensors.items()}
+  rewrite(tmp_path, tensors=foreign)
+  with pytest.raises(AdapterFormatError, match=r"embed\.lora_A\.weight.*Embed"):
+    dora_jax.load_adapter(EmbedConvNet(seed=0), tmp_path)

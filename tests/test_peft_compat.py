@@ -220,3 +220,39 @@ def test_peft_adapter_in_dora_jax(crosscheck, name):
     assert layers["layers/0/mlp/up_proj"].alpha == 16
     assert all(layer.rslora for layer in layers.values())
     assert all(layer.dropout_rate == config["lora_dropout"] for layer in layers.values())
+
+
+def test_embed_conv_adapter_in_peft_and_back(tmp_path, fresh_key):
+  """Embed + Conv2d + Linear: PEFT's ``from_pretrained`` reproduces dora_jax's outputs,
+  and PEFT's re-save loads back bit-identically."""
+  from test_io import embed_conv_adapted, embed_conv_ids
+  from io_models import EmbedConvNet
+  model = embed_conv_adapted(fresh_key())
+  dora_jax.save_adapter(model, tmp_path / "adapter")
+  plain = EmbedConvNet(seed=0)
+  ids = np.asarray(embed_conv_ids(fresh_key()), np.int64)
+  weights = {"embed.weight": plain.embed.embedding[...],
+             "conv.weight": jnp.transpose(plain.conv.kernel[...], (3, 2, 0, 1)),
+             "conv.bias": plain.conv.bias[...], "head.weight": plain.head.kernel[...].T,
+             "head.bias": plain.head.bias[...]}
+  np.savez(tmp_path / "inputs.npz", ids=ids, **{k: np.asarray(v) for k, v in weights.items()})
+  proc = subprocess.run(
+      [PEFT_PYTHON, str(ROOT / "tests" / "peft_io_embed_conv_side.py"), str(tmp_path / "adapter"),
+       str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz"), str(tmp_path / "resave")],
+      capture_output=True, text=True, timeout=300)
+  if proc.returncode != 0:
+    pytest.fail(f"the PyTorch side failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+  ranks = json.loads(proc.stdout.strip().splitlines()[-1])["ranks"]
+  assert sorted(k.rsplit(".", 1)[-1] for k in ranks) == ["conv", "embed", "head"]
+  assert set(ranks.values()) == {3}
+  out = dict(np.load(tmp_path / "out.npz"))
+  assert rel_err(out["base"], np.asarray(plain(jnp.asarray(ids)))) < TOL
+  assert rel_err(out["adapted"], out["base"]) > 1e-2
+  assert rel_err(out["adapted"], np.asarray(model(jnp.asarray(ids)))) < TOL
+  fresh = EmbedConvNet(seed=0)
+  dora_jax.load_adapter(fresh, tmp_path / "resave")
+  want = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+  got = nnx.to_flat_state(nnx.state(fresh, nnx.LoRAParam))
+  assert [p for p, _ in got] == [p for p, _ in want]
+  for (path, g), (_, w) in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g[...]), np.asarray(w[...]), err_msg=str(path))

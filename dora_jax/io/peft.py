@@ -12,6 +12,22 @@ tensor                                          shape          from
 ``base_model.model.<name>.lora_magnitude_vector`` ``[d_out]``  ``magnitude``
 =============================================== ============== ===================
 
+Embedding and convolution layers (:class:`dora_jax.embed.DoRAEmbed`,
+:class:`dora_jax.conv.DoRAConv`) are written in PEFT's layouts for
+``torch.nn.Embedding`` and ``torch.nn.ConvNd``, as their ``peft_tensors()``
+give them:
+
+========================================================= ===========================
+tensor                                                    shape
+========================================================= ===========================
+``base_model.model.<name>.lora_embedding_A``              ``[r, num_embeddings]``
+``base_model.model.<name>.lora_embedding_B``              ``[features, r]``
+``base_model.model.<name>.lora_magnitude_vector``         ``[features]``
+``base_model.model.<name>.lora_A.weight`` (conv)          ``[r, in, *window]``
+``base_model.model.<name>.lora_B.weight`` (conv)          ``[out, r, 1, ...]``
+``base_model.model.<name>.lora_magnitude_vector`` (conv)  ``[1, out, 1, ...]``
+========================================================= ===========================
+
 These are the keys of ``peft.get_peft_model_state_dict`` for a DoRA LoRA
 adapter (the adapter name is stripped on save), and the layout of a
 ``torch.nn.Linear(d_in, d_out)`` whose ``weight [d_out, d_in]`` is the Flax
@@ -46,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -55,9 +72,10 @@ from dora_jax.io import atomic, naming, safetensors_format
 from dora_jax.io.naming import ModuleNameMap
 from dora_jax.nnx import WRAPPERS, DoRAEinsum, DoRALayer, DoRALinearGeneral, DoRADense
 
-#: Base layer types stored as PEFT ``Linear`` adapters (``lora_A``/``lora_B``), and their
-#: wrappers. Other DoRA layers (embeddings, convolutions) have other PEFT layouts and are
-#: refused rather than written in a form PEFT would misread.
+#: Base layer types stored as PEFT ``Linear`` adapters (2-D ``lora_A``/``lora_B``), and their
+#: wrappers. Other DoRA layers (embeddings, convolutions) give their PEFT layout through
+#: ``peft_tensors()``/``load_peft_tensors()``; a DoRA layer with neither is refused rather
+#: than written in a form PEFT would misread.
 LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 LINEAR_WRAPPERS = (DoRADense, DoRALinearGeneral, DoRAEinsum)
 
@@ -70,6 +88,13 @@ SUFFIXES = {
     ".lora_B.weight": "lora_b",
     ".lora_magnitude_vector": "magnitude",
 }
+#: The suffixes of an embedding's tensors (its magnitude is ``.lora_magnitude_vector``).
+EMBED_SUFFIXES = {
+    ".lora_embedding_A": "lora_a",
+    ".lora_embedding_B": "lora_b",
+}
+#: Every suffix accepted on load -> the adapter parameter it holds.
+_ALL_SUFFIXES = {**SUFFIXES, **EMBED_SUFFIXES}
 #: Older PEFT releases stored the magnitude under this name; accepted on load.
 _MAGNITUDE_ALIAS = ".lora_magnitude_vector.weight"
 #: safetensors metadata key linking the weights to their config (sha256 of the JSON bytes).
@@ -124,13 +149,23 @@ def _candidate_paths(model: nnx.Module) -> list[str]:
 
   The root itself is ``""`` when it is a (DoRA) layer.
   """
-  paths = {p for p, m in _module_lookup(model).items() if _is_linear(m)}
+  paths = {p for p, m in _module_lookup(model).items() if _is_adaptable(m)}
   return sorted(paths)
 
 
 def _is_linear(module: nnx.Module) -> bool:
   """A linear-type base layer or its DoRA wrapper (what a PEFT ``Linear`` adapter maps to)."""
   return type(module) in LINEAR_TYPES or isinstance(module, LINEAR_WRAPPERS)
+
+
+def _is_adaptable(module: nnx.Module) -> bool:
+  """A layer ``apply_dora`` can wrap (Linear kinds, Embed, Conv, ...) or a DoRA layer."""
+  return type(module) in WRAPPERS or isinstance(module, DoRALayer)
+
+
+def _has_peft_layout(layer: DoRALayer) -> bool:
+  """Whether the layer gives its own PEFT tensors (embeddings, convolutions)."""
+  return hasattr(layer, "peft_tensors") and hasattr(layer, "load_peft_tensors")
 
 
 def _module_lookup(model: nnx.Module) -> dict[str, nnx.Module]:
@@ -154,6 +189,10 @@ def _target_modules(adapted: list[str], all_names: list[str]) -> list[str]:
 
 
 def _layer_arrays(layer: DoRALayer) -> dict[str, np.ndarray]:
+  """``{suffix: array}`` in PEFT's layout for the layer (2-D Linear view, or its own)."""
+  if _has_peft_layout(layer):
+    return {suffix: np.ascontiguousarray(np.asarray(arr))
+            for suffix, arr in layer.peft_tensors().items()}
   a, b, m = layer.adapter_views()
   return {".lora_A.weight": np.ascontiguousarray(np.asarray(a).T),
           ".lora_B.weight": np.ascontiguousarray(np.asarray(b).T),
@@ -175,12 +214,13 @@ def _build(model, base_model_name_or_path, module_name_map, task_type):
   layers = surgery.dora_layers(model)
   if not layers:
     raise ValueError("save_adapter: the model has no DoRA layers (call apply_dora first)")
-  others = [f"{p} ({type(l).__name__})" for p, l in layers if not isinstance(l, LINEAR_WRAPPERS)]
+  others = [f"{p} ({type(l).__name__})" for p, l in layers
+            if not isinstance(l, LINEAR_WRAPPERS) and not _has_peft_layout(l)]
   if others:
     raise NotImplementedError(
-        "save_adapter writes PEFT Linear adapters (DoRA on nnx.Linear, LinearGeneral, Einsum); "
-        "these DoRA layers have other PEFT layouts and are not supported yet: "
-        + ", ".join(others))
+        "save_adapter writes PEFT adapters for DoRA on nnx.Linear, LinearGeneral, Einsum and "
+        "layers with a PEFT layout (peft_tensors: Embed, Conv); these DoRA layers have "
+        "none: " + ", ".join(others))
   table = naming.name_table(_candidate_paths(model), module_name_map)
   names = {path: table[path] for path, _ in layers}
   rslora = {layer.rslora for _, layer in layers}
@@ -239,7 +279,8 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
 
   Creates ``directory`` if needed and writes ``adapter_model.safetensors``
   (``lora_A.weight [r, d_in]``, ``lora_B.weight [d_out, r]``,
-  ``lora_magnitude_vector [d_out]`` per layer, keys
+  ``lora_magnitude_vector [d_out]`` per linear layer; embeddings and convs in
+  PEFT's layouts for them, from their ``peft_tensors()``; keys
   ``base_model.model.<module>.…``) and ``adapter_config.json`` (``peft_type``
   ``LORA``, ``use_dora: true``, ``r``, ``lora_alpha``, ``rank_pattern``, ...).
   ``peft.PeftModel.from_pretrained(torch_model, directory)`` loads it; so does
@@ -351,36 +392,60 @@ def layer_spec(config: dict[str, Any], name: str) -> LayerSpec:
 
 def _group_tensors(tensors: dict[str, np.ndarray], source: Path
                    ) -> dict[str, dict[str, tuple[str, np.ndarray]]]:
-  """``{module name: {param: (tensor key, array)}}``; unknown or duplicated keys raise."""
+  """``{module name: {suffix: (tensor key, array)}}``; unknown or duplicated keys raise.
+
+  Suffixes are those of :data:`SUFFIXES` and :data:`EMBED_SUFFIXES` (the old magnitude
+  alias is filed under ``.lora_magnitude_vector``). Which of them a module needs depends
+  on its layer kind and is checked by :func:`load_adapter`.
+  """
   modules: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
   unknown = []
   for key, arr in tensors.items():
     hit = None
     if key.startswith(PREFIX):
-      for suffix, param in [*SUFFIXES.items(), (_MAGNITUDE_ALIAS, "magnitude")]:
+      for suffix, canonical in [*((x, x) for x in _ALL_SUFFIXES),
+                                (_MAGNITUDE_ALIAS, ".lora_magnitude_vector")]:
         if key.endswith(suffix) and len(key) > len(PREFIX) + len(suffix):
-          hit = (key[len(PREFIX):-len(suffix)], param)
+          hit = (key[len(PREFIX):-len(suffix)], canonical)
           break
     if hit is None:
       unknown.append(key)
       continue
-    name, param = hit
+    name, suffix = hit
     entry = modules.setdefault(name, {})
-    if param in entry:
+    param = _ALL_SUFFIXES[suffix]
+    clash = [k for s, (k, _) in entry.items() if _ALL_SUFFIXES[s] == param]
+    if clash:
       raise AdapterFormatError(f"{source}: two tensors hold {param} of module {name!r}: "
-                               f"{entry[param][0]!r} and {key!r}")
-    entry[param] = (key, arr)
+                               f"{clash[0]!r} and {key!r}")
+    entry[suffix] = (key, arr)
   if unknown:
     raise AdapterFormatError(
         f"{source}: {len(unknown)} tensor(s) are not DoRA adapter weights of the form "
-        f"'{PREFIX}<module>{{{', '.join(SUFFIXES)}}}' and would be ignored: "
+        f"'{PREFIX}<module>{{{', '.join(_ALL_SUFFIXES)}}}' and would be ignored: "
         + ", ".join(sorted(unknown)))
   missing = [f"{PREFIX}{name}{suffix}" for name, entry in sorted(modules.items())
-             for suffix, param in SUFFIXES.items() if param not in entry]
+             for suffix in _expected_suffixes(entry) if suffix not in entry]
   if missing:
     raise AdapterFormatError(f"{source}: incomplete adapter, missing tensor(s): "
                              + ", ".join(missing))
   return modules
+
+
+def _expected_suffixes(entry: dict[str, Any]) -> tuple[str, ...]:
+  """The suffixes a module's tensors must have, from the layout its present tensors use."""
+  if any(s in EMBED_SUFFIXES for s in entry):
+    return (*EMBED_SUFFIXES, ".lora_magnitude_vector")
+  return tuple(SUFFIXES)
+
+
+def _want_shapes(layer: DoRALayer, rank: int) -> dict[str, tuple[int, ...]]:
+  """``{suffix: shape}`` of the PEFT tensors of ``layer`` (adapted with ``rank``)."""
+  if _has_peft_layout(layer):
+    shapes = jax.eval_shape(layer.peft_tensors)
+    return {suffix: tuple(s.shape) for suffix, s in shapes.items()}
+  return {".lora_A.weight": (rank, layer.d_in), ".lora_B.weight": (layer.d_out, rank),
+          ".lora_magnitude_vector": (layer.d_out,)}
 
 
 def _layer_dims(module: nnx.Module, spec: LayerSpec, path: str) -> DoRALayer:
@@ -406,7 +471,12 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   included) and sets ``lora_a [*in_shape, r]``, ``lora_b [r, *out_shape]``
   and ``magnitude [*out_shape]`` from ``lora_A.weight [r, d_in]``,
   ``lora_B.weight [d_out, r]`` and ``lora_magnitude_vector [d_out]`` (exact:
-  transposes and reshapes only). Everything is validated before the model is
+  transposes and reshapes only). Embedding and convolution layers take PEFT's
+  layouts for them (``lora_embedding_A [r, num_embeddings]``,
+  ``lora_embedding_B [features, r]``; conv ``lora_A.weight [r, in, *window]``,
+  ``lora_B.weight [out, r, 1, ...]``, ``lora_magnitude_vector [1, out, 1, ...]``)
+  through the layer's ``load_peft_tensors``; the shapes each layer needs are
+  those of its ``peft_tensors()`` at the config's rank. Everything is validated before the model is
   touched, so a failed load leaves it unchanged.
 
   Args:
@@ -481,9 +551,9 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     spec = layer_spec(config, name)
     module = lookup[path]
     entry = modules[name]
-    a_key, a = entry["lora_a"]
+    a_key, a = next(entry[s] for s in entry if _ALL_SUFFIXES[s] == "lora_a")
     # A wrong r in the config shows first in lora_A's leading dim: say so plainly.
-    if a.ndim == 2 and a.shape[0] != spec.rank:
+    if a.ndim >= 2 and a.shape[0] != spec.rank:
       raise AdapterFormatError(
           f"{directory}: the config gives module {name!r} rank {spec.rank}, but tensor "
           f"{a_key!r} has shape {tuple(a.shape)} (rank {a.shape[0]}): wrong r/rank_pattern "
@@ -501,15 +571,25 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         raise AdapterFormatError(
             f"layer {path!r} is already adapted with a different configuration than "
             f"{CONFIG_NAME} gives module {name!r} (layer vs file): " + ", ".join(mismatch))
-    want_shapes = {"lora_a": (spec.rank, layer.d_in), "lora_b": (layer.d_out, spec.rank),
-                   "magnitude": (layer.d_out,)}
+    want_shapes = _want_shapes(layer, spec.rank)
+    kind = type(layer).__name__
+    foreign = sorted(entry[s][0] for s in entry if s not in want_shapes)
+    if foreign:
+      raise AdapterFormatError(
+          f"tensor(s) {', '.join(map(repr, foreign))} do not fit layer {path!r} ({kind}), "
+          f"whose PEFT tensors are {PREFIX}{name}{{{', '.join(want_shapes)}}}")
+    missing = [f"{PREFIX}{name}{s}" for s in want_shapes if s not in entry]
+    if missing:
+      raise AdapterFormatError(f"{weights_path}: incomplete adapter, missing tensor(s): "
+                               + ", ".join(missing))
     values = {}
-    for param, shape in want_shapes.items():
-      key, arr = entry[param]
+    for suffix, shape in want_shapes.items():
+      key, arr = entry[suffix]
+      param = _ALL_SUFFIXES[suffix]
       if tuple(arr.shape) != shape:
         raise AdapterFormatError(
             f"tensor {key!r} has shape {tuple(arr.shape)}, but layer {path!r} "
-            f"({layer.d_in} -> {layer.d_out}, rank {spec.rank}) needs {shape}")
+            f"({kind}, {layer.d_in} -> {layer.d_out}, rank {spec.rank}) needs {shape}")
       if not jnp.issubdtype(arr.dtype, jnp.floating):
         raise AdapterFormatError(f"tensor {key!r} has dtype {arr.dtype}, expected a float dtype")
       if not np.all(np.isfinite(arr.astype(np.float32))):
@@ -521,7 +601,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         raise AdapterFormatError(
             f"tensor {key!r} has dtype {arr.dtype} but layer {path!r} stores {param} as "
             f"{jnp.dtype(have)} (pass dtype= to cast)")
-      values[param] = arr
+      values[suffix] = arr
     dtypes = {jnp.dtype(v.dtype) for v in values.values()}
     if not isinstance(module, DoRALayer) and len(dtypes) > 1:
       raise AdapterFormatError(
@@ -542,7 +622,8 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   groups: dict[tuple, set[str]] = collections.defaultdict(set)
   for path, name, spec, layer, values in plan:
     if not isinstance(lookup[path], DoRALayer):
-      param_dtype = jnp.dtype(values["lora_a"].dtype)
+      param_dtype = jnp.dtype(next(v for s, v in values.items()
+                                   if _ALL_SUFFIXES[s] == "lora_a").dtype)
       groups[(spec.rank, spec.alpha, spec.rslora, spec.dropout, param_dtype)].add(path)
   for (rank, alpha, rslora, dropout, param_dtype), group in sorted(
       groups.items(), key=lambda kv: sorted(kv[1])):
@@ -555,7 +636,10 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   layers = dict(surgery.dora_layers(model))
   for path, name, spec, _, values in plan:
     layer = layers[path]
-    layer.lora_a[...] = jnp.asarray(values["lora_a"].T.reshape(*layer.in_shape, spec.rank))
-    layer.lora_b[...] = jnp.asarray(values["lora_b"].T.reshape(spec.rank, *layer.out_shape))
-    layer.magnitude[...] = jnp.asarray(values["magnitude"].reshape(layer.out_shape))
+    if _has_peft_layout(layer):
+      layer.load_peft_tensors(values)
+      continue
+    layer.lora_a[...] = jnp.asarray(values[".lora_A.weight"].T.reshape(*layer.in_shape, spec.rank))
+    layer.lora_b[...] = jnp.asarray(values[".lora_B.weight"].T.reshape(spec.rank, *layer.out_shape))
+    layer.magnitude[...] = jnp.asarray(values[".lora_magnitude_vector"].reshape(layer.out_shape))
   return model

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import subprocess
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +27,9 @@ from dora_jax.embed import DoRAEmbed, dora_attend, dora_embed
 from adapter_helpers import build
 from reference import f64, rel_err
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV_VAR = "DORA_JAX_PEFT_PYTHON"
+from torch_env import ENV_VAR, PEFT_PYTHON, ROOT
 TOL = 1e-5
 
-
-def _peft_python() -> str | None:
-  explicit = os.environ.get(ENV_VAR)
-  if explicit:
-    return explicit
-  default = ROOT / ".venv-peft" / "bin" / "python"
-  return str(default) if default.exists() else None
 
 
 def _rng(key) -> np.random.Generator:
@@ -410,7 +401,6 @@ def test_bad_configurations_raise_clear_errors(fresh_key):
 # -- Hugging Face PEFT -------------------------------------------------------------
 
 
-PEFT_PYTHON = _peft_python()
 needs_peft = pytest.mark.skipif(
     PEFT_PYTHON is None,
     reason=f"no PyTorch+PEFT interpreter: run scripts/peft_env.sh (makes .venv-peft) or set "

@@ -42,8 +42,7 @@ from dora_jax.models import (ALL_PROJECTIONS, HFCheckpointError, LlamaConfig, Ll
                              causal_lm_loss, config_from_hf, config_to_hf, load_hf_llama,
                              random_llama, save_hf_llama)
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV_VAR = "DORA_JAX_PEFT_PYTHON"
+from torch_env import ENV_VAR, PEFT_PYTHON, ROOT
 
 TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
@@ -67,15 +66,7 @@ RANK, ALPHA = 8, 16
 ADAMW = {"lr": 5e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 
 
-def _peft_python() -> str | None:
-  explicit = os.environ.get(ENV_VAR)
-  if explicit:
-    return explicit
-  default = ROOT / ".venv-peft" / "bin" / "python"
-  return str(default) if default.exists() else None
 
-
-PEFT_PYTHON = _peft_python()
 needs_torch = pytest.mark.skipif(
     PEFT_PYTHON is None,
     reason=f"no PyTorch+PEFT+transformers interpreter: run scripts/peft_env.sh (makes "

@@ -45,20 +45,11 @@ from dora_jax.io import safetensors_format
 from io_models import (LLAMA_SPEC, SPEC, TinyLlama, ToyLM, inputs, randomize, rel_err,
                        torch_base_weights, torch_llama_weights)
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV_VAR = "DORA_JAX_PEFT_PYTHON"
+from torch_env import ENV_VAR, PEFT_PYTHON, ROOT
 TOL = 1e-5
 
 
-def _peft_python() -> str | None:
-  explicit = os.environ.get(ENV_VAR)
-  if explicit:
-    return explicit
-  default = ROOT / ".venv-peft" / "bin" / "python"
-  return str(default) if default.exists() else None
 
-
-PEFT_PYTHON = _peft_python()
 pytestmark = pytest.mark.skipif(
     PEFT_PYTHON is None,
     reason=f"no PyTorch+PEFT interpreter: run scripts/peft_env.sh (makes .venv-peft) or set "

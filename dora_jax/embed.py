@@ -46,7 +46,6 @@ from jax import lax
 
 from dora_jax import _adapter
 from dora_jax._checks import accumulation_dtype, check_scale, check_vector, check_weights
-from dora_jax.dense import lora_scale
 from dora_jax.norm import NORM_EPS, factored_norm
 from dora_jax.nnx import WRAPPERS, DoRACache, DoRALayer, DoRAParam, _check_dtype_promotion
 
@@ -176,18 +175,9 @@ class DoRAEmbed(DoRALayer):
     if type(base) is not nnx.Embed:
       raise TypeError(f"DoRAEmbed wraps an nnx.Embed, got {type(base).__name__}")
     _check_dtype_promotion(base)
-    self.in_shape = (int(base.num_embeddings),)
-    self.out_shape = (int(base.features),)
-    self.d_in, self.d_out = self.in_shape[0], self.out_shape[0]
-    _adapter.check_rank(rank, self.d_in, self.d_out, path or "Embed")
-    self.rank = rank
-    self.alpha = float(alpha)
-    self.rslora = bool(rslora)
-    self.scale = lora_scale(alpha, rank, rslora=rslora)
-    self.dropout_rate = _adapter.check_dropout(dropout)
-    self.cache_norm = False
-    self.base_graphdef = nnx.graphdef(base)
-    self.base_type = type(base)
+    self._init_config(base, in_shape=(int(base.num_embeddings),),
+                      out_shape=(int(base.features),), rank=rank, alpha=alpha, rslora=rslora,
+                      dropout=dropout, path=path or "Embed")
     self.embedding = base.embedding
     self.bias = nnx.data(None)
     self.dtype = base.dtype

@@ -102,9 +102,10 @@ class DoRALayer(nnx.Module):
   lora_b: DoRAParam
   magnitude: DoRAParam
 
-  def _init_adapters(self, base: nnx.Module, *, in_shape: tuple[int, ...],
-                     out_shape: tuple[int, ...], rank: int, alpha: float, rslora: bool,
-                     dropout: float, param_dtype, rngs: nnx.Rngs, path: str = "") -> None:
+  def _init_config(self, base: nnx.Module, *, in_shape: tuple[int, ...],
+                   out_shape: tuple[int, ...], rank: int, alpha: float, rslora: bool,
+                   dropout: float, path: str = "") -> None:
+    """Sizes, validated rank/dropout, scale and the base layer's type and graphdef."""
     self.in_shape = tuple(int(d) for d in in_shape)
     self.out_shape = tuple(int(d) for d in out_shape)
     self.d_in = int(math.prod(self.in_shape))
@@ -118,6 +119,12 @@ class DoRALayer(nnx.Module):
     self.cache_norm = False
     self.base_graphdef = nnx.graphdef(base)
     self.base_type = type(base)
+
+  def _init_adapters(self, base: nnx.Module, *, in_shape: tuple[int, ...],
+                     out_shape: tuple[int, ...], rank: int, alpha: float, rslora: bool,
+                     dropout: float, param_dtype, rngs: nnx.Rngs, path: str = "") -> None:
+    self._init_config(base, in_shape=in_shape, out_shape=out_shape, rank=rank, alpha=alpha,
+                      rslora=rslora, dropout=dropout, path=path)
     # The base weights: the very same Variables, not copies.
     self.kernel = base.kernel
     self.bias = base.bias if base.bias is not None else nnx.data(None)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dora_jax._checks import accumulation_dtype, check_scale, check_weights
+from dora_jax._checks import accumulation_dtype, check_float, check_scale, check_weights
 
 #: Bound, in bytes, on the float32 ``[r, chunk]`` intermediates of one chunk of
 #: :func:`factored_norm` when ``chunk_size`` is left at ``None``. Layers whose
@@ -40,6 +40,9 @@ def column_sq_norm(kernel: jax.Array) -> jax.Array:
   to :func:`factored_norm` as ``base_sq_norm``. Accumulates in float32 (float64
   for a float64 kernel).
   """
+  if jnp.ndim(kernel) != 2:
+    raise ValueError(f"kernel must be a 2-D array [d_in, d_out], got shape {jnp.shape(kernel)}")
+  check_float("kernel", kernel)
   acc = accumulation_dtype(kernel)
   return jnp.sum(jnp.square(kernel.astype(acc)), axis=0)
 

@@ -78,3 +78,10 @@ def test_chunk_size_checked():
   args = _good()
   with pytest.raises(ValueError, match="chunk_size"):
     dora_jax.factored_norm(args["kernel"], args["lora_a"], args["lora_b"], 1.0, chunk_size=0)
+
+
+def test_column_sq_norm_checks_kernel():
+  with pytest.raises(ValueError, match=r"kernel.*\(12,\)"):
+    dora_jax.column_sq_norm(jnp.ones((12,)))
+  with pytest.raises(TypeError, match="kernel"):
+    dora_jax.column_sq_norm(jnp.ones((3, 4), jnp.int32))

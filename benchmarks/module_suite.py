@@ -10,6 +10,7 @@ Implementations, same device, same shapes, same process for JAX:
   dora_cached     dora_jax inference with the norm computed once (cached scale)
 and, in a separate process (torch), Hugging Face PEFT LoRA and DoRA.
 
+Projections have no bias, as in the Llama/Mistral layers whose shapes are timed.
 Modes: ``fwd`` (training-mode forward), ``fwd_bwd`` (value and gradients of
 ``Σ y ⊙ cot`` w.r.t. x and the adapter, random cotangent), ``infer`` (unmerged
 inference, norm cached). Memory: XLA's compiled temp bytes of the fwd_bwd step

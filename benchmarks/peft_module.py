@@ -27,7 +27,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 class OneProjection(torch.nn.Module):
   def __init__(self, d_in, d_out, dtype):
     super().__init__()
-    self.proj = torch.nn.Linear(d_in, d_out, bias=True, dtype=dtype)
+    self.proj = torch.nn.Linear(d_in, d_out, bias=False, dtype=dtype)  # as the JAX side
 
 
 def build(cfg, use_dora):

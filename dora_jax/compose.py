@@ -63,30 +63,68 @@ def lora_hidden(x2: jax.Array, lora_a: jax.Array) -> jax.Array:
   return jnp.dot(x2, lora_a.astype(x2.dtype), preferred_element_type=acc).astype(x2.dtype)
 
 
-def forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias):
+def forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool = True):
   """Return ``(y, pre, h)``: output, pre-scale activations (the residual), ``x2·a``.
 
   ``y [T, d_out]`` and ``pre [T, d_out]`` are in ``x2.dtype``; ``h [T, r]`` too.
+  ``pre`` is ``None`` when ``want_pre`` is false.
   """
   cdt = x2.dtype
   acc = g.dtype
   h = lora_hidden(x2, lora_a)
-  base = jnp.dot(x2, kernel.astype(cdt))
-  lora = jnp.dot(h, lora_b.astype(cdt))
-  pre = base.astype(acc) + scale * lora.astype(acc)
+  pre = _pre_activation(x2, kernel, lora_b, h, scale, acc)
   y = g * pre
   if bias is not None:
     y = y + bias.astype(acc)
-  return y.astype(cdt), pre.astype(cdt), h
+  return y.astype(cdt), pre.astype(cdt) if want_pre else None, h
+
+
+def _pre_activation(x2, kernel, lora_b, h, scale, acc):
+  """``x2·W + s·h·b [T, d_out]`` in ``acc`` (each matmul rounded to x2's dtype once)."""
+  cdt = x2.dtype
+  base = jnp.dot(x2, kernel.astype(cdt))
+  lora = jnp.dot(h, lora_b.astype(cdt))
+  return base.astype(acc) + scale * lora.astype(acc)
+
+
+#: Below this ``|g|``, ``dm`` is not recovered from the output ``y = g ⊙ pre``
+#: (which may have underflowed or be exactly zero) but from ``pre`` recomputed.
+G_TINY = 1e-30
+
+
+def magnitude_grad(dy_acc, pre, y, g, inv_norm, recompute_pre):
+  """``dm = Σ_T dy ⊙ pre / n [d_out]`` from the residual ``pre`` or from ``y``.
+
+  Without a bias ``y = g ⊙ pre``, so ``Σ dy ⊙ pre / n = Σ dy ⊙ y / (g·n)`` and the
+  layer's output can serve as the residual instead of a second ``[T, d_out]``
+  buffer. Where some ``|g| < G_TINY`` (a zero magnitude, say) that quotient is
+  undefined, and ``recompute_pre()`` rebuilds ``pre`` inside a ``lax.cond`` that
+  runs only then.
+  """
+  acc = dy_acc.dtype
+  if pre is not None:
+    return jnp.sum(dy_acc * pre.astype(acc), axis=0) * inv_norm
+  tiny = jnp.abs(g) < G_TINY
+
+  def from_output():
+    return jnp.sum(dy_acc * y.astype(acc), axis=0) * (inv_norm / jnp.where(tiny, 1.0, g))
+
+  def from_recomputed():
+    return jnp.sum(dy_acc * recompute_pre(), axis=0) * inv_norm
+
+  return lax.cond(jnp.any(tiny), from_recomputed, from_output)
 
 
 def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
-                 wants: Wants, *, dx_matmul=None) -> Grads:
+                 wants: Wants, *, y=None, dx_matmul=None) -> Grads:
   """Cotangents of :func:`forward_xla` with the norm held constant (PEFT's detach).
 
   ``dpre = dy ⊙ g``; ``dx = dpre·Wᵀ + s·(dpre·bᵀ)·aᵀ``; ``db = s·hᵀ·dpre``;
   ``da = s·x2ᵀ·(dpre·bᵀ)``; ``dm = Σ_T dy ⊙ pre / n``; ``dbias = Σ_T dy``;
   ``ds = Σ h ⊙ (dpre·bᵀ)``; ``dW = x2ᵀ·dpre`` (only when asked for).
+
+  ``dm`` needs either the residual ``pre`` or, for a layer without bias, its
+  output ``y`` (``pre=None``; see :func:`magnitude_grad`).
 
   ``dx_matmul(dpre [T, d_out], ts [T, r]) -> dx [T, d_in]``, with ``ts = s·t`` in
   the activation dtype, replaces the two XLA matmuls of ``dx`` (the fused
@@ -112,7 +150,9 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   if wants.lora_b:
     db = scale * _dot_t(h, dpre, acc)
   if wants.magnitude:
-    dm = jnp.sum(dy_acc * pre.astype(acc), axis=0) * inv_norm
+    dm = magnitude_grad(
+        dy_acc, pre, y, g, inv_norm,
+        lambda: _pre_activation(x2, kernel, lora_b, h, scale, acc).astype(cdt).astype(acc))
   if wants.scale:
     ds = jnp.sum(h.astype(acc) * t)
   if wants.bias:

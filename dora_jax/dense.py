@@ -8,8 +8,9 @@ layout. For ``x [..., d_in]``::
   y = g ⊙ (x·W + s·(x·a)·b) + bias           [..., d_out], x's dtype
 
 The backward is a ``jax.custom_vjp`` that keeps as residuals only ``x``,
-``h = x·a [T, r]``, ``pre = x·W + s·h·b [T, d_out]`` (activation dtype) and two
-``[d_out]`` float32 vectors, and that skips every cotangent nobody asked for
+``h = x·a [T, r]``, one ``[T, d_out]`` activation (the output ``y`` itself when
+there is no bias, else ``pre = x·W + s·h·b``) and two ``[d_out]`` float32
+vectors, and that skips every cotangent nobody asked for
 (the frozen kernel's ``xᵀ·dpre`` in particular is never computed unless the
 kernel itself is differentiated).
 """
@@ -103,21 +104,26 @@ def _core_fwd(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   bias = None if bias is None else bias.value
   g, inv_norm = _scale_vectors(magnitude, norm, scale.dtype)
   forward, _ = _implementation(cfg.impl)
+  # dm needs pre = y / g. Without a bias the output itself is kept (in a network
+  # the next layer holds it anyway) instead of a second [T, d_out] buffer;
+  # float16 keeps pre, whose range y = g ⊙ pre could leave.
+  keep_y = wants.magnitude and bias is None and x2.dtype != jnp.float16
   with cfg.scope():
-    y, pre, h = forward(x2, kernel, lora_a, lora_b, g, scale, bias)
+    y, pre, h = forward(x2, kernel, lora_a, lora_b, g, scale, bias,
+                        want_pre=wants.magnitude and not keep_y)
   bias_dtype = None if bias is None else jnp.zeros((), bias.dtype)
-  res = (x2, kernel, lora_a, lora_b, h, pre if wants.magnitude else None, g,
+  res = (x2, kernel, lora_a, lora_b, h, pre, y if keep_y else None, g,
          inv_norm, scale, jnp.zeros((), magnitude.dtype), bias_dtype, _StaticWants(wants))
   return y, res
 
 
 def _core_bwd(cfg, res, dy):
-  (x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, m_proto, bias_proto,
+  (x2, kernel, lora_a, lora_b, h, pre, y, g, inv_norm, scale, m_proto, bias_proto,
    static) = res
   wants = static.wants
   _, backward = _implementation(cfg.impl)
   with cfg.scope():  # the backward is traced later, outside any caller's context
-    grads = backward(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants)
+    grads = backward(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants, y=y)
 
   def cast(value, like_dtype):
     return None if value is None else value.astype(like_dtype)

@@ -233,3 +233,38 @@ def test_precision_reaches_forward_and_backward(fresh_key):
   assert all("HIGHEST" in line for line in dots), [l for l in dots if "HIGHEST" not in l][:3]
   with pytest.raises(ValueError, match="precision"):
     dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 0.5, precision="fastest")
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_zero_magnitude_columns_get_the_true_magnitude_gradient(fresh_key, backend, dtype):
+  """Without a bias dm is recovered from y = g ⊙ pre; where g = 0 that is 0/0, and
+  the backward must fall back to recomputing pre rather than return 0 or NaN."""
+  x, kernel, lora_a, lora_b, magnitude, _, cot = make_layer(
+      fresh_key(), 45, 38, 6, (3, 7), dtype=dtype, bias=False)
+  magnitude = magnitude.at[jnp.array([0, 5, 37])].set(0)
+  _, g_ref = dora_value_and_grads(x, kernel, lora_a, lora_b, magnitude, 1.5, None, cot)
+  assert np.min(np.abs(g_ref["magnitude"][[0, 5, 37]])) > 1e-3  # a real gradient there
+  grads = _grads(x, kernel, lora_a, lora_b, magnitude, 1.5, None, cot, backend=backend)
+  tol = 2 * TOL[dtype]
+  for name, grad in grads.items():
+    assert np.all(np.isfinite(f64(grad))), name
+    assert rel_err(grad, g_ref[name]) < tol, (name, rel_err(grad, g_ref[name]))
+  dm = f64(grads["magnitude"])[[0, 5, 37]]
+  # Per column, against the scale of the whole gradient (a column's sum can cancel).
+  np.testing.assert_allclose(dm, g_ref["magnitude"][[0, 5, 37]], rtol=0,
+                             atol=tol * np.max(np.abs(g_ref["magnitude"])))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_residual_is_the_output_when_there_is_no_bias(fresh_key, with_bias):
+  """The backward keeps one [T, d_out] activation: y itself without a bias (the
+  next layer holds it anyway), pre = (y − bias) / g with one."""
+  x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(
+      fresh_key(), 30, 22, 4, (9,), bias=with_bias)
+  y, vjp = jax.vjp(lambda x, a, b, m: dora_jax.dora_dense(x, kernel, a, b, m, 2.0, bias,
+                                                           backend="xla"),
+                   x, lora_a, lora_b, magnitude)
+  wide = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, "shape", None) == y.shape]
+  assert len(wide) == 1
+  assert np.array_equal(np.asarray(wide[0]), np.asarray(y)) == (not with_bias)

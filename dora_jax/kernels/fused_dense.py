@@ -117,14 +117,15 @@ def _forward(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre):
   return y, pre, h
 
 
-def forward_pallas(x2, kernel, lora_a, lora_b, g, scale, bias):
+def forward_pallas(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool = True):
   """Return ``(y, pre, h)`` like :func:`dora_jax.compose.forward_xla`, fused.
 
   ``y [T, d_out]`` and ``pre [T, d_out]`` are in ``x2.dtype``; ``h [T, r]`` too.
   ``pre`` is the float32 accumulator rounded once (XLA's path rounds ``x2·W``
   and ``h·b`` separately), so the two agree to the activation dtype's rounding.
+  ``pre`` is ``None`` (not written) when ``want_pre`` is false.
   """
-  return _forward(x2, kernel, lora_a, lora_b, g, scale, bias, True)
+  return _forward(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre)
 
 
 def forward_pallas_y(x2, kernel, lora_a, lora_b, g, scale, bias):
@@ -133,7 +134,7 @@ def forward_pallas_y(x2, kernel, lora_a, lora_b, g, scale, bias):
 
 
 def backward_pallas(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
-                    wants: Wants) -> Grads:
+                    wants: Wants, *, y=None) -> Grads:
   """Cotangents of :func:`forward_pallas`, like :func:`dora_jax.compose.backward_xla`.
 
   Only the cotangents ``wants`` asks for are computed; the rest are ``None``.
@@ -150,7 +151,7 @@ def backward_pallas(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
 
   fused = use_dx_kernel(tokens, d_in, dy.shape[1], lora_a.shape[1], cdt)
   return backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants,
-                      dx_matmul=dx_kernel if fused else None)
+                      y=y, dx_matmul=dx_kernel if fused else None)
 
 
 __all__ = ["DX_CONFIG", "DX_KERNEL_MAX_MNK", "FORWARD_CONFIG", "backward_pallas",

@@ -1,6 +1,7 @@
 """Module-level benchmark suite: one adapted projection, every implementation.
 
-  python benchmarks/module_suite.py --out benchmarks/results      # on one NVIDIA GPU
+  python benchmarks/module_suite.py --out benchmarks/results --benchmarks-md BENCHMARKS.md
+                                                  # on one NVIDIA GPU: JSON, tables, plots
   python benchmarks/module_suite.py --out /tmp/smoke --smoke      # tiny shapes, any machine
 
 Implementations, same device, same shapes, same process for JAX:
@@ -130,6 +131,9 @@ def main():
   parser.add_argument("--only", default=None, choices=("rank", "tokens", "fp32"),
                       help="run one sweep of the grid")
   parser.add_argument("--torch-only", action="store_true", help="skip the JAX side")
+  parser.add_argument("--benchmarks-md", default=None,
+                      help="also regenerate module.md, the plots and this file's tables "
+                           "(benchmarks/report.py) from the JSON")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   on_gpu = jax.default_backend() == "gpu"
@@ -163,6 +167,9 @@ def main():
   with open(path, "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
   print(f"wrote {path} ({len(rows)} rows) in {time.time() - start:.0f}s", flush=True)
+  if args.benchmarks_md:
+    import report  # noqa: PLC0415 - matplotlib only when asked
+    report.write_report(path, benchmarks_md=args.benchmarks_md)
 
 
 if __name__ == "__main__":

@@ -138,37 +138,43 @@ def render(data, report_command: str) -> str:
   return "\n\n".join(parts) + "\n"
 
 
+def write_report(results: str, extra=(), benchmarks_md: str | None = None) -> None:
+  """Merge the result files, write ``module.md`` and the plots beside ``results``
+  and, with ``benchmarks_md``, the tables between that file's markers."""
+  with open(results) as f:
+    data = json.load(f)
+  for path in extra:
+    with open(path) as f:
+      more = json.load(f)
+    data["rows"] += more["rows"]
+    data["meta"].update({k: v for k, v in more["meta"].items() if k.startswith("torch_")})
+  out_dir = os.path.dirname(os.path.abspath(results))
+  text = render(data, "python benchmarks/report.py " + " ".join(
+      os.path.relpath(p) for p in [results, *extra])
+      + (f" --benchmarks-md {os.path.relpath(benchmarks_md)}" if benchmarks_md else ""))
+  with open(os.path.join(out_dir, "module.md"), "w") as f:
+    f.write(text)
+  plots(data["rows"], out_dir)
+  if benchmarks_md:
+    with open(benchmarks_md) as f:
+      doc = f.read()
+    start, end = "<!-- module:start -->", "<!-- module:end -->"
+    if start not in doc or end not in doc:
+      raise SystemExit(f"{benchmarks_md} lacks the {start} ... {end} markers")
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with open(benchmarks_md, "w") as f:
+      f.write(head + start + "\n" + text + end + tail)
+  print(f"wrote {out_dir}/module.md and plots", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("results", help="module_results.json")
   parser.add_argument("extra", nargs="*", help="more result files to merge (e.g. a --torch-only run)")
   parser.add_argument("--benchmarks-md", default=None)
   args = parser.parse_args()
-  with open(args.results) as f:
-    data = json.load(f)
-  for path in args.extra:
-    with open(path) as f:
-      more = json.load(f)
-    data["rows"] += more["rows"]
-    data["meta"].update({k: v for k, v in more["meta"].items() if k.startswith("torch_")})
-  out_dir = os.path.dirname(os.path.abspath(args.results))
-  text = render(data, "python benchmarks/report.py " + " ".join(
-      os.path.relpath(p) for p in [args.results, *args.extra])
-      + (f" --benchmarks-md {os.path.relpath(args.benchmarks_md)}" if args.benchmarks_md else ""))
-  with open(os.path.join(out_dir, "module.md"), "w") as f:
-    f.write(text)
-  plots(data["rows"], out_dir)
-  if args.benchmarks_md:
-    with open(args.benchmarks_md) as f:
-      doc = f.read()
-    start, end = "<!-- module:start -->", "<!-- module:end -->"
-    if start not in doc or end not in doc:
-      raise SystemExit(f"{args.benchmarks_md} lacks the {start} ... {end} markers")
-    head, rest = doc.split(start, 1)
-    _, tail = rest.split(end, 1)
-    with open(args.benchmarks_md, "w") as f:
-      f.write(head + start + "\n" + text + end + tail)
-  print(f"wrote {out_dir}/module.md and plots")
+  write_report(args.results, args.extra, args.benchmarks_md)
 
 
 if __name__ == "__main__":

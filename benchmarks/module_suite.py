@@ -123,6 +123,19 @@ def run_torch(configs, out_dir):
   return data["rows"], data["meta"]
 
 
+def _without_commit(argv):
+  """The command line as recorded: ``--commit X`` is bookkeeping, not part of it."""
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg == "--commit":
+      skip = True
+    elif not arg.startswith("--commit="):
+      out.append(arg)
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True)
@@ -131,6 +144,8 @@ def main():
   parser.add_argument("--only", default=None, choices=("rank", "tokens", "fp32"),
                       help="run one sweep of the grid")
   parser.add_argument("--torch-only", action="store_true", help="skip the JAX side")
+  parser.add_argument("--commit", default=None,
+                      help="commit to record in the results (default: git rev-parse HEAD)")
   parser.add_argument("--benchmarks-md", default=None,
                       help="also regenerate module.md, the plots and this file's tables "
                            "(benchmarks/report.py) from the JSON")
@@ -157,11 +172,11 @@ def main():
       r.setdefault("sweep", next(c["sweep"] for c in configs if all(
           c[k] == r[k] for k in ("d_in", "d_out", "rank", "tokens", "dtype"))))
     rows.extend(torch_rows)
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
+  commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True).stdout.strip() or "unknown"
   meta = dict(device=harness.device_description(), jax=jax.__version__,
               date=datetime.date.today().isoformat(), commit=commit,
-              command="python benchmarks/module_suite.py " + " ".join(sys.argv[1:]),
+              command="python benchmarks/module_suite.py " + " ".join(_without_commit(sys.argv[1:])),
               seconds=round(time.time() - start), **{f"torch_{k}": v for k, v in torch_meta.items()})
   path = os.path.join(args.out, "module_results.json")
   with open(path, "w") as f:

@@ -91,28 +91,49 @@ def _pre_activation(x2, kernel, lora_b, h, scale, acc):
 #: (which may have underflowed or be exactly zero) but from ``pre`` recomputed.
 G_TINY = 1e-30
 
+#: Tokens per chunk when ``pre`` is recomputed for :func:`magnitude_grad`.
+RECOMPUTE_CHUNK = 256
 
-def magnitude_grad(dy_acc, pre, y, g, inv_norm, recompute_pre):
+
+def _dy_dot_pre(dy, x2, kernel, lora_b, h, scale, acc):
+  """``Σ_T dy ⊙ pre [d_out]`` with ``pre`` recomputed ``RECOMPUTE_CHUNK`` tokens at a
+  time, so the rare path that needs it holds no ``[T, d_out]`` temporary."""
+  tokens = x2.shape[0]
+  chunk = min(RECOMPUTE_CHUNK, tokens)
+  full = tokens // chunk
+
+  def part(start, size):
+    rows = lambda v: lax.dynamic_slice_in_dim(v, start, size, axis=0)
+    pre = _pre_activation(rows(x2), kernel, lora_b, rows(h), scale, acc)
+    return jnp.sum(rows(dy).astype(acc) * pre.astype(x2.dtype).astype(acc), axis=0)
+
+  total = lax.fori_loop(0, full, lambda i, t: t + part(i * chunk, chunk),
+                        jnp.zeros((kernel.shape[1],), acc))
+  if full * chunk < tokens:
+    total = total + part(full * chunk, tokens - full * chunk)
+  return total
+
+
+def magnitude_grad(dy, pre, y, g, inv_norm, recompute):
   """``dm = Σ_T dy ⊙ pre / n [d_out]`` from the residual ``pre`` or from ``y``.
 
   Without a bias ``y = g ⊙ pre``, so ``Σ dy ⊙ pre / n = Σ dy ⊙ y / (g·n)`` and the
   layer's output can serve as the residual instead of a second ``[T, d_out]``
   buffer. Where some ``|g| < G_TINY`` (a zero magnitude, say) that quotient is
-  undefined, and ``recompute_pre()`` rebuilds ``pre`` inside a ``lax.cond`` that
-  runs only then.
+  undefined: a ``lax.cond`` taken only then replaces those columns with
+  ``recompute() -> Σ_T dy ⊙ pre`` (chunked over tokens). The main reduction
+  stays outside the ``cond`` so XLA fuses it as usual.
   """
-  acc = dy_acc.dtype
+  acc = g.dtype
   if pre is not None:
-    return jnp.sum(dy_acc * pre.astype(acc), axis=0) * inv_norm
+    return jnp.sum(dy.astype(acc) * pre.astype(acc), axis=0) * inv_norm
   tiny = jnp.abs(g) < G_TINY
+  dm = jnp.sum(dy.astype(acc) * y.astype(acc), axis=0) * (inv_norm / jnp.where(tiny, 1.0, g))
 
-  def from_output():
-    return jnp.sum(dy_acc * y.astype(acc), axis=0) * (inv_norm / jnp.where(tiny, 1.0, g))
+  def fix(dm, tiny, inv_norm):
+    return jnp.where(tiny, recompute() * inv_norm, dm)
 
-  def from_recomputed():
-    return jnp.sum(dy_acc * recompute_pre(), axis=0) * inv_norm
-
-  return lax.cond(jnp.any(tiny), from_recomputed, from_output)
+  return lax.cond(jnp.any(tiny), fix, lambda dm, tiny, inv_norm: dm, dm, tiny, inv_norm)
 
 
 def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
@@ -150,9 +171,8 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   if wants.lora_b:
     db = scale * _dot_t(h, dpre, acc)
   if wants.magnitude:
-    dm = magnitude_grad(
-        dy_acc, pre, y, g, inv_norm,
-        lambda: _pre_activation(x2, kernel, lora_b, h, scale, acc).astype(cdt).astype(acc))
+    dm = magnitude_grad(dy, pre, y, g, inv_norm,
+                        lambda: _dy_dot_pre(dy, x2, kernel, lora_b, h, scale, acc))
   if wants.scale:
     ds = jnp.sum(h.astype(acc) * t)
   if wants.bias:

@@ -235,11 +235,14 @@ def test_precision_reaches_forward_and_backward(fresh_key):
     dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 0.5, precision="fastest")
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("backend,chunk", [("xla", 256), ("xla", 4), ("pallas", 5)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_zero_magnitude_columns_get_the_true_magnitude_gradient(fresh_key, backend, dtype):
+def test_zero_magnitude_columns_get_the_true_magnitude_gradient(fresh_key, monkeypatch,
+                                                                backend, chunk, dtype):
   """Without a bias dm is recovered from y = g ⊙ pre; where g = 0 that is 0/0, and
-  the backward must fall back to recomputing pre rather than return 0 or NaN."""
+  the backward must fall back to recomputing pre (in token chunks, 21 tokens:
+  one partial chunk, or full chunks and a remainder) rather than return 0 or NaN."""
+  monkeypatch.setattr(dora_jax.compose, "RECOMPUTE_CHUNK", chunk)
   x, kernel, lora_a, lora_b, magnitude, _, cot = make_layer(
       fresh_key(), 45, 38, 6, (3, 7), dtype=dtype, bias=False)
   magnitude = magnitude.at[jnp.array([0, 5, 37])].set(0)

@@ -70,6 +70,12 @@ def _scale_vectors(magnitude, norm, acc):
   return magnitude.astype(acc) / safe, 1.0 / safe
 
 
+#: Whether a bias-free call keeps its output ``y`` (rather than ``pre``) as the
+#: ``dm`` residual. Read at trace time; private, for A/B benchmarks
+#: (``benchmarks/overhead_breakdown.py``).
+_OUTPUT_AS_RESIDUAL = True
+
+
 def _implementation(impl: str):
   if impl == "xla":
     return forward_xla, backward_xla
@@ -107,7 +113,8 @@ def _core_fwd(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   # dm needs pre = y / g. Without a bias the output itself is kept (in a network
   # the next layer holds it anyway) instead of a second [T, d_out] buffer;
   # float16 keeps pre, whose range y = g ⊙ pre could leave.
-  keep_y = wants.magnitude and bias is None and x2.dtype != jnp.float16
+  keep_y = (_OUTPUT_AS_RESIDUAL and wants.magnitude and bias is None
+            and x2.dtype != jnp.float16)
   with cfg.scope():
     y, pre, h = forward(x2, kernel, lora_a, lora_b, g, scale, bias,
                         want_pre=wants.magnitude and not keep_y)

@@ -259,10 +259,13 @@ def test_zero_magnitude_columns_get_the_true_magnitude_gradient(fresh_key, monke
                              atol=tol * np.max(np.abs(g_ref["magnitude"])))
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_residual_is_the_output_when_there_is_no_bias(fresh_key, with_bias):
+@pytest.mark.parametrize("with_bias,output_residual", [(False, True), (True, True), (False, False)])
+def test_residual_is_the_output_when_there_is_no_bias(fresh_key, monkeypatch, with_bias,
+                                                      output_residual):
   """The backward keeps one [T, d_out] activation: y itself without a bias (the
-  next layer holds it anyway), pre = (y − bias) / g with one."""
+  next layer holds it anyway), pre = (y − bias) / g with one (or when the
+  private A/B switch asks for pre)."""
+  monkeypatch.setattr(dora_jax.dense, "_OUTPUT_AS_RESIDUAL", output_residual)
   x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(
       fresh_key(), 30, 22, 4, (9,), bias=with_bias)
   y, vjp = jax.vjp(lambda x, a, b, m: dora_jax.dora_dense(x, kernel, a, b, m, 2.0, bias,
@@ -270,4 +273,4 @@ def test_residual_is_the_output_when_there_is_no_bias(fresh_key, with_bias):
                    x, lora_a, lora_b, magnitude)
   wide = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, "shape", None) == y.shape]
   assert len(wide) == 1
-  assert np.array_equal(np.asarray(wide[0]), np.asarray(y)) == (not with_bias)
+  assert np.array_equal(np.asarray(wide[0]), np.asarray(y)) == (output_residual and not with_bias)

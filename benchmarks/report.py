@@ -82,9 +82,17 @@ def plots(rows, out_dir):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   shape = max({(r["d_in"], r["d_out"]) for r in rows if r.get("sweep") == "rank"},
               key=lambda s: s[0] * s[1], default=None)
+  if shape is not None:
+    _rank_plot(plt, rows, shape, out_dir)
+  sweep = sorted({(r["d_in"], r["d_out"], r["rank"]) for r in rows if r.get("sweep") == "tokens"})
+  if sweep:
+    _tokens_plot(plt, rows, sweep[-1], out_dir)
+
+
+def _rank_plot(plt, rows, shape, out_dir):
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, mode in zip(axes, ("fwd", "fwd_bwd")):
     for impl in JAX_IMPLS + TORCH_IMPLS:
       pts = sorted((r["rank"], r["ms"]) for r in rows if r.get("sweep") == "rank"
@@ -98,7 +106,11 @@ def plots(rows, out_dir):
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "time_vs_rank.png"), dpi=110)
+  plt.close(fig)
 
+
+def _tokens_plot(plt, rows, layer, out_dir):
+  d_in, d_out, rank = layer
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, mode in zip(axes, ("fwd", "fwd_bwd")):
     for impl in JAX_IMPLS + TORCH_IMPLS + ["dora_cached"]:
@@ -106,13 +118,16 @@ def plots(rows, out_dir):
       if impl == "dora_cached" and mode != "fwd":
         continue
       pts = sorted((r["tokens"], r["ms"]) for r in rows if r["impl"] == impl and r["mode"] == m
-                   and r["dtype"] == "bfloat16" and (r["d_in"], r["d_out"], r["rank"]) == (4096, 14336, 64))
+                   and (r["d_in"], r["d_out"], r["rank"]) == layer
+                   and r.get("sweep") in ("tokens", "rank"))
       if pts:
         ax.plot(*zip(*pts), marker="o", label=impl if impl != "dora_cached" else "dora_cached (infer)")
-    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms", title=f"{mode}, 4096×14336, r=64")
+    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms",
+           title=f"{mode}, {d_in}×{d_out}, r={rank}")
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "time_vs_tokens.png"), dpi=110)
+  plt.close(fig)
 
 
 def render(data, report_command: str) -> str:

@@ -41,3 +41,32 @@ def test_decoder_layer_smoke(tmp_path):
   rows = json.loads((tmp_path / "decoder_results.json").read_text())["rows"]
   assert {r["impl"] for r in rows} == {"lora", "dora"}
   assert all(r["ms"] > 0 and r["temp_mb"] > 0 for r in rows)
+
+
+def test_module_suite_regenerates_benchmarks_md(tmp_path):
+  """The one-command form: suite, then module.md, plots and the doc's tables."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  doc = tmp_path / "BENCHMARKS.md"
+  doc.write_text("# x\n<!-- module:start -->\nold\n<!-- module:end -->\ntail\n")
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "module_suite.py"),
+                        "--out", str(tmp_path), "--smoke", "--only", "tokens",
+                        "--commit", "abc1234", "--benchmarks-md", str(doc)],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  text = doc.read_text()
+  assert "old" not in text and "commit abc1234" in text and "--commit" not in text
+  assert (tmp_path / "module.md").exists() and (tmp_path / "time_vs_tokens.png").exists()
+
+
+def test_overhead_breakdown_and_grad_accum_smoke(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  for script, result in (("overhead_breakdown.py", "overhead_breakdown.json"),
+                         ("grad_accum.py", "grad_accum.json")):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script),
+                          "--out", str(tmp_path), "--smoke"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert run.returncode == 0, (script, run.stderr[-3000:])
+    rows = json.loads((tmp_path / result).read_text())["rows"]
+    assert rows and all(v > 0 for r in rows for k, v in r.items() if k.endswith("ms"))
+  accum = json.loads((tmp_path / "grad_accum.json").read_text())["rows"]
+  assert all(r["max_rel_diff"] < 1e-2 for r in accum)  # norm once == norm per micro-batch

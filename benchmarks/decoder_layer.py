@@ -2,6 +2,7 @@
 
   python benchmarks/decoder_layer.py --out DIR            # H100: hidden 4096, MLP 14336, GQA 32/8, seq 4096
   python benchmarks/decoder_layer.py --out DIR --smoke    # tiny sizes, any machine
+  python benchmarks/decoder_layer.py --out DIR --attn cudnn   # cuDNN flash attention (GPU)
 
 Adapters on all seven projections (q, k, v, o, gate, up, down); the step is
 forward + backward + AdamW on the adapter parameters only, bf16 activations and
@@ -92,7 +93,8 @@ def block(x, frozen, adapters, cfg, kind, scale):
   q = rope(proj("q", h).reshape(b, s, cfg["heads"], hd), pos)
   k = rope(proj("k", h).reshape(b, s, cfg["kv_heads"], hd), pos)
   v = proj("v", h).reshape(b, s, cfg["kv_heads"], hd)
-  att = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, s, -1)
+  att = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                     implementation=cfg.get("attn")).reshape(b, s, -1)
   x = x + proj("o", att)
   h = rms_norm(x, frozen["norm2"])
   return x + proj("down", jax.nn.silu(proj("gate", h)) * proj("up", h))
@@ -142,9 +144,11 @@ def main():
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--ranks", default="16,384")
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--attn", choices=("xla", "cudnn"), default=None,
+                      help="jax.nn.dot_product_attention implementation (default: JAX's choice)")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  cfg = SMOKE if args.smoke else FULL
+  cfg = dict(SMOKE if args.smoke else FULL, attn=args.attn)
   timing_kw = dict(calls=2, repeats=2, warmup=1) if args.smoke else dict(calls=10, repeats=7)
   rows = []
   for rank in map(int, args.ranks.split(",")):

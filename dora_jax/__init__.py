@@ -15,7 +15,8 @@ from dora_jax.norm import NORM_CHUNK_BYTES, NORM_EPS, column_sq_norm, dense_norm
 from dora_jax import linen, nnx
 from dora_jax import conv, embed  # registers DoRAConv/DoRAEmbed with apply_dora
 from dora_jax import sharding
-from dora_jax.surgery import (apply_dora, freeze_scales, merge, print_trainable_parameters,
+from dora_jax.surgery import (apply_dora, cache_base_norms, freeze_scales, merge,
+                              print_trainable_parameters,
                               refresh_scales, unfreeze_scales, unmerge)
 from dora_jax.io import (export_merged, load_adapter, restore_adapter_state, save_adapter,
                          save_adapter_state)
@@ -34,6 +35,7 @@ __all__ = [
     "lora_scale",
     "merge_kernel",
     "apply_dora",
+    "cache_base_norms",
     "freeze_scales",
     "linen",
     "merge",

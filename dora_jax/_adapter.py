@@ -144,6 +144,7 @@ def precision_scope(precision):
 def dora_forward(x: jax.Array, kernel2d: jax.Array, lora_a2d: jax.Array,
                  lora_b2d: jax.Array, magnitude1d: jax.Array, scale: float,
                  bias1d: jax.Array | None, *, norm: jax.Array | None = None,
+                 base_sq_norm: jax.Array | None = None,
                  x_dropped: jax.Array | None = None, precision=None) -> jax.Array:
   """DoRA forward for ``x [..., d_in]`` in the compute dtype, ``-> [..., d_out]``.
 
@@ -159,18 +160,18 @@ def dora_forward(x: jax.Array, kernel2d: jax.Array, lora_a2d: jax.Array,
   call rounds the norm's reductions exactly as a jitted one does.
   """
   return _dora_forward_jit(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, bias1d, norm,
-                           x_dropped, scale=float(scale), precision=precision)
+                           base_sq_norm, x_dropped, scale=float(scale), precision=precision)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "precision"))
-def _dora_forward_jit(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, bias1d, norm, x_dropped,
-                      *, scale: float, precision):
+def _dora_forward_jit(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, bias1d, norm, base_sq_norm,
+                      x_dropped, *, scale: float, precision):
   with precision_scope(precision):
     if x_dropped is None:
       return dora_dense(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d, norm=norm,
-                        precision=precision)
+                        base_sq_norm=base_sq_norm, precision=precision)
     y = dora_dense(x_dropped, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d,
-                   norm=norm, precision=precision)
+                   norm=norm, base_sq_norm=base_sq_norm, precision=precision)
     rest = jnp.dot(x - x_dropped, kernel2d.astype(x.dtype))
     return (y.astype(jnp.promote_types(y.dtype, jnp.float32))
             + rest.astype(jnp.promote_types(rest.dtype, jnp.float32))).astype(y.dtype)

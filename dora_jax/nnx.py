@@ -49,7 +49,7 @@ from jax import lax
 
 from dora_jax import _adapter
 from dora_jax.dense import lora_scale, merge_kernel
-from dora_jax.norm import factored_norm
+from dora_jax.norm import column_sq_norm, factored_norm
 
 
 # Compiled once per shape: used eagerly (cache refresh), where op-by-op
@@ -58,6 +58,9 @@ from dora_jax.norm import factored_norm
 def _norm_and_stamp(kernel2d, lora_a2d, lora_b2d, *, scale: float):
   norm = factored_norm(kernel2d, lora_a2d, lora_b2d, scale).astype(jnp.float32)
   return norm, _adapter.fingerprint(lora_a2d, lora_b2d, jnp.asarray(scale, jnp.float32))
+
+
+_column_sq_norm = jax.jit(column_sq_norm)
 
 
 class DoRAParam(nnx.LoRAParam):
@@ -93,6 +96,9 @@ class DoRALayer(nnx.Module):
     magnitude: :class:`DoRAParam` ``[*out_shape]``.
     norm_cache: :class:`DoRACache` ``[d_out]`` float32, the cached norm.
     norm_stamp: :class:`DoRACache` ``[3]`` uint32, what the cache was computed from.
+    base_sq_norm: :class:`DoRACache` ``[d_out]`` float32, the frozen kernel's
+      column norms ``‖W_j‖²`` when :func:`dora_jax.surgery.cache_base_norms`
+      stored them (then every call skips re-reading the kernel for them), else ``None``.
     rank, alpha, rslora, scale, dropout_rate, cache_norm: adapter configuration
       (``scale`` is ``alpha / rank``, or ``alpha / √rank`` with rsLoRA).
   """
@@ -143,6 +149,7 @@ class DoRALayer(nnx.Module):
     self.norm_stamp = DoRACache(_adapter.empty_stamp())
     self.dropout = (nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate > 0
                     else nnx.data(None))
+    self.base_sq_norm = nnx.data(None)
 
   # -- 2-D views -------------------------------------------------------------
 
@@ -168,10 +175,21 @@ class DoRALayer(nnx.Module):
     return _norm_and_stamp(self._kernel2d(), a, b, scale=self.scale)[0]
 
   def refresh_cache(self) -> None:
-    """Recompute the cached norm and its stamp from the current adapters."""
+    """Recompute the cached norm and its stamp from the current adapters (and the
+    kernel's column norms, when they are cached)."""
     a, b, _ = self.adapter_views()
     self.norm_cache[...], self.norm_stamp[...] = _norm_and_stamp(
         self._kernel2d(), a, b, scale=self.scale)
+    if getattr(self, "base_sq_norm", None) is not None:
+      self.base_sq_norm[...] = _column_sq_norm(self._kernel2d())
+
+  def cache_base_norm(self) -> None:
+    """Store ``‖W_j‖² [d_out]`` of the frozen kernel; recompute after replacing it."""
+    value = _column_sq_norm(self._kernel2d())
+    if getattr(self, "base_sq_norm", None) is None:
+      self.base_sq_norm = DoRACache(value)
+    else:
+      self.base_sq_norm[...] = value
 
   def cache_is_fresh(self) -> jax.Array:
     """Whether the cached norm was computed from the current ``lora_a``/``lora_b``/scale."""
@@ -214,7 +232,9 @@ class DoRALayer(nnx.Module):
       x_dropped = self.dropout(x, deterministic=deterministic, rngs=rngs)
       if x_dropped is x:
         x_dropped = None
+    base_sq = getattr(self, "base_sq_norm", None)
     y = _adapter.dora_forward(x, kernel2d, a, b, m, self.scale, self._bias1d(), norm=norm,
+                              base_sq_norm=None if base_sq is None else base_sq[...],
                               x_dropped=x_dropped, precision=self.precision)
     if self.preferred_element_type is not None:
       y = y.astype(self.preferred_element_type)

@@ -138,12 +138,15 @@ def kernel_partition_spec(layer: DoRALayer) -> tuple[AxisEntry, ...]:
 
 
 def layer_partition_specs(layer: DoRALayer) -> dict[str, PartitionSpec]:
-  """:func:`adapter_partition_specs` for one DoRA layer, plus its norm cache Variables."""
+  """:func:`adapter_partition_specs` for one DoRA layer, plus its norm cache Variables
+  (and its cached kernel column norms, when stored)."""
   entries = kernel_partition_spec(layer)
   in_ndim = len(layer.in_shape)
   specs = adapter_partition_specs(entries, in_ndim=in_ndim, out_ndim=len(layer.out_shape))
   specs["norm_cache"] = _flat_out_spec(entries[in_ndim:])
   specs["norm_stamp"] = PartitionSpec(None)
+  if getattr(layer, "base_sq_norm", None) is not None:  # see surgery.cache_base_norms
+    specs["base_sq_norm"] = specs["norm_cache"]
   return specs
 
 

@@ -267,9 +267,37 @@ def freeze_scales(model: nnx.Module) -> nnx.Module:
 
 
 def refresh_scales(model: nnx.Module) -> nnx.Module:
-  """Recompute every DoRA layer's cached norm (e.g. after replacing base kernels)."""
+  """Recompute every DoRA layer's cached norm, and the cached kernel column norms
+  where :func:`cache_base_norms` stored them (e.g. after replacing base kernels)."""
   for _, layer in _require_adapted(model, "refresh_scales"):
     layer.refresh_cache()
+  return model
+
+
+def cache_base_norms(model: nnx.Module) -> nnx.Module:
+  """Store the frozen kernels' column norms ``‖W_j‖² [d_out]`` in every DoRA
+  Dense/LinearGeneral/Einsum layer, so each training call skips re-reading its
+  kernel for them (one full read of ``W`` per call; ~2.5% of a bf16
+  8192×28672 projection's forward+backward at 4096 tokens on an H100).
+
+  The kernels are frozen, so the values stay valid while training the
+  adapters. The rule for changing a kernel (loading other base weights into
+  an adapted model, say): call :func:`refresh_scales` (or this function)
+  afterwards; layers built by :func:`unmerge` start without the cache. In
+  place; returns ``model``.
+
+  Example:
+    >>> import jax.numpy as jnp, dora_jax
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(16, 8, rngs=nnx.Rngs(0)))
+    >>> model = dora_jax.apply_dora(model, targets=".*", rank=4, alpha=8, rngs=nnx.Rngs(1))
+    >>> layer = dora_jax.cache_base_norms(model).layers[0]
+    >>> bool(jnp.allclose(layer.base_sq_norm[...], jnp.sum(layer.kernel[...] ** 2, axis=0)))
+    True
+  """
+  for _, layer in _require_adapted(model, "cache_base_norms"):
+    if hasattr(layer, "cache_base_norm"):
+      layer.cache_base_norm()
   return model
 
 

@@ -72,9 +72,11 @@ def _annotated_model(mesh):
 def test_annotate_and_shard_model_on_one_device():
   mesh = dsh.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
   model = _annotated_model(mesh)
+  dora_jax.cache_base_norms(model)
   x = jax.random.normal(jax.random.key(0), (4, 16))
   before = model(x)
   found = dsh.annotate_adapters(model, mesh)
+  assert found["layers/0"]["base_sq_norm"] == P("tp")
   assert found["layers/0"]["lora_b"] == P(None, "tp")
   assert found["layers/1"]["lora_a"] == P("tp", None)
   assert found["layers/1"]["magnitude"] == P("fsdp")

@@ -202,3 +202,62 @@ def test_bare_layer_is_wrapped(fresh_key):
   assert isinstance(layer, DoRADense) and layer.kernel is base.kernel
   merged = dora_jax.merge(layer)
   assert type(merged) is nnx.Linear
+
+
+def _kernel_reductions(closed_jaxpr, kernel_shapes) -> int:
+  """How many reduce_sum ops (recursively) read an array shaped like a kernel."""
+  count = 0
+
+  def visit(jaxpr):
+    nonlocal count
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) in kernel_shapes:
+        count += 1
+      for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+          if isinstance(item, jax.extend.core.ClosedJaxpr):
+            visit(item.jaxpr)
+          elif isinstance(item, jax.extend.core.Jaxpr):
+            visit(item)
+
+  visit(closed_jaxpr.jaxpr)
+  return count
+
+
+def test_cache_base_norms_same_step_without_rereading_kernels(fresh_key):
+  """Cached ‖W‖²: the training step's loss and adapter gradients are bit-identical,
+  and no reduction over a kernel is left in it; after a kernel changes,
+  refresh_scales brings the cache back in line with an uncached model."""
+  import jax.extend  # noqa: F401, PLC0415
+
+  key = fresh_key()
+  model = _model()
+  dora_jax.apply_dora(model, targets=r".*(up|down)_proj|.*head", rank=3, alpha=6,
+                      rngs=nnx.Rngs(1))
+  for i, (_, layer) in enumerate(dora_jax.surgery.dora_layers(model)):
+    randomize_adapters(layer, jax.random.fold_in(key, i))
+  tokens = jax.random.randint(jax.random.fold_in(key, 99), (2, 5), 0, 16)
+
+  def loss(m, tokens):
+    return jnp.sum(m(tokens) ** 2)
+
+  grad_fn = nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam)))
+  plain = nnx.clone(model)
+  cached = dora_jax.cache_base_norms(nnx.clone(model))
+  kernels = {tuple(layer.kernel[...].reshape(layer.d_in, layer.d_out).shape)
+             for _, layer in dora_jax.surgery.dora_layers(model)}
+  for m, expected in ((plain, True), (cached, False)):
+    graphdef, state = nnx.split(m)
+    jaxpr = jax.make_jaxpr(lambda s, t: loss(nnx.merge(graphdef, s), t))(state, tokens)
+    assert (_kernel_reductions(jaxpr, kernels) > 0) == expected
+  (l0, g0), (l1, g1) = grad_fn(plain, tokens), grad_fn(cached, tokens)
+  assert float(l0) == float(l1)
+  for u, v in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+  # A changed base kernel: refresh, then the cached model matches an uncached one.
+  for m in (plain, cached):
+    layer = m.layers[1].mlp.down_proj
+    layer.kernel[...] = 2.0 * layer.kernel[...]
+  dora_jax.refresh_scales(cached)
+  np.testing.assert_array_equal(np.asarray(_fwd(plain, tokens)), np.asarray(_fwd(cached, tokens)))

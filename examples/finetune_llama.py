@@ -229,6 +229,7 @@ def main(argv=None) -> dict:
   dora_jax.apply_dora(model, targets=args.targets, rank=args.rank, alpha=args.alpha,
                       dropout=args.dropout,
                       rngs=nnx.Rngs(params=args.seed + 2, dropout=args.seed + 3))
+  dora_jax.cache_base_norms(model)  # the base kernels stay frozen: ‖W‖² once, not per step
   dora_jax.print_trainable_parameters(model, verbose=False)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, args.lr, min(args.warmup, max(args.steps - 1, 0)), max(args.steps, 1), 0.1 * args.lr)

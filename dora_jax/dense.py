@@ -182,9 +182,9 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
       micro-batches can compute it once and pass it to each (it is treated as a
       constant either way).
     base_sq_norm: optional ``column_sq_norm(kernel)`` ``[d_out]``. The kernel is
-      frozen, so its column norms can be computed once (NNX layers do after
-      :func:`dora_jax.cache_base_norms`) instead of re-reading the whole
-      kernel every call. Ignored when ``norm`` is given.
+      frozen, so its column norms can be computed once (the layers do after
+      :func:`dora_jax.cache_base_norms` / :func:`dora_jax.linen.cache_base_norms`)
+      instead of re-reading the whole kernel every call. Ignored when ``norm`` is given.
     precision: matmul precision of the layer's matmuls, forward and backward
       (``None``, a ``jax.lax.Precision`` or ``"default"``/``"high"``/``"highest"``,
       as Flax's ``precision``); ``None`` follows ``jax.default_matmul_precision``.

@@ -52,6 +52,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from dora_jax import _adapter
 from dora_jax.dense import lora_scale, merge_kernel
+from dora_jax.norm import column_sq_norm
 
 #: Linen collection holding the trainable adapters ``lora_a``, ``lora_b``, ``magnitude``.
 ADAPTER_COLLECTION = "dora"
@@ -113,6 +114,10 @@ def _dora_dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use
       module.variable(CACHE_COLLECTION, "norm", lambda: new_cache)
       module.variable(CACHE_COLLECTION, "stamp", lambda: new_stamp)
 
+  base_sq = None  # the frozen kernel's ‖W_j‖², when cache_base_norms stored them
+  if module.has_variable(CACHE_COLLECTION, "base_sq_norm"):
+    base_sq = module.variable(CACHE_COLLECTION, "base_sq_norm").value
+
   x_dropped = None
   if rate > 0.0:
     deterministic = nn.merge_param("deterministic", module.deterministic
@@ -122,7 +127,7 @@ def _dora_dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use
       mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
       x_dropped = jax.lax.select(mask, x / keep, jnp.zeros_like(x))
   return _adapter.dora_forward(x, kernel, lora_a, lora_b, magnitude, scale, bias, norm=norm,
-                               x_dropped=x_dropped, precision=precision)
+                               base_sq_norm=base_sq, x_dropped=x_dropped, precision=precision)
 
 
 class DoRADense(nn.Module):
@@ -252,6 +257,55 @@ def adapter_paths(adapters: Mapping[str, Any]) -> list[str]:
   """Paths (``'/'``-joined) of the layers with ``lora_a``/``lora_b``/``magnitude`` in ``adapters``."""
   tree = adapters.get(ADAPTER_COLLECTION, adapters)
   return sorted({"/".join(p[:-1]) for p, _ in _walk(tree) if p[-1] == "magnitude"})
+
+
+def cache_base_norms(variables: Mapping[str, Any]) -> dict:
+  """``variables`` plus each adapted layer's frozen-kernel column norms
+  ``‖W_j‖² [features]`` under ``dora_cache/<layer path>/base_sq_norm``.
+
+  Applying the model with these variables skips re-reading every adapted
+  kernel for ‖W‖² on each call (the kernels are frozen while the adapters
+  train). Recompute them with this function whenever ``params`` change.
+
+  Args:
+    variables: a variables dict with the ``params`` and ``dora`` collections.
+
+  Returns:
+    A new variables dict (the input is not modified).
+
+  Raises:
+    ValueError: no adapters, or an adapter without a matching kernel.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from dora_jax.linen import DoRADense, cache_base_norms
+    >>> layer = DoRADense(features=8, rank=4, alpha=8)
+    >>> variables = cache_base_norms(layer.init(jax.random.key(0), jnp.ones((2, 16))))
+    >>> variables["dora_cache"]["base_sq_norm"].shape
+    (8,)
+  """
+  if "params" not in variables or ADAPTER_COLLECTION not in variables:
+    raise ValueError(f"cache_base_norms: variables need 'params' and '{ADAPTER_COLLECTION}' "
+                     f"collections, got {sorted(variables)}")
+  out = {k: unfreeze(v) if isinstance(v, FrozenDict) else jax.tree.map(lambda x: x, v)
+         for k, v in variables.items()}
+  paths = adapter_paths(out[ADAPTER_COLLECTION])
+  if not paths:
+    raise ValueError("cache_base_norms: no DoRA adapters (lora_a/lora_b/magnitude) found")
+  cache = out.setdefault(CACHE_COLLECTION, {})
+  for path in paths:
+    node_p, node_c = out["params"], cache
+    for k in path.split("/") if path else []:
+      if k not in node_p:
+        raise ValueError(f"cache_base_norms: adapters at {path!r} have no kernel in params")
+      node_p, node_c = node_p[k], node_c.setdefault(k, {})
+    if "kernel" not in node_p:
+      raise ValueError(f"cache_base_norms: adapters at {path!r} have no kernel in params")
+    node_c["base_sq_norm"] = _column_sq_norm(node_p["kernel"])
+  return out
+
+
+_column_sq_norm = jax.jit(column_sq_norm)
 
 
 def merge_params(params: Mapping[str, Any], adapters: Mapping[str, Any], *, alpha: float,

@@ -190,3 +190,65 @@ def test_dropout_train_and_eval(fresh_key):
   assert rel_err(e1, ref) < FP32_TOL
   t1 = layer.apply(v, x, deterministic=False, rngs={"dropout": fresh_key()})
   assert rel_err(t1, ref) > 1e-3
+
+
+class _TwoDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = jax.nn.gelu(DoRADense(24, rank=3, alpha=6, name="up")(x))
+    return DoRADense(12, rank=5, alpha=10, use_bias=False, name="down")(h)
+
+
+def test_cache_base_norms_same_step_without_rereading_kernels(fresh_key):
+  """Cached ‖W‖² in dora_cache: bit-identical loss and adapter gradients, and no
+  reduction over a kernel left in the traced step."""
+  import jax.extend  # noqa: F401, PLC0415
+
+  from dora_jax.linen import cache_base_norms
+
+  key = fresh_key()
+  x = jax.random.normal(jax.random.fold_in(key, 0), (2, 7, 12))
+  model = _TwoDense()
+  variables = model.init(jax.random.fold_in(key, 1), x)
+  rng = np.random.default_rng(_seed(fresh_key))
+  variables = {"params": variables["params"], "dora": jax.tree.map(
+      lambda v: jnp.asarray(v + 0.3 * rng.normal(size=v.shape), v.dtype), variables["dora"])}
+  cached = cache_base_norms(variables)
+  assert set(cached["dora_cache"]) == {"up", "down"}
+  np.testing.assert_allclose(cached["dora_cache"]["up"]["base_sq_norm"],
+                             np.sum(f64(variables["params"]["up"]["kernel"]) ** 2, axis=0),
+                             rtol=1e-6)
+
+  def loss(dora, rest):
+    return jnp.sum(model.apply({**rest, "dora": dora}, x) ** 2)
+
+  def reductions(rest):
+    jaxpr = jax.make_jaxpr(loss)(variables["dora"], rest)
+    shapes = {(12, 24), (24, 12)}
+    count = 0
+
+    def visit(j):
+      nonlocal count
+      for eqn in j.eqns:
+        if eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) in shapes:
+          count += 1
+        for v in eqn.params.values():
+          for item in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(item, jax.extend.core.ClosedJaxpr):
+              visit(item.jaxpr)
+            elif isinstance(item, jax.extend.core.Jaxpr):
+              visit(item)
+
+    visit(jaxpr.jaxpr)
+    return count
+
+  plain_rest = {"params": variables["params"]}
+  cached_rest = {"params": cached["params"], "dora_cache": cached["dora_cache"]}
+  assert reductions(plain_rest) > 0 and reductions(cached_rest) == 0
+  step = jax.jit(jax.value_and_grad(loss))
+  (l0, g0), (l1, g1) = step(variables["dora"], plain_rest), step(variables["dora"], cached_rest)
+  assert float(l0) == float(l1)
+  for u, v in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+  with pytest.raises(ValueError, match="'params' and 'dora'"):
+    cache_base_norms({"params": variables["params"]})

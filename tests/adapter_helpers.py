@@ -98,3 +98,26 @@ def einsum_reference(eq: str, x, kernel, lora_a, lora_b, magnitude, scale, bias,
   if bias is not None:
     y = y + f64(bias).reshape(bias_broadcast_shape if bias_broadcast_shape else f64(bias).shape)
   return y
+
+
+def kernel_reductions(closed_jaxpr, kernel_shapes) -> int:
+  """How many ``reduce_sum`` ops (recursively, sub-jaxprs included) read an array
+  whose shape is in ``kernel_shapes``: each is one full pass over a kernel."""
+  import jax.extend  # noqa: F401, PLC0415  (jax.extend.core.Jaxpr)
+
+  count = 0
+
+  def visit(jaxpr):
+    nonlocal count
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) in kernel_shapes:
+        count += 1
+      for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+          if isinstance(item, jax.extend.core.ClosedJaxpr):
+            visit(item.jaxpr)
+          elif isinstance(item, jax.extend.core.Jaxpr):
+            visit(item)
+
+  visit(closed_jaxpr.jaxpr)
+  return count

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import dora_jax
-from adapter_helpers import randomize_adapters, reproduces_base, require_bit_exact
+from adapter_helpers import kernel_reductions, randomize_adapters, reproduces_base, require_bit_exact
 from dora_jax.linen import DoRADense, intercept_dora, merge_params
 from reference import dora_forward, f64, rel_err
 
@@ -202,8 +202,6 @@ class _TwoDense(nn.Module):
 def test_cache_base_norms_same_step_without_rereading_kernels(fresh_key):
   """Cached ‖W‖² in dora_cache: bit-identical loss and adapter gradients, and no
   reduction over a kernel left in the traced step."""
-  import jax.extend  # noqa: F401, PLC0415
-
   from dora_jax.linen import cache_base_norms
 
   key = fresh_key()
@@ -223,24 +221,7 @@ def test_cache_base_norms_same_step_without_rereading_kernels(fresh_key):
     return jnp.sum(model.apply({**rest, "dora": dora}, x) ** 2)
 
   def reductions(rest):
-    jaxpr = jax.make_jaxpr(loss)(variables["dora"], rest)
-    shapes = {(12, 24), (24, 12)}
-    count = 0
-
-    def visit(j):
-      nonlocal count
-      for eqn in j.eqns:
-        if eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) in shapes:
-          count += 1
-        for v in eqn.params.values():
-          for item in v if isinstance(v, (tuple, list)) else (v,):
-            if isinstance(item, jax.extend.core.ClosedJaxpr):
-              visit(item.jaxpr)
-            elif isinstance(item, jax.extend.core.Jaxpr):
-              visit(item)
-
-    visit(jaxpr.jaxpr)
-    return count
+    return kernel_reductions(jax.make_jaxpr(loss)(variables["dora"], rest), {(12, 24), (24, 12)})
 
   plain_rest = {"params": variables["params"]}
   cached_rest = {"params": cached["params"], "dora_cache": cached["dora_cache"]}

@@ -122,7 +122,9 @@ def magnitude_grad(dy, pre, y, g, inv_norm, recompute):
   buffer. Where some ``|g| < G_TINY`` (a zero magnitude, say) that quotient is
   undefined: a ``lax.cond`` taken only then replaces those columns with
   ``recompute() -> Σ_T dy ⊙ pre`` (chunked over tokens). The main reduction
-  stays outside the ``cond`` so XLA fuses it as usual.
+  stays outside the ``cond`` so XLA fuses it as usual. Under a ``vmap`` that
+  batches the magnitude (stacked adapters) the ``cond`` becomes a ``select``
+  and the recomputation runs every time: correct, one extra base matmul.
   """
   acc = g.dtype
   if pre is not None:

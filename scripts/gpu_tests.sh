@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU test run, on a machine with an NVIDIA GPU and a CUDA build of jax:
+#   bash scripts/gpu_tests.sh [extra pytest args]
+# 1. the tests marked `gpu` (skipped everywhere else): Pallas kernels lowered
+#    through Triton vs XLA and float64, NaN-poisoned outputs;
+# 2. the numerics suites of the core on the GPU (matmuls pinned to "highest"
+#    precision there, so float32 is not TF32): dense, norm, memory, kernels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python - <<'PY'
+import jax, sys
+if jax.default_backend() != "gpu":
+    sys.exit(f"gpu_tests.sh needs a GPU backend, jax sees {jax.default_backend()!r}")
+print("devices:", jax.devices())
+PY
+python -m pytest -q -m gpu tests/ "$@"
+python -m pytest -q tests/test_dense.py tests/test_norm.py tests/test_memory.py \
+  tests/test_kernels.py "$@"

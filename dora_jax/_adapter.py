@@ -108,6 +108,10 @@ def fingerprint(*arrays: jax.Array) -> jax.Array:
   return jnp.stack([h1, h2, jnp.uint32(1)])
 
 
+#: ``column_sq_norm`` compiled once per shape, for the layers' eager cache fills.
+column_sq_norm_jit = jax.jit(column_sq_norm)
+
+
 def empty_stamp() -> jax.Array:
   """The stamp of an empty cache (its "valid" word is 0, so it never matches)."""
   return jnp.zeros((STAMP_SIZE,), jnp.uint32)

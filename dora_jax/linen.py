@@ -52,7 +52,6 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from dora_jax import _adapter
 from dora_jax.dense import lora_scale, merge_kernel
-from dora_jax.norm import column_sq_norm
 
 #: Linen collection holding the trainable adapters ``lora_a``, ``lora_b``, ``magnitude``.
 ADAPTER_COLLECTION = "dora"
@@ -253,6 +252,20 @@ def _walk(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
       yield (*prefix, key), value
 
 
+def _kernel_scope(params: Mapping[str, Any], path: str, what: str) -> dict:
+  """The ``params`` sub-dict of the layer at ``path`` (``'/'``-joined), which
+  must hold a ``kernel``; ``ValueError`` naming ``what`` otherwise."""
+  node = params
+  for key in path.split("/") if path else []:
+    if not isinstance(node, Mapping) or key not in node:
+      node = None
+      break
+    node = node[key]
+  if not isinstance(node, Mapping) or "kernel" not in node:
+    raise ValueError(f"{what}: adapters at {path!r} have no kernel in params")
+  return node
+
+
 def adapter_paths(adapters: Mapping[str, Any]) -> list[str]:
   """Paths (``'/'``-joined) of the layers with ``lora_a``/``lora_b``/``magnitude`` in ``adapters``."""
   tree = adapters.get(ADAPTER_COLLECTION, adapters)
@@ -294,18 +307,12 @@ def cache_base_norms(variables: Mapping[str, Any]) -> dict:
     raise ValueError("cache_base_norms: no DoRA adapters (lora_a/lora_b/magnitude) found")
   cache = out.setdefault(CACHE_COLLECTION, {})
   for path in paths:
-    node_p, node_c = out["params"], cache
-    for k in path.split("/") if path else []:
-      if k not in node_p:
-        raise ValueError(f"cache_base_norms: adapters at {path!r} have no kernel in params")
-      node_p, node_c = node_p[k], node_c.setdefault(k, {})
-    if "kernel" not in node_p:
-      raise ValueError(f"cache_base_norms: adapters at {path!r} have no kernel in params")
-    node_c["base_sq_norm"] = _column_sq_norm(node_p["kernel"])
+    kernel = _kernel_scope(out["params"], path, "cache_base_norms")["kernel"]
+    node = cache
+    for key in path.split("/") if path else []:
+      node = node.setdefault(key, {})
+    node["base_sq_norm"] = _adapter.column_sq_norm_jit(kernel)
   return out
-
-
-_column_sq_norm = jax.jit(column_sq_norm)
 
 
 def merge_params(params: Mapping[str, Any], adapters: Mapping[str, Any], *, alpha: float,
@@ -333,15 +340,10 @@ def merge_params(params: Mapping[str, Any], adapters: Mapping[str, Any], *, alph
   if not paths:
     raise ValueError("merge_params: no DoRA adapters (lora_a/lora_b/magnitude) found")
   for path in paths:
-    keys = path.split("/") if path else []
-    node_a, node_p = ad, tree
-    for k in keys:
+    node_a = ad
+    for k in path.split("/") if path else []:
       node_a = node_a[k]
-      if k not in node_p:
-        raise ValueError(f"merge_params: adapters at {path!r} have no kernel in params")
-      node_p = node_p[k]
-    if "kernel" not in node_p:
-      raise ValueError(f"merge_params: adapters at {path!r} have no kernel in params")
+    node_p = _kernel_scope(tree, path, "merge_params")
     a, b, m = node_a["lora_a"], node_a["lora_b"], node_a["magnitude"]
     scale = lora_scale(alpha, int(a.shape[-1]), rslora=rslora)
     node_p["kernel"] = merge_kernel(node_p["kernel"], a, b, m, scale)

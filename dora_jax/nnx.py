@@ -49,7 +49,7 @@ from jax import lax
 
 from dora_jax import _adapter
 from dora_jax.dense import lora_scale, merge_kernel
-from dora_jax.norm import column_sq_norm, factored_norm
+from dora_jax.norm import factored_norm
 
 
 # Compiled once per shape: used eagerly (cache refresh), where op-by-op
@@ -58,9 +58,6 @@ from dora_jax.norm import column_sq_norm, factored_norm
 def _norm_and_stamp(kernel2d, lora_a2d, lora_b2d, *, scale: float):
   norm = factored_norm(kernel2d, lora_a2d, lora_b2d, scale).astype(jnp.float32)
   return norm, _adapter.fingerprint(lora_a2d, lora_b2d, jnp.asarray(scale, jnp.float32))
-
-
-_column_sq_norm = jax.jit(column_sq_norm)
 
 
 class DoRAParam(nnx.LoRAParam):
@@ -181,11 +178,11 @@ class DoRALayer(nnx.Module):
     self.norm_cache[...], self.norm_stamp[...] = _norm_and_stamp(
         self._kernel2d(), a, b, scale=self.scale)
     if getattr(self, "base_sq_norm", None) is not None:
-      self.base_sq_norm[...] = _column_sq_norm(self._kernel2d())
+      self.base_sq_norm[...] = _adapter.column_sq_norm_jit(self._kernel2d())
 
   def cache_base_norm(self) -> None:
     """Store ``‖W_j‖² [d_out]`` of the frozen kernel; recompute after replacing it."""
-    value = _column_sq_norm(self._kernel2d())
+    value = _adapter.column_sq_norm_jit(self._kernel2d())
     if getattr(self, "base_sq_norm", None) is None:
       self.base_sq_norm = DoRACache(value)
     else:

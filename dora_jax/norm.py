@@ -47,6 +47,17 @@ def column_sq_norm(kernel: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(kernel.astype(acc)), axis=0)
 
 
+def _split_bf16(value: jax.Array, pieces: int, axis: int = 0) -> jax.Array:
+  """``value`` (float32/64) as ``pieces`` bf16 terms whose sum is ``value`` to
+  ~8·pieces mantissa bits, concatenated along ``axis`` (high part first)."""
+  terms, rest = [], value
+  for _ in range(pieces):
+    term = rest.astype(jnp.bfloat16)
+    terms.append(term)
+    rest = rest - term.astype(value.dtype)
+  return jnp.concatenate(terms, axis=axis)
+
+
 def _cross(lora_a: jax.Array, kernel: jax.Array, acc) -> jax.Array:
   """``U = aᵀW [r, d_out]`` in ``acc`` precision at the fastest exact route.
 
@@ -60,9 +71,7 @@ def _cross(lora_a: jax.Array, kernel: jax.Array, acc) -> jax.Array:
   if k_dtype in _HALF and a_dtype == k_dtype:
     return lax.dot_general(lora_a, kernel, contract, preferred_element_type=acc)
   if k_dtype == jnp.bfloat16 and a_dtype in (jnp.float32, jnp.float64):
-    a_hi = lora_a.astype(jnp.bfloat16)
-    a_lo = (lora_a - a_hi.astype(a_dtype)).astype(jnp.bfloat16)
-    a_split = jnp.concatenate([a_hi, a_lo], axis=1)  # [d_in, 2r]: one pass over W
+    a_split = _split_bf16(lora_a, 2, axis=1)  # [d_in, 2r]: one pass over W
     u = lax.dot_general(a_split, kernel, contract, preferred_element_type=acc)
     rank = lora_a.shape[1]
     return u[:rank] + u[rank:]
@@ -77,17 +86,6 @@ def gram(lora_a: jax.Array) -> jax.Array:
   a = lora_a if lora_a.dtype in _HALF else lora_a.astype(acc)
   return lax.dot_general(a, a, (((0,), (0,)), ((), ())),
                          precision=lax.Precision.HIGHEST, preferred_element_type=acc)
-
-
-def _split_bf16(value: jax.Array, pieces: int) -> jax.Array:
-  """``value`` (float32) as ``pieces`` stacked bf16 terms whose sum is ``value``
-  to ~8·pieces mantissa bits: ``[pieces·rows, ...]``."""
-  terms, rest = [], value
-  for _ in range(pieces):
-    term = rest.astype(jnp.bfloat16)
-    terms.append(term)
-    rest = rest - term.astype(value.dtype)
-  return jnp.concatenate(terms, axis=0)
 
 
 def _gram_times_b(g, lora_b, acc):

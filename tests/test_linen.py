@@ -233,3 +233,18 @@ def test_cache_base_norms_same_step_without_rereading_kernels(fresh_key):
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
   with pytest.raises(ValueError, match="'params' and 'dora'"):
     cache_base_norms({"params": variables["params"]})
+
+
+def test_adapters_without_kernels_are_refused_by_name(fresh_key):
+  """merge_params and cache_base_norms name the adapter path whose kernel is missing."""
+  from dora_jax.linen import cache_base_norms
+
+  x = jax.random.normal(fresh_key(), (2, 12))
+  variables = _TwoDense().init(fresh_key(), x)
+  params = {"up": variables["params"]["up"]}  # "down" lost its kernel
+  with pytest.raises(ValueError, match="merge_params: adapters at 'down' have no kernel"):
+    merge_params(params, variables["dora"], alpha=10)
+  with pytest.raises(ValueError, match="cache_base_norms: adapters at 'down' have no kernel"):
+    cache_base_norms({"params": params, "dora": variables["dora"]})
+  with pytest.raises(ValueError, match="cache_base_norms: no DoRA adapters"):
+    cache_base_norms({"params": params, "dora": {}})

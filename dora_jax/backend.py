@@ -5,8 +5,11 @@
 * ``"xla"`` — plain ``jax.numpy`` (XLA fuses the elementwise work); runs everywhere.
 * ``"pallas"`` — the fused Pallas kernels (Triton lowering on NVIDIA GPUs,
   interpret mode elsewhere, which is slow and meant for tests).
-* ``"auto"`` — Pallas on CUDA GPUs for the shapes where it was measured faster,
-  XLA everywhere else.
+* ``"mosaic"`` — the Hopper kernels (Pallas Mosaic GPU: TMA + wgmma) that fold
+  DoRA's column scale into the base GEMMs; shapes they do not tile exactly, and
+  dtypes other than bf16/fp16, run XLA (logged once). Interpret mode off the GPU.
+* ``"auto"`` — the fused kernels on CUDA GPUs for the shapes where they were
+  measured faster, XLA everywhere else.
 * ``None`` — the process default: the environment variable ``DORA_JAX_BACKEND``
   (one of the names above) read when the call is traced, else ``"auto"``.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-BACKENDS = ("auto", "xla", "pallas")
+BACKENDS = ("auto", "xla", "pallas", "mosaic")
 ENV_VAR = "DORA_JAX_BACKEND"
 
 

@@ -155,13 +155,12 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   """
   cdt = dy.dtype
   acc = g.dtype
-  dy_acc = dy.astype(acc)
   need_t = wants.x or wants.lora_a or wants.scale
   need_dpre = need_t or wants.lora_b or wants.kernel
-  dpre = (dy_acc * g).astype(cdt) if need_dpre else None
+  dpre = (dy.astype(acc) * g).astype(cdt) if need_dpre else None
   t = _dot_nt(dpre, lora_b.astype(cdt), acc) if need_t else None  # [T, r]
 
-  dx = da = db = dm = ds = dbias = dkernel = None
+  dx = da = db = dkernel = None
   if wants.x and dx_matmul is not None:
     dx = dx_matmul(dpre, (scale * t).astype(cdt))
   elif wants.x:
@@ -172,13 +171,24 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
     da = scale * _dot_t(x2, t.astype(cdt), acc)
   if wants.lora_b:
     db = scale * _dot_t(h, dpre, acc)
+  dm, ds, dbias = vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants)
+  if wants.kernel:
+    dkernel = _dot_t(x2, dpre, acc)
+  return Grads(dx, dkernel, da, db, dm, ds, dbias)
+
+
+def vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants: Wants):
+  """``(dm, ds, dbias)`` (``None`` where not wanted): the reductions of the backward.
+
+  ``t = dpre·bᵀ [T, r]`` (float32) is needed only for ``ds``.
+  """
+  acc = g.dtype
+  dm = ds = dbias = None
   if wants.magnitude:
     dm = magnitude_grad(dy, pre, y, g, inv_norm,
                         lambda: _dy_dot_pre(dy, x2, kernel, lora_b, h, scale, acc))
   if wants.scale:
     ds = jnp.sum(h.astype(acc) * t)
   if wants.bias:
-    dbias = jnp.sum(dy_acc, axis=0)
-  if wants.kernel:
-    dkernel = _dot_t(x2, dpre, acc)
-  return Grads(dx, dkernel, da, db, dm, ds, dbias)
+    dbias = jnp.sum(dy.astype(acc), axis=0)
+  return dm, ds, dbias

@@ -82,6 +82,9 @@ def _implementation(impl: str):
   if impl == "pallas":
     from dora_jax.kernels import fused_dense  # imported lazily: Pallas is optional
     return fused_dense.forward_pallas, fused_dense.backward_pallas
+  if impl == "mosaic":
+    from dora_jax.kernels import fused_mosaic
+    return fused_mosaic.forward_mosaic, fused_mosaic.backward_mosaic
   raise AssertionError(impl)
 
 
@@ -95,6 +98,9 @@ def _core_primal(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   if cfg.impl == "pallas":  # nothing is differentiated: the kernel skips writing `pre`
     from dora_jax.kernels import fused_dense
     return fused_dense.forward_pallas_y(x2, kernel, lora_a, lora_b, g, scale, bias)
+  if cfg.impl == "mosaic":
+    from dora_jax.kernels import fused_mosaic
+    return fused_mosaic.forward_mosaic_y(x2, kernel, lora_a, lora_b, g, scale, bias)
   forward, _ = _implementation(cfg.impl)
   y, _, _ = forward(x2, kernel, lora_a, lora_b, g, scale, bias)
   return y
@@ -156,9 +162,11 @@ def _resolve(backend: str | None, x2, kernel, lora_a, *others) -> str:
   if choice == "xla":
     return choice
   from dora_jax.kernels import dispatch
-  requested = choice == "pallas"
+  requested = choice != "auto"
   if choice == "auto":
     choice = dispatch.choose(x2.shape[0], kernel.shape, lora_a.shape[1], x2.dtype)
+  elif choice == "mosaic":
+    choice = dispatch.mosaic_or_xla(x2.shape[0], kernel.shape, x2.dtype)
   # Pallas is not partitioned by GSPMD: the XLA path under a mesh (logged once).
   return dispatch.unpartitioned(choice, x2, kernel, lora_a, *others, requested=requested)
 
@@ -189,7 +197,7 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
       (``None``, a ``jax.lax.Precision`` or ``"default"``/``"high"``/``"highest"``,
       as Flax's ``precision``); ``None`` follows ``jax.default_matmul_precision``.
       The norm's own matmuls always run at full float32 precision.
-    backend: ``"auto"``, ``"xla"``, ``"pallas"`` or ``None`` (process default, see
+    backend: ``"auto"``, ``"xla"``, ``"pallas"``, ``"mosaic"`` or ``None`` (process default, see
       :mod:`dora_jax.backend`).
 
   Returns:

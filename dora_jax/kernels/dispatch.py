@@ -60,6 +60,39 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   return "pallas" if on_cuda_gpu() else "xla"
 
 
+def on_hopper() -> bool:
+  """Whether the default device is a CUDA GPU of compute capability 9.x (wgmma, TMA)."""
+  if not on_cuda_gpu():
+    return False
+  capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+  return capability.startswith("9")
+
+
+def mosaic_or_xla(tokens: int, kernel_shape: tuple[int, int], dtype) -> str:
+  """``"mosaic"`` if the Hopper kernels can run this call, else ``"xla"`` (logged once).
+
+  They need a 2-byte dtype (bf16/fp16), dimensions their tiles divide
+  (:func:`dora_jax.kernels.fused_mosaic.shapes_supported`) and, on a GPU, a
+  Hopper one; off the GPU they run in interpret mode.
+  """
+  from dora_jax.kernels import fused_mosaic  # noqa: PLC0415 - Mosaic GPU is optional
+  d_in, d_out = (int(d) for d in kernel_shape)
+  reason = None
+  if jnp.dtype(dtype).itemsize != 2:
+    reason = f"dtype {jnp.dtype(dtype).name} (bf16/fp16 only)"
+  elif not fused_mosaic.shapes_supported(tokens, d_in, d_out):
+    reason = f"T={tokens}, d_in={d_in}, d_out={d_out} not multiples of the kernels' tiles"
+  elif jax.default_backend() == "gpu" and not on_hopper():
+    reason = "the GPU is not a Hopper (compute capability 9.x) one"
+  if reason is None:
+    return "mosaic"
+  key = f"mosaic:{reason}"
+  if key not in _fallbacks_logged:
+    _fallbacks_logged.add(key)
+    _log.warning("dora_jax: backend='mosaic' cannot run %s; using the XLA path", reason)
+  return "xla"
+
+
 def partitioned_reason(*arrays) -> str | None:
   """Why a call over ``arrays`` may be split across devices at trace time, or ``None``.
 
@@ -98,7 +131,7 @@ def unpartitioned(choice: str, *arrays, requested: bool = True) -> str:
   The fallback is logged once per process on the ``"dora_jax"`` logger
   (warning when Pallas was requested explicitly, info under ``"auto"``).
   """
-  if choice != "pallas":
+  if choice not in ("pallas", "mosaic"):
     return choice
   reason = partitioned_reason(*arrays)
   if reason is None:

@@ -1,0 +1,135 @@
+"""Column-scaled GEMMs: the Mosaic GPU kernels vs cuBLAS and XLA.
+
+Times, per shape (bf16, T tokens, kernel ``[d_in, d_out]``):
+
+* forward: ``x·W`` alone (cuBLAS, the floor), ``(x·W) ⊙ g`` through XLA (a GEMM
+  plus an elementwise pass), and :func:`dora_jax.kernels.scaled_matmul.scaled_matmul`
+  for a few tilings;
+* backward: ``dy·Wᵀ`` alone, ``(dy ⊙ g)·Wᵀ`` through XLA, and
+  :func:`~dora_jax.kernels.scaled_matmul.matmul_scaled_k` (scaled tile fed from
+  registers or through shared memory).
+
+Each kernel's output is checked against its ``*_reference`` twin (max error
+relative to the largest output). Needs a Hopper GPU; rerun with
+
+  python benchmarks/scaled_matmul.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import harness  # noqa: E402
+from dora_jax.kernels import scaled_matmul as sm  # noqa: E402
+
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672))
+
+FORWARD_TILINGS = {
+    "n128x128k64s4": sm.Tiles(),
+    "n128x128k64s5": sm.Tiles(stages=5),
+    "n128x64k64s4": sm.Tiles(tile_n=64),
+    "n128x128k64s4m": sm.Tiles(snake_dim=0),
+}
+BACKWARD_TILINGS = {
+    "m128x128k64s4reg": sm.Tiles(split="m"),
+    "m128x128k64s4smem": sm.Tiles(split="m", a_in_registers=False),
+    "m128x128k64s3reg": sm.Tiles(split="m", stages=3),
+    "m64x256k64s4reg": sm.Tiles(split="m", tile_m=64, tile_n=256),
+}
+
+
+def _rel_err(out, ref):
+  out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+  return float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def _inputs(tokens, d_in, d_out, sets, seed):
+  keys = jax.random.split(jax.random.key(seed), 4 * sets)
+  out = []
+  for i in range(sets):
+    k = keys[4 * i:4 * i + 4]
+    x = jax.random.normal(k[0], (tokens, d_in), jnp.bfloat16)
+    w = (jax.random.normal(k[1], (d_in, d_out), jnp.float32) / d_in ** 0.5).astype(jnp.bfloat16)
+    g = jax.random.uniform(k[2], (d_out,), jnp.float32, 0.5, 1.5)
+    dy = jax.random.normal(k[3], (tokens, d_out), jnp.bfloat16)
+    out.append((x, w, g, dy))
+  return out
+
+
+def run(tokens, shapes, sets, calls, repeats, only_tilings=None):
+  rows = []
+  for d_in, d_out in shapes:
+    data = _inputs(tokens, d_in, d_out, sets, seed=d_in + d_out)
+    fwd_args = [(x, w, g) for x, w, g, _ in data]
+    bwd_args = [(dy, w, g) for _, w, g, dy in data]
+    row = dict(d_in=d_in, d_out=d_out, tokens=tokens, forward={}, backward={}, errors={})
+    t = lambda fn, args: harness.time_jitted(fn, args, calls=calls, repeats=repeats)
+    row["forward"]["cublas_xW"] = t(jax.jit(lambda x, w, g: x @ w), fwd_args)
+    row["forward"]["xla_scaled"] = t(jax.jit(sm.scaled_matmul_reference), fwd_args)
+    row["backward"]["cublas_dyWt"] = t(
+        jax.jit(lambda dy, w, g: lax.dot_general(dy, w, (((1,), (1,)), ((), ())))), bwd_args)
+    row["backward"]["xla_scaled"] = t(jax.jit(sm.matmul_scaled_k_reference), bwd_args)
+    for name, tiles in FORWARD_TILINGS.items():
+      if only_tilings and name not in only_tilings:
+        continue
+      if not sm.supported(tokens, d_out, d_in, tiles):
+        continue
+      fn = jax.jit(lambda x, w, g, tiles=tiles: sm.scaled_matmul(x, w, g, tiles=tiles))
+      try:
+        row["errors"]["fwd_" + name] = _rel_err(fn(*fwd_args[0]),
+                                                 sm.scaled_matmul_reference(*fwd_args[0]))
+        row["forward"][name] = t(fn, fwd_args)
+      except Exception as e:  # noqa: BLE001 - report and go on to the next tiling
+        row["errors"]["fwd_" + name] = f"{type(e).__name__}: {str(e)[:300]}"
+    for name, tiles in BACKWARD_TILINGS.items():
+      if only_tilings and name not in only_tilings:
+        continue
+      if not sm.supported(tokens, d_in, d_out, tiles):
+        continue
+      fn = jax.jit(lambda dy, w, g, tiles=tiles: sm.matmul_scaled_k(dy, w, g, tiles=tiles))
+      try:
+        row["errors"]["bwd_" + name] = _rel_err(fn(*bwd_args[0]),
+                                                 sm.matmul_scaled_k_reference(*bwd_args[0]))
+        row["backward"][name] = t(fn, bwd_args)
+      except Exception as e:  # noqa: BLE001
+        row["errors"]["bwd_" + name] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--tokens", type=int, default=4096)
+  parser.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SHAPES))
+  parser.add_argument("--tilings", default="", help="comma list of tiling names (default: all)")
+  parser.add_argument("--sets", type=int, default=3, help="input sets rotated (L2)")
+  parser.add_argument("--calls", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=7)
+  args = parser.parse_args()
+  shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+  start = time.time()
+  rows = run(args.tokens, shapes, args.sets, args.calls, args.repeats,
+             [s for s in args.tilings.split(",") if s] or None)
+  os.makedirs(args.out, exist_ok=True)
+  meta = dict(device=harness.device_description(), wall_s=round(time.time() - start, 1),
+              forward_tilings={k: dataclasses.asdict(v) for k, v in FORWARD_TILINGS.items()},
+              backward_tilings={k: dataclasses.asdict(v) for k, v in BACKWARD_TILINGS.items()})
+  with open(os.path.join(args.out, "scaled_matmul.json"), "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

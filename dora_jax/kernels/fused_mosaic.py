@@ -1,0 +1,91 @@
+"""The ``"mosaic"`` backend of :func:`dora_jax.dora_dense`: Hopper GEMMs with the scale folded in.
+
+Same signatures and semantics as :func:`dora_jax.compose.forward_xla` and
+:func:`dora_jax.compose.backward_xla`. Shapes::
+
+  x2 [T, d_in]   kernel [d_in, d_out]   lora_a [d_in, r]   lora_b [r, d_out]
+  g, inv_norm [d_out] (float32)   bias [d_out] or None   scale: 0-d float32
+
+The column scale ``g`` distributes over the LoRA term, ``g ⊙ (x·W + s·h·b) =
+(x·W) ⊙ g + h·(s·b ⊙ g)``, so DoRA's forward is LoRA's with two changes: the
+base GEMM applies ``g`` in its epilogue (:func:`scaled_matmul`) and the small
+``[r, d_out]`` factor ``b`` is scaled by ``s·g`` first. The backward likewise
+never forms ``dpre = dy ⊙ g``: ``dx = (dy ⊙ g)·Wᵀ + (dy·(s·b ⊙ g)ᵀ)·aᵀ`` with the
+first product one GEMM that scales each ``dy`` tile in registers
+(:func:`matmul_scaled_k`), ``t = dy·(b ⊙ g)ᵀ``, ``db = s·(hᵀ·dy) ⊙ g``. What is
+left over LoRA is the ``dm`` reduction ``Σ_T dy ⊙ y``.
+
+Rounding differs from the XLA path only in where the activation dtype's
+rounding falls (``s·b⊙g`` is rounded once; ``dy ⊙ g`` is rounded per tile in
+the kernel as XLA rounds ``dpre``). A forward whose backward needs ``pre``
+(a bias, or float16) runs XLA's forward.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from dora_jax.compose import (Grads, Wants, _dot_nt, _dot_t, forward_xla, lora_hidden,
+                              vector_grads)
+from dora_jax.kernels._common import default_interpret
+from dora_jax.kernels.scaled_matmul import (BACKWARD_TILES, FORWARD_TILES, matmul_scaled_k,
+                                            scaled_matmul, supported)
+
+
+def shapes_supported(tokens: int, d_in: int, d_out: int) -> bool:
+  """Whether both kernels tile ``T``, ``d_in``, ``d_out`` exactly."""
+  return (supported(tokens, d_out, d_in, FORWARD_TILES)
+          and supported(tokens, d_in, d_out, BACKWARD_TILES))
+
+
+def _scaled_b(lora_b, g, scale, cdt):
+  """``s·b ⊙ g [r, d_out]`` in float32 and rounded to ``cdt``."""
+  return (scale * lora_b.astype(g.dtype) * g).astype(cdt)
+
+
+def forward_mosaic(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool = True):
+  """Return ``(y, pre, h)`` like :func:`dora_jax.compose.forward_xla`.
+
+  ``pre`` is never written here: with ``want_pre`` the call is XLA's forward.
+  """
+  if want_pre:
+    return forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre=True)
+  cdt = x2.dtype
+  h = lora_hidden(x2, lora_a)
+  base = scaled_matmul(x2, kernel.astype(cdt), g, interpret=default_interpret())
+  # in the activation dtype, so that XLA hands the sum to cuBLAS as its addend
+  # (beta = 1, one rounding from float32): no extra pass over [T, d_out]
+  y = jnp.dot(h, _scaled_b(lora_b, g, scale, cdt)) + base
+  if bias is not None:
+    y = (y.astype(g.dtype) + bias.astype(g.dtype)).astype(cdt)
+  return y, None, h
+
+
+def forward_mosaic_y(x2, kernel, lora_a, lora_b, g, scale, bias):
+  """``y`` only: the forward when nothing is differentiated."""
+  return forward_mosaic(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre=False)[0]
+
+
+def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
+                    wants: Wants, *, y=None) -> Grads:
+  """Cotangents of :func:`forward_mosaic`, like :func:`dora_jax.compose.backward_xla`."""
+  cdt = dy.dtype
+  acc = g.dtype
+  need_t = wants.x or wants.lora_a or wants.scale
+  t = _dot_nt(dy, (lora_b.astype(acc) * g).astype(cdt), acc) if need_t else None  # [T, r]
+
+  dx = da = db = dkernel = None
+  if wants.x:
+    dx_base = matmul_scaled_k(dy, kernel.astype(cdt), g, interpret=default_interpret())
+    dx = _dot_nt((scale * t).astype(cdt), lora_a.astype(cdt)) + dx_base  # cuBLAS addend
+  if wants.lora_a:
+    da = scale * _dot_t(x2, t.astype(cdt), acc)
+  if wants.lora_b:
+    db = scale * _dot_t(h, dy, acc) * g
+  dm, ds, dbias = vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants)
+  if wants.kernel:
+    dkernel = _dot_t(x2, (dy.astype(acc) * g).astype(cdt), acc)
+  return Grads(dx, dkernel, da, db, dm, ds, dbias)
+
+
+__all__ = ["backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]

@@ -1,0 +1,332 @@
+"""Column-scaled matmuls for Hopper GPUs (Pallas Mosaic GPU: TMA + wgmma).
+
+The two products of DoRA that XLA cannot fuse into cuBLAS, each as one GEMM
+with the scale folded in (so no extra ``[T, d_out]`` pass):
+
+* :func:`scaled_matmul` — ``out = (x·w) ⊙ col_scale``: the forward's base
+  product with ``g`` applied in the epilogue. Shapes ``x [M, K]``, ``w [K, N]``,
+  ``col_scale [N]`` (float32) → ``[M, N]`` in ``x.dtype``.
+* :func:`matmul_scaled_k` — ``out = (dy ⊙ k_scale)·wᵀ``: the backward's
+  ``dx = (dy ⊙ g)·Wᵀ`` with the scale applied to each ``dy`` tile in registers
+  before the tensor-core product. Shapes ``dy [M, K]``, ``w [N, K]`` (the Flax
+  kernel ``[d_in, d_out]`` as is), ``k_scale [K]`` (float32) → ``[M, N]``.
+
+Both accumulate in float32 and apply the scale in float32; each has its
+``*_reference`` twin in ``jax.numpy``. The kernels are persistent
+(one CTA per SM), warp specialised (one TMA producer warpgroup, two wgmma
+consumer warpgroups), and need every dimension divisible by its tile
+(:func:`supported` says whether a shape qualifies; the dispatcher sends
+anything else to XLA). ``interpret=True`` runs them through Mosaic GPU's
+interpreter on any backend (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tiling of one kernel launch.
+
+  ``tile_m × tile_n`` is one consumer warpgroup's accumulator; the CTA covers
+  two of them, side by side along ``split`` (``"n"`` or ``"m"``). ``stages``
+  TMA buffers are in flight. Output tiles are visited in a planar snake of
+  width ``snake`` along ``snake_dim`` (0: M, 1: N) for L2 reuse.
+  """
+
+  tile_m: int = 128
+  tile_n: int = 128
+  tile_k: int = 64
+  stages: int = 4
+  split: str = "n"
+  snake_dim: int = 1
+  snake: int = 8
+  epi_n: int = 64
+  a_in_registers: bool = True  # matmul_scaled_k: feed wgmma the scaled tile from registers
+
+  @property
+  def cta_m(self) -> int:
+    return self.tile_m * (2 if self.split == "m" else 1)
+
+  @property
+  def cta_n(self) -> int:
+    return self.tile_n * (2 if self.split == "n" else 1)
+
+
+FORWARD_TILES = Tiles()
+BACKWARD_TILES = Tiles(split="m")
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the default device (CPU: 4, for interpret mode)."""
+  device = jax.devices()[0]
+  return int(getattr(device, "core_count", 0) or 4)
+
+
+def supported(m: int, n: int, k: int, tiles: Tiles) -> bool:
+  """Whether ``[M, K]·[K, N]`` divides into ``tiles`` (no masking in these kernels)."""
+  return m % tiles.cta_m == 0 and n % tiles.cta_n == 0 and k % tiles.tile_k == 0
+
+
+def _check(name, m, n, k, tiles):
+  if not supported(m, n, k, tiles):
+    raise ValueError(
+        f"{name}: M={m}, N={n}, K={k} must be multiples of {tiles.cta_m}, "
+        f"{tiles.cta_n} and {tiles.tile_k} (use the XLA path for other shapes)")
+
+
+def _smem_transforms(minor: int, dtype):
+  swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+  elems = swizzle // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _launch(body, out_shape, dtype, interpret):
+  params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+      grid=(num_sms(),),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=params,
+      interpret=plgpu.InterpretGPUParams() if interpret else False,
+  )
+
+
+def _pipeline(in_specs, k_iters: int, tiles: Tiles):
+  """``make(body, context)``: the warp-specialised K loop over ``in_specs``."""
+  def make(body, context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k_iters,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+        num_compute_wgs=2, max_concurrent_steps=tiles.stages, compute_context=context)
+  return make
+
+
+def _ignore(*_, **__):
+  """A body/context placeholder: allocations do not depend on them."""
+
+
+def _store_tile(out_smem, out_gmem, tile, wg, tiles):
+  """Write one warpgroup's ``[tile_m, tile_n]`` result through SMEM in ``epi_n``
+  wide slices (double-buffered TMA stores), once the previous tile's stores
+  have read their buffers."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  for j in range(tiles.tile_n // tiles.epi_n):
+    slot = j % 2
+    cols = slice(j * tiles.epi_n, (j + 1) * tiles.epi_n)
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+    out_smem[wg, slot] = tile[:, cols]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem.at[:, cols])
+
+
+def _vmappable(kernel_fn, lhs, w, vec):
+  """``kernel_fn(lhs [M, K], w, vec)`` under ``vmap``: a batch of ``lhs`` alone is
+  folded into M (one launch); a batched ``w`` or ``vec`` runs one launch per
+  batch element (``lax.map``)."""
+  @jax.custom_batching.custom_vmap
+  def call(lhs, w, vec):
+    return kernel_fn(lhs, w, vec)
+
+  @call.def_vmap
+  def _(axis_size, in_batched, lhs, w, vec):
+    lhs_b, w_b, vec_b = in_batched
+    if lhs_b and not (w_b or vec_b):
+      out = call(lhs.reshape(-1, lhs.shape[-1]), w, vec)
+      return out.reshape(axis_size, lhs.shape[1], out.shape[-1]), True
+    spread = lambda v, b: v if b else jnp.broadcast_to(v, (axis_size, *v.shape))
+    return lax.map(lambda args: call(*args),
+                   (spread(lhs, lhs_b), spread(w, w_b), spread(vec, vec_b))), True
+
+  return call(lhs, w, vec)
+
+
+def _tile_loop(m_iters, n_iters, tiles, fn):
+  """Run ``fn(m_idx, n_idx)`` over this CTA's share of the output tiles."""
+  @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+  def _(info):
+    (lin,) = info.index
+    m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), tiles.snake_dim,
+                                      tiles.snake)
+    fn(m_idx, n_idx)
+
+
+# ---------------------------------------------------------------------------
+# out = (x·w) ⊙ col_scale
+
+
+def scaled_matmul_reference(x: jax.Array, w: jax.Array, col_scale: jax.Array) -> jax.Array:
+  """``(x·w) ⊙ col_scale``: float32 accumulation and scaling, result in ``x.dtype``."""
+  acc = jnp.dot(x, w, preferred_element_type=jnp.float32)
+  return (acc * col_scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array, *,
+                  tiles: Tiles = FORWARD_TILES, interpret: bool = False) -> jax.Array:
+  """``(x [M, K] · w [K, N]) ⊙ col_scale [N]`` → ``[M, N]`` in ``x.dtype``, one GEMM."""
+  return _vmappable(functools.partial(_scaled_matmul, tiles=tiles, interpret=interpret),
+                    x, w, col_scale.astype(jnp.float32))
+
+
+def _scaled_matmul(x, w, col_scale, *, tiles, interpret):
+  (m, k), (k2, n) = x.shape, w.shape
+  if k != k2 or w.dtype != x.dtype or col_scale.shape != (n,):
+    raise ValueError(f"scaled_matmul: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, "
+                     f"col_scale {col_scale.shape} do not match")
+  _check("scaled_matmul", m, n, k, tiles)
+  if tiles.split != "n":
+    raise ValueError("scaled_matmul: tiles.split must be 'n'")
+  dtype = x.dtype
+  in_tf = _smem_transforms(tiles.tile_k, dtype)
+  out_tf = _smem_transforms(tiles.epi_n, dtype)
+  m_iters, n_iters, k_iters = m // tiles.cta_m, n // tiles.cta_n, k // tiles.tile_k
+
+  pipeline = _pipeline([
+      plgpu.BlockSpec((tiles.cta_m, tiles.tile_k), lambda kk: (0, kk),
+                      transforms=in_tf, memory_space=plgpu.SMEM),
+      plgpu.BlockSpec((tiles.tile_k, tiles.cta_n), lambda kk: (kk, 0),
+                      transforms=in_tf, memory_space=plgpu.SMEM),
+  ], k_iters, tiles)
+
+  def kernel(x_gmem, w_gmem, s_gmem, out_gmem):
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(_ignore, _ignore).get_allocations(x_gmem, w_gmem),
+        out_smem=plgpu.SMEM((2, 2, tiles.tile_m, tiles.epi_n), dtype, transforms=out_tf),
+        s_smem=plgpu.SMEM((2, tiles.tile_n), jnp.float32),
+        s_bar=plgpu.Barrier(num_barriers=2),
+        collective_axes="wg")
+    def _(allocs, out_smem, s_smem, s_bar):
+      wg = lax.axis_index("wg")
+
+      def one_tile(m_idx, n_idx):
+        rows = pl.ds(m_idx * tiles.cta_m, tiles.cta_m)
+        cols = pl.ds(n_idx * tiles.cta_n + wg * tiles.tile_n, tiles.tile_n)
+
+        def context(run):
+          # the scale's TMA load overlaps the main loop
+          plgpu.copy_gmem_to_smem(s_gmem.at[cols], s_smem.at[wg], s_bar.at[wg])
+
+          @functools.partial(pl.run_scoped,
+                             acc_ref=plgpu.ACC((tiles.tile_m, tiles.tile_n), jnp.float32))
+          def _(acc_ref):
+            run(acc_ref)
+            plgpu.barrier_wait(s_bar.at[wg])
+            scale = plgpu.load(s_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
+            acc = acc_ref[...]
+            tile = (acc * lax.broadcast_in_dim(scale, acc.shape, [1])).astype(dtype)
+            _store_tile(out_smem, out_gmem.at[rows, cols], tile, wg, tiles)
+
+        def body(_, x_smem, w_smem, acc_ref):
+          plgpu.wgmma(acc_ref, x_smem, w_smem.at[:, pl.ds(wg * tiles.tile_n, tiles.tile_n)])
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        pipeline(body, context)(x_gmem.at[rows, :],
+                                w_gmem.at[:, pl.ds(n_idx * tiles.cta_n, tiles.cta_n)],
+                                allocations=allocs)
+
+      _tile_loop(m_iters, n_iters, tiles, one_tile)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  return _launch(kernel, (m, n), dtype, interpret)(x, w, col_scale)
+
+
+# ---------------------------------------------------------------------------
+# out = (dy ⊙ k_scale)·wᵀ
+
+
+def matmul_scaled_k_reference(dy: jax.Array, w: jax.Array, k_scale: jax.Array) -> jax.Array:
+  """``(dy ⊙ k_scale)·wᵀ`` with the scaled ``dy`` rounded to its dtype (as the
+  kernel feeds the tensor cores), float32 accumulation, result in ``dy.dtype``."""
+  scaled = (dy.astype(jnp.float32) * k_scale.astype(jnp.float32)).astype(dy.dtype)
+  acc = lax.dot_general(scaled, w, (((1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+  return acc.astype(dy.dtype)
+
+
+def matmul_scaled_k(dy: jax.Array, w: jax.Array, k_scale: jax.Array, *,
+                    tiles: Tiles = BACKWARD_TILES, interpret: bool = False) -> jax.Array:
+  """``(dy [M, K] ⊙ k_scale [K]) · w [N, K]ᵀ`` → ``[M, N]`` in ``dy.dtype``, one GEMM."""
+  return _vmappable(functools.partial(_matmul_scaled_k, tiles=tiles, interpret=interpret),
+                    dy, w, k_scale.astype(jnp.float32))
+
+
+def _matmul_scaled_k(dy, w, k_scale, *, tiles, interpret):
+  (m, k), (n, k2) = dy.shape, w.shape
+  if k != k2 or w.dtype != dy.dtype or k_scale.shape != (k,):
+    raise ValueError(f"matmul_scaled_k: dy {dy.shape} {dy.dtype}, w {w.shape} {w.dtype}, "
+                     f"k_scale {k_scale.shape} do not match")
+  _check("matmul_scaled_k", m, n, k, tiles)
+  if tiles.split != "m":
+    raise ValueError("matmul_scaled_k: tiles.split must be 'm'")
+  if interpret and tiles.a_in_registers:  # the interpreter feeds wgmma from SMEM only
+    tiles = dataclasses.replace(tiles, a_in_registers=False)
+  dtype = dy.dtype
+  in_tf = _smem_transforms(tiles.tile_k, dtype)
+  out_tf = _smem_transforms(tiles.epi_n, dtype)
+  m_iters, n_iters, k_iters = m // tiles.cta_m, n // tiles.cta_n, k // tiles.tile_k
+
+  pipeline = _pipeline([
+      plgpu.BlockSpec((tiles.cta_m, tiles.tile_k), lambda kk: (0, kk),
+                      transforms=in_tf, memory_space=plgpu.SMEM),
+      plgpu.BlockSpec((tiles.cta_n, tiles.tile_k), lambda kk: (0, kk),
+                      transforms=in_tf, memory_space=plgpu.SMEM),
+      plgpu.BlockSpec((tiles.tile_k,), lambda kk: (kk,), memory_space=plgpu.SMEM),
+  ], k_iters, tiles)
+
+  def kernel(dy_gmem, w_gmem, s_gmem, out_gmem):
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(_ignore, _ignore).get_allocations(dy_gmem, w_gmem, s_gmem),
+        out_smem=plgpu.SMEM((2, 2, tiles.tile_m, tiles.epi_n), dtype, transforms=out_tf),
+        a_smem=None if tiles.a_in_registers else plgpu.SMEM(
+            (2, tiles.tile_m, tiles.tile_k), dtype, transforms=in_tf),
+        collective_axes="wg")
+    def _(allocs, out_smem, a_smem):
+      wg = lax.axis_index("wg")
+
+      def one_tile(m_idx, n_idx):
+        rows = pl.ds(m_idx * tiles.cta_m + wg * tiles.tile_m, tiles.tile_m)
+        cols = pl.ds(n_idx * tiles.cta_n, tiles.cta_n)
+
+        def context(run):
+          @functools.partial(pl.run_scoped,
+                             acc_ref=plgpu.ACC((tiles.tile_m, tiles.tile_n), jnp.float32))
+          def _(acc_ref):
+            run(acc_ref)
+            tile = acc_ref[...].astype(dtype)
+            _store_tile(out_smem, out_gmem.at[rows, cols], tile, wg, tiles)
+
+        def body(_, dy_smem, w_smem, s_smem, acc_ref):
+          mine = dy_smem.at[pl.ds(wg * tiles.tile_m, tiles.tile_m)]
+          a = plgpu.load(mine, layout=plgpu.Layout.WGMMA)
+          scale = plgpu.load(s_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+          a = (a.astype(jnp.float32)
+               * lax.broadcast_in_dim(scale, a.shape, [1])).astype(dtype)
+          if a_smem is not None:  # through SMEM (what interpret mode supports)
+            a_smem[wg] = a
+            plgpu.commit_smem()
+            a = a_smem.at[wg]
+          plgpu.wgmma(acc_ref, a, w_smem.transpose((1, 0)))
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        pipeline(body, context)(
+            dy_gmem.at[pl.ds(m_idx * tiles.cta_m, tiles.cta_m), :],
+            w_gmem.at[cols, :], s_gmem, allocations=allocs)
+
+      _tile_loop(m_iters, n_iters, tiles, one_tile)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  return _launch(kernel, (m, n), dtype, interpret)(dy, w, k_scale)

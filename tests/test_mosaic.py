@@ -1,0 +1,214 @@
+"""The Hopper (Mosaic GPU) kernels and the ``"mosaic"`` backend.
+
+On the CPU the kernels run in Mosaic GPU's interpret mode (the wgmma of
+:func:`matmul_scaled_k` through shared memory: the interpreter cannot take a
+register operand; the register path runs in the ``gpu`` tests). Shapes are
+small multiples of the tiles with several tiles per dimension, none a power of
+two, so that the persistent tile loop, the K pipeline and the epilogue slices
+all iterate. Tolerances (relative L2 error): kernel vs its ``*_reference`` twin
+≤ 4e-3 (both round once to bf16; only the accumulation order differs), vs
+float64 ≤ 1e-2 (bf16) / 2e-3 (fp16); ``dora_dense`` gradients ≤ 2× that.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dora_jax
+from dora_jax.kernels import dispatch, fused_mosaic
+from dora_jax.kernels import scaled_matmul as sm
+
+from conftest import make_layer
+import reference
+
+GPU = jax.default_backend() == "gpu"
+INTERPRET = not GPU
+# Small tiles for the kernel-level tests: CTA 64×128 (forward) / 128×64 (dx), K step 32.
+FWD = sm.Tiles(tile_m=64, tile_n=64, tile_k=32, stages=2, epi_n=32, snake=2)
+BWD = sm.Tiles(tile_m=64, tile_n=64, tile_k=32, stages=3, epi_n=32, snake=2, split="m",
+               a_in_registers=False)
+TOL_F64 = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+
+def rel(u, v) -> float:
+  u = reference.f64(u)
+  v = reference.f64(v) if not isinstance(v, np.ndarray) else v
+  return float(np.linalg.norm(u - v) / max(np.linalg.norm(v), 1e-30))
+
+
+def _mats(key, m, n, k, dtype):
+  ks = jax.random.split(key, 4)
+  lhs = jax.random.normal(ks[0], (m, k)).astype(dtype)
+  w = (jax.random.normal(ks[1], (k, n)) / np.sqrt(k)).astype(dtype)
+  scale_n = jax.random.uniform(ks[2], (n,), minval=0.3, maxval=2.0)
+  scale_k = jax.random.uniform(ks[3], (k,), minval=0.3, maxval=2.0)
+  return lhs, w, scale_n, scale_k
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("mnk", [(192, 384, 96), (64, 640, 160)])
+def test_scaled_matmul_vs_twin_and_f64(fresh_key, dtype, mnk):
+  m, n, k = mnk
+  x, w, g, _ = _mats(fresh_key(), m, n, k, dtype)
+  out = jax.jit(lambda *a: sm.scaled_matmul(*a, tiles=FWD, interpret=INTERPRET))(x, w, g)
+  assert out.shape == (m, n) and out.dtype == dtype
+  f64 = (reference.f64(x) @ reference.f64(w)) * reference.f64(g)
+  assert rel(out, sm.scaled_matmul_reference(x, w, g)) <= 4e-3
+  assert rel(out, f64) <= TOL_F64[dtype]
+  # every column really scaled: the unscaled product is far off
+  assert rel(out, reference.f64(x) @ reference.f64(w)) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("mnk", [(384, 192, 96), (128, 320, 160)])
+def test_matmul_scaled_k_vs_twin_and_f64(fresh_key, dtype, mnk):
+  m, n, k = mnk
+  ks = jax.random.split(fresh_key(), 3)
+  dy = jax.random.normal(ks[0], (m, k)).astype(dtype)
+  w = (jax.random.normal(ks[1], (n, k)) / np.sqrt(k)).astype(dtype)  # the [d_in, d_out] kernel
+  g = jax.random.uniform(ks[2], (k,), minval=0.3, maxval=2.0)
+  out = jax.jit(lambda *a: sm.matmul_scaled_k(*a, tiles=BWD, interpret=INTERPRET))(dy, w, g)
+  assert out.shape == (m, n) and out.dtype == dtype
+  f64 = (reference.f64(dy) * reference.f64(g)) @ reference.f64(w).T
+  assert rel(out, sm.matmul_scaled_k_reference(dy, w, g)) <= 4e-3
+  assert rel(out, f64) <= TOL_F64[dtype]
+
+
+def test_kernels_reject_shapes_they_do_not_tile(fresh_key):
+  x, w, g, gk = _mats(fresh_key(), 100, 128, 64, jnp.bfloat16)
+  with pytest.raises(ValueError, match="M=100"):
+    sm.scaled_matmul(x, w, g, tiles=FWD, interpret=True)
+  with pytest.raises(ValueError, match="do not match"):
+    sm.scaled_matmul(x, w, g[:5], tiles=FWD, interpret=True)
+  with pytest.raises(ValueError, match="split"):
+    sm.matmul_scaled_k(w.T, w.T, gk, tiles=FWD, interpret=True)
+
+
+def test_scaled_matmul_under_vmap(fresh_key):
+  """A batch of the left operand folds into M; a batched right operand maps."""
+  x, w, g, _ = _mats(fresh_key(), 64, 128, 64, jnp.bfloat16)
+  xs = jnp.stack([x, -2 * x])
+  ws = jnp.stack([w, jnp.flip(w, 0)])
+  call = lambda xi, wi: sm.scaled_matmul(xi, wi, g, tiles=FWD, interpret=INTERPRET)
+  twin = lambda xi, wi: sm.scaled_matmul_reference(xi, wi, g)
+  got = jax.jit(jax.vmap(call, in_axes=(0, None)))(xs, w)
+  assert rel(got, jax.vmap(twin, in_axes=(0, None))(xs, w)) <= 4e-3
+  got = jax.jit(jax.vmap(call))(xs, ws)
+  assert rel(got, jax.vmap(twin)(xs, ws)) <= 4e-3
+
+
+# ----------------------------------------------------------------------------- dora_dense
+
+
+@pytest.mark.parametrize("dtype,rank", [(jnp.bfloat16, 1), (jnp.bfloat16, 24),
+                                        (jnp.float16, 16)])
+def test_dora_dense_mosaic_forward_and_grads(fresh_key, dtype, rank):
+  # T = 2·128 tokens over two leading dims, d_in = 3·128, d_out = 2·256 (default tiles)
+  x, w, a, b, m, _, cot = make_layer(fresh_key(), 384, 512, rank, (2, 128), dtype=dtype,
+                                     bias=False)
+
+  def loss(backend, x, a, b, m):
+    y = dora_jax.dora_dense(x, w, a, b, m, 1.5, backend=backend)
+    return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32)), y
+
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda *v: loss("mosaic", *v)[0], argnums=(0, 1, 2, 3)))(
+      x, a, b, m))
+  assert jaxpr.count("custom_vmap_call") >= 2  # both kernels run: forward and dx
+  grad = lambda backend: jax.jit(jax.grad(lambda *v: loss(backend, *v), argnums=(0, 1, 2, 3),
+                                          has_aux=True))(x, a, b, m)
+  (dx, da, db, dm), y = grad("mosaic")
+  y64, g64 = reference.dora_value_and_grads(x, w, a, b, m, 1.5, None, cot)
+  tol = TOL_F64[dtype]
+  assert y.dtype == dtype and rel(y, y64) <= tol
+  for name, got in zip(["x", "lora_a", "lora_b", "magnitude"], (dx, da, db, dm)):
+    assert rel(got, g64[name]) <= 2 * tol, (name, rel(got, g64[name]))
+  y_inf = jax.jit(lambda *v: dora_jax.dora_dense(*v, 1.5, backend="mosaic"))(x, w, a, b, m)
+  assert rel(y_inf, y) <= 1e-3  # the inference forward is the training one (up to XLA fusion)
+
+
+def test_dora_dense_mosaic_with_bias_and_zero_magnitudes(fresh_key):
+  """A bias makes the forward keep ``pre`` (XLA's forward, Mosaic's backward);
+  zero magnitudes take the recomputed-``pre`` branch of ``dm``."""
+  x, w, a, b, m, bias, cot = make_layer(fresh_key(), 128, 256, 8, (256,), dtype=jnp.bfloat16)
+  for with_bias, mag in ((True, m), (False, m.at[jnp.array([0, 7, 255])].set(0))):
+    bb = bias if with_bias else None
+
+    def f(x, a, b, m, *rest):
+      return dora_jax.dora_dense(x, w, a, b, m, 0.7, *rest, backend="mosaic")
+
+    args = (x, a, b, mag) + ((bb,) if with_bias else ())
+    y, vjp = jax.vjp(jax.jit(f), *args)
+    grads = vjp(cot)
+    y64, g64 = reference.dora_value_and_grads(x, w, a, b, mag, 0.7, bb, cot)
+    assert rel(y, y64) <= 1e-2
+    names = ["x", "lora_a", "lora_b", "magnitude", "bias"][: len(grads)]
+    for name, got in zip(names, grads):
+      assert np.all(np.isfinite(reference.f64(got))), name
+      assert rel(got, g64[name]) <= 2e-2, (name, with_bias)
+
+
+def test_dora_dense_mosaic_under_vmap(fresh_key):
+  x, w, a, b, m, _, _ = make_layer(fresh_key(), 128, 256, 4, (2, 256), dtype=jnp.bfloat16,
+                                   bias=False)
+  f = lambda xi: dora_jax.dora_dense(xi, w, a, b, m, 1.0, backend="mosaic")
+  assert rel(jax.jit(jax.vmap(f))(x), jax.jit(f)(x)) <= 1e-6
+
+
+def test_mosaic_falls_back_to_xla_where_it_cannot_run(fresh_key, caplog):
+  x, w, a, b, m, _, _ = make_layer(fresh_key(), 100, 256, 4, (256,), dtype=jnp.bfloat16,
+                                   bias=False)
+  with caplog.at_level(logging.WARNING, logger="dora_jax"):
+    y = dora_jax.dora_dense(x, w, a, b, m, 1.0, backend="mosaic")
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(
+      dora_jax.dora_dense(x, w, a, b, m, 1.0, backend="xla"), np.float32))
+  assert any("d_in=100" in r.getMessage() for r in caplog.records)
+  assert dispatch.mosaic_or_xla(256, (128, 256), jnp.float32) == "xla"
+  assert dispatch.mosaic_or_xla(256, (128, 256), jnp.bfloat16) == ("mosaic" if not GPU or
+                                                                  dispatch.on_hopper() else "xla")
+  assert fused_mosaic.shapes_supported(4096, 4096, 14336)
+  assert not fused_mosaic.shapes_supported(4000, 4096, 14336)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [16, 384])
+def test_gpu_mosaic_matches_xla_and_f64(fresh_key, rank):
+  if not dispatch.on_hopper():
+    pytest.skip("needs a Hopper GPU")
+  x, w, a, b, m, _, cot = make_layer(fresh_key(), 1024, 1536, rank, (2048,),
+                                     dtype=jnp.bfloat16, bias=False)
+
+  def step(backend):
+    def f(x, a, b, m):
+      return dora_jax.dora_dense(x, w, a, b, m, 0.5, backend=backend)
+    y, vjp = jax.vjp(f, x, a, b, m)
+    return y, vjp(cot)
+
+  y, grads = jax.jit(lambda: step("mosaic"))()
+  y64, g64 = reference.dora_value_and_grads(x, w, a, b, m, 0.5, None, cot)
+  assert rel(y, y64) <= 1e-2
+  for name, got in zip(["x", "lora_a", "lora_b", "magnitude"], grads):
+    assert rel(got, g64[name]) <= 2e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_register_and_smem_paths_agree(fresh_key):
+  if not dispatch.on_hopper():
+    pytest.skip("needs a Hopper GPU")
+  dy = jax.random.normal(fresh_key(), (512, 768), jnp.bfloat16)
+  w = jax.random.normal(fresh_key(), (384, 768), jnp.bfloat16)
+  g = jax.random.uniform(fresh_key(), (768,), minval=0.3, maxval=2.0)
+  regs = sm.matmul_scaled_k(dy, w, g)
+  smem = sm.matmul_scaled_k(dy, w, g, tiles=sm.Tiles(split="m", a_in_registers=False))
+  twin = sm.matmul_scaled_k_reference(dy, w, g)
+  assert rel(regs, twin) <= 4e-3 and rel(smem, twin) <= 4e-3
+  x = jax.random.normal(fresh_key(), (512, 768), jnp.bfloat16)
+  out = sm.scaled_matmul(x, w.T, g[:384])
+  assert rel(out, sm.scaled_matmul_reference(x, w.T, g[:384])) <= 4e-3

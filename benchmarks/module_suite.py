@@ -6,7 +6,7 @@
 
 Implementations, same device, same shapes, same process for JAX:
   lora            plain JAX LoRA (the floor)
-  dora_auto/xla/pallas   dora_jax.dora_dense with that backend
+  dora_auto/xla/pallas/mosaic   dora_jax.dora_dense with that backend
   dora_naive      JAX DoRA materialising a·b for the norm (a naive port)
   dora_cached     dora_jax inference with the norm computed once (cached scale)
 and, in a separate process (torch), Hugging Face PEFT LoRA and DoRA.
@@ -66,6 +66,7 @@ def jax_impls(sweep: str, on_gpu: bool):
     out["dora_xla"] = impls.dora_jax_backend("xla")
     if on_gpu and sweep == "rank":  # float32 Pallas is never dispatched (6x slower, slow to compile)
       out["dora_pallas"] = impls.dora_jax_backend("pallas")
+      out["dora_mosaic"] = impls.dora_jax_backend("mosaic")
     out["dora_naive"] = impls.dora_naive_dense
   return out
 

@@ -15,7 +15,7 @@ import collections
 import json
 import os
 
-JAX_IMPLS = ["lora", "dora_auto", "dora_xla", "dora_pallas", "dora_naive"]
+JAX_IMPLS = ["lora", "dora_auto", "dora_xla", "dora_pallas", "dora_mosaic", "dora_naive"]
 TORCH_IMPLS = ["peft_lora", "peft_dora"]
 
 

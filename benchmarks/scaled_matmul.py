@@ -4,7 +4,8 @@ Times, per shape (bf16, T tokens, kernel ``[d_in, d_out]``):
 
 * forward: ``x·W`` alone (cuBLAS, the floor), ``(x·W) ⊙ g`` through XLA (a GEMM
   plus an elementwise pass), and :func:`dora_jax.kernels.scaled_matmul.scaled_matmul`
-  for a few tilings;
+  for a few tilings; with a rank-16/32 term: LoRA's ``x·W + h·b`` and DoRA's
+  ``(x·W + h·b) ⊙ g`` through XLA vs the fused kernel;
 * backward: ``dy·Wᵀ`` alone, ``(dy ⊙ g)·Wᵀ`` through XLA, and
   :func:`~dora_jax.kernels.scaled_matmul.matmul_scaled_k` (scaled tile fed from
   registers or through shared memory).
@@ -36,16 +37,17 @@ from dora_jax.kernels import scaled_matmul as sm  # noqa: E402
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672))
 
 FORWARD_TILINGS = {
-    "n128x128k64s4": sm.Tiles(),
-    "n128x128k64s5": sm.Tiles(stages=5),
-    "n128x64k64s4": sm.Tiles(tile_n=64),
-    "n128x128k64s4m": sm.Tiles(snake_dim=0),
+    "n128x128s4": sm.Tiles(),
+    "n128x128s3": sm.Tiles(stages=3),
+    "n128x128s4w16": sm.Tiles(snake=16),
+    "n128x128s4m": sm.Tiles(snake_dim=0),
 }
 BACKWARD_TILINGS = {
-    "m128x128k64s4reg": sm.Tiles(split="m"),
-    "m128x128k64s4smem": sm.Tiles(split="m", a_in_registers=False),
-    "m128x128k64s3reg": sm.Tiles(split="m", stages=3),
-    "m64x256k64s4reg": sm.Tiles(split="m", tile_m=64, tile_n=256),
+    "m128x128s4reg": sm.Tiles(split="m"),
+    "m128x128s3reg": sm.Tiles(split="m", stages=3),
+    "m128x128s3smem": sm.Tiles(split="m", stages=3, a_in_registers=False),
+    "m64x256s4reg": sm.Tiles(split="m", tile_m=64, tile_n=256),
+    "m128x128s4regN": sm.Tiles(split="m", snake_dim=0),
 }
 
 
@@ -104,6 +106,20 @@ def run(tokens, shapes, sets, calls, repeats, only_tilings=None):
         row["backward"][name] = t(fn, bwd_args)
       except Exception as e:  # noqa: BLE001
         row["errors"]["bwd_" + name] = f"{type(e).__name__}: {str(e)[:300]}"
+    for rank in (16, 32):
+      lr = [(x, w, g, (x[:, :rank] * 0.1).astype(x.dtype), (w[:rank] * 3).astype(x.dtype))
+            for x, w, g, _ in data]
+      row["forward"][f"xla_lora_r{rank}"] = t(
+          jax.jit(lambda x, w, g, h, b: x @ w + h @ b), lr)
+      row["forward"][f"xla_dora_r{rank}"] = t(
+          jax.jit(lambda x, w, g, h, b: sm.scaled_matmul_reference(x, w, g, (h, b))), lr)
+      fn = jax.jit(lambda x, w, g, h, b: sm.scaled_matmul(x, w, g, (h, b)))
+      try:
+        row["errors"][f"fwd_fused_r{rank}"] = _rel_err(
+            fn(*lr[0]), sm.scaled_matmul_reference(*lr[0][:3], lr[0][3:]))
+        row["forward"][f"fused_r{rank}"] = t(fn, lr)
+      except Exception as e:  # noqa: BLE001
+        row["errors"][f"fwd_fused_r{rank}"] = f"{type(e).__name__}: {str(e)[:300]}"
     print(json.dumps(row), flush=True)
     rows.append(row)
   return rows

@@ -6,14 +6,19 @@ Same signatures and semantics as :func:`dora_jax.compose.forward_xla` and
   x2 [T, d_in]   kernel [d_in, d_out]   lora_a [d_in, r]   lora_b [r, d_out]
   g, inv_norm [d_out] (float32)   bias [d_out] or None   scale: 0-d float32
 
-The column scale ``g`` distributes over the LoRA term, ``g ⊙ (x·W + s·h·b) =
-(x·W) ⊙ g + h·(s·b ⊙ g)``, so DoRA's forward is LoRA's with two changes: the
-base GEMM applies ``g`` in its epilogue (:func:`scaled_matmul`) and the small
-``[r, d_out]`` factor ``b`` is scaled by ``s·g`` first. The backward likewise
-never forms ``dpre = dy ⊙ g``: ``dx = (dy ⊙ g)·Wᵀ + (dy·(s·b ⊙ g)ᵀ)·aᵀ`` with the
-first product one GEMM that scales each ``dy`` tile in registers
-(:func:`matmul_scaled_k`), ``t = dy·(b ⊙ g)ᵀ``, ``db = s·(hᵀ·dy) ⊙ g``. What is
-left over LoRA is the ``dm`` reduction ``Σ_T dy ⊙ y``.
+Forward: one kernel (:func:`scaled_matmul`) computes ``g ⊙ (x·W + h·(s·b))``
+for ranks it can fuse (:func:`fusable_rank`: multiples of 16 up to 32): the
+LoRA factors' tiles join the accumulator with one more wgmma and ``g`` is
+applied in the epilogue, so the whole DoRA composition costs one GEMM. Other
+ranks use ``g ⊙ (x·W + s·h·b) = (x·W) ⊙ g + h·(s·b ⊙ g)``: the base GEMM with
+``g`` in its epilogue plus XLA's low-rank product and sum.
+
+The backward is XLA's (:func:`dora_jax.compose.backward_xla`): ``dpre = dy ⊙ g``
+as one elementwise pass feeding cuBLAS. The alternative that never forms
+``dpre`` — ``dx = (dy ⊙ g)·Wᵀ`` as one GEMM scaling each ``dy`` tile in registers
+(:func:`matmul_scaled_k`), ``t = dy·(b ⊙ g)ᵀ``, ``db = s·(hᵀ·dy) ⊙ g`` — is kept
+behind :data:`DX_KERNEL` (off): on an H100 the register scaling slows the GEMM
+more than the pass it saves (benchmarks/KERNELS.md, "Mosaic GPU").
 
 Rounding differs from the XLA path only in where the activation dtype's
 rounding falls (``s·b⊙g`` is rounded once; ``dy ⊙ g`` is rounded per tile in
@@ -25,17 +30,18 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dora_jax.compose import (Grads, Wants, _dot_nt, _dot_t, forward_xla, lora_hidden,
-                              vector_grads)
+from dora_jax.compose import (Grads, Wants, _dot_nt, _dot_t, backward_xla, forward_xla,
+                              lora_hidden, vector_grads)
 from dora_jax.kernels._common import default_interpret
-from dora_jax.kernels.scaled_matmul import (BACKWARD_TILES, FORWARD_TILES, matmul_scaled_k,
-                                            scaled_matmul, supported)
+from dora_jax.kernels.scaled_matmul import (BACKWARD_TILES, FORWARD_TILES, FUSED_TILES,
+                                            fusable_rank, matmul_scaled_k, scaled_matmul,
+                                            supported)
 
 
 def shapes_supported(tokens: int, d_in: int, d_out: int) -> bool:
-  """Whether both kernels tile ``T``, ``d_in``, ``d_out`` exactly."""
+  """Whether the kernels in use tile ``T``, ``d_in``, ``d_out`` exactly."""
   return (supported(tokens, d_out, d_in, FORWARD_TILES)
-          and supported(tokens, d_in, d_out, BACKWARD_TILES))
+          and (not DX_KERNEL or supported(tokens, d_in, d_out, BACKWARD_TILES)))
 
 
 def _scaled_b(lora_b, g, scale, cdt):
@@ -52,6 +58,14 @@ def forward_mosaic(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool
     return forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre=True)
   cdt = x2.dtype
   h = lora_hidden(x2, lora_a)
+  if fusable_rank(lora_a.shape[1]) and supported(x2.shape[0], kernel.shape[1], x2.shape[1],
+                                                  FUSED_TILES):
+    # g ⊙ (x·W + h·(s·b)) in one kernel: the LoRA term joins the accumulator
+    sb = (scale * lora_b.astype(g.dtype)).astype(cdt)
+    y = scaled_matmul(x2, kernel.astype(cdt), g, (h, sb), interpret=default_interpret())
+    if bias is not None:
+      y = (y.astype(g.dtype) + bias.astype(g.dtype)).astype(cdt)
+    return y, None, h
   base = scaled_matmul(x2, kernel.astype(cdt), g, interpret=default_interpret())
   # in the activation dtype, so that XLA hands the sum to cuBLAS as its addend
   # (beta = 1, one rounding from float32): no extra pass over [T, d_out]
@@ -66,9 +80,15 @@ def forward_mosaic_y(x2, kernel, lora_a, lora_b, g, scale, bias):
   return forward_mosaic(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre=False)[0]
 
 
+#: Whether the backward uses :func:`matmul_scaled_k` for ``dx`` (read at trace time).
+DX_KERNEL = False
+
+
 def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
                     wants: Wants, *, y=None) -> Grads:
   """Cotangents of :func:`forward_mosaic`, like :func:`dora_jax.compose.backward_xla`."""
+  if not DX_KERNEL:
+    return backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants, y=y)
   cdt = dy.dtype
   acc = g.dtype
   need_t = wants.x or wants.lora_a or wants.scale
@@ -88,4 +108,4 @@ def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   return Grads(dx, dkernel, da, db, dm, ds, dbias)
 
 
-__all__ = ["backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]
+__all__ = ["DX_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]

@@ -39,7 +39,10 @@ class Tiles:
   ``tile_m × tile_n`` is one consumer warpgroup's accumulator; the CTA covers
   two of them, side by side along ``split`` (``"n"`` or ``"m"``). ``stages``
   TMA buffers are in flight. Output tiles are visited in a planar snake of
-  width ``snake`` along ``snake_dim`` (0: M, 1: N) for L2 reuse.
+  width ``snake`` along ``snake_dim`` (0: M, 1: N) for L2 reuse, and stored
+  in ``[epi_m, epi_n]`` pieces through two shared-memory buffers per
+  warpgroup. Shared memory: ``stages·(cta_m + cta_n)·tile_k`` input elements
+  plus ``4·epi_m·epi_n`` output elements must fit in 227 KiB.
   """
 
   tile_m: int = 128
@@ -49,6 +52,7 @@ class Tiles:
   split: str = "n"
   snake_dim: int = 1
   snake: int = 8
+  epi_m: int = 64
   epi_n: int = 64
   a_in_registers: bool = True  # matmul_scaled_k: feed wgmma the scaled tile from registers
 
@@ -61,8 +65,11 @@ class Tiles:
     return self.tile_n * (2 if self.split == "n" else 1)
 
 
+#: Measured on an H100 (benchmarks/scaled_matmul.py, KERNELS.md): 128×256 CTA
+#: tiles, K step 64, 4 stages, 64×64 output pieces (≈ 227 KiB of shared memory).
 FORWARD_TILES = Tiles()
-BACKWARD_TILES = Tiles(split="m")
+#: 128×256 CTA tiles split over M; the fastest of the measured ``dx`` tilings.
+BACKWARD_TILES = Tiles(split="m", tile_m=64, tile_n=256)
 
 
 def num_sms() -> int:
@@ -77,6 +84,11 @@ def supported(m: int, n: int, k: int, tiles: Tiles) -> bool:
 
 
 def _check(name, m, n, k, tiles):
+  if tiles.tile_m % 64 or tiles.epi_m % 64 or tiles.tile_m % tiles.epi_m \
+      or tiles.tile_n % tiles.epi_n:
+    raise ValueError(f"{name}: {tiles} — tile_m and epi_m must be multiples of 64 "
+                     "(the wgmma register layout's row block) and divide each other, "
+                     "and epi_n must divide tile_n")
   if not supported(m, n, k, tiles):
     raise ValueError(
         f"{name}: M={m}, N={n}, K={k} must be multiples of {tiles.cta_m}, "
@@ -117,38 +129,53 @@ def _ignore(*_, **__):
 
 
 def _store_tile(out_smem, out_gmem, tile, wg, tiles):
-  """Write one warpgroup's ``[tile_m, tile_n]`` result through SMEM in ``epi_n``
-  wide slices (double-buffered TMA stores), once the previous tile's stores
-  have read their buffers."""
+  """Write one warpgroup's ``[tile_m, tile_n]`` result through SMEM in
+  ``[epi_m, epi_n]`` pieces (double-buffered TMA stores), once the previous
+  tile's stores have read their buffers."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  for j in range(tiles.tile_n // tiles.epi_n):
-    slot = j % 2
-    cols = slice(j * tiles.epi_n, (j + 1) * tiles.epi_n)
-    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-    out_smem[wg, slot] = tile[:, cols]
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem.at[:, cols])
+  per_row = tiles.tile_n // tiles.epi_n
+  for i in range(tiles.tile_m // tiles.epi_m):
+    for j in range(per_row):
+      slot = (i * per_row + j) % 2
+      rows = slice(i * tiles.epi_m, (i + 1) * tiles.epi_m)
+      cols = slice(j * tiles.epi_n, (j + 1) * tiles.epi_n)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+      out_smem[wg, slot] = tile[rows, cols]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem.at[rows, cols])
 
 
-def _vmappable(kernel_fn, lhs, w, vec):
-  """``kernel_fn(lhs [M, K], w, vec)`` under ``vmap``: a batch of ``lhs`` alone is
-  folded into M (one launch); a batched ``w`` or ``vec`` runs one launch per
-  batch element (``lax.map``)."""
+def _vmappable(kernel_fn, *args, rows: int = 1):
+  """``kernel_fn(*args)`` under ``vmap``. The first ``rows`` arguments have the
+  output's rows (M) as their leading axis: a batch over exactly those is folded
+  into M (one launch); any other batching runs one launch per element
+  (``lax.map``). ``None`` arguments pass through."""
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def full(values):
+    out = list(args)
+    for i, v in zip(present, values):
+      out[i] = v
+    return out
+
   @jax.custom_batching.custom_vmap
-  def call(lhs, w, vec):
-    return kernel_fn(lhs, w, vec)
+  def call(*values):
+    return kernel_fn(*full(values))
 
   @call.def_vmap
-  def _(axis_size, in_batched, lhs, w, vec):
-    lhs_b, w_b, vec_b = in_batched
-    if lhs_b and not (w_b or vec_b):
-      out = call(lhs.reshape(-1, lhs.shape[-1]), w, vec)
-      return out.reshape(axis_size, lhs.shape[1], out.shape[-1]), True
-    spread = lambda v, b: v if b else jnp.broadcast_to(v, (axis_size, *v.shape))
-    return lax.map(lambda args: call(*args),
-                   (spread(lhs, lhs_b), spread(w, w_b), spread(vec, vec_b))), True
+  def _(axis_size, in_batched, *values):
+    row_args = {j for j, i in enumerate(present) if i < rows}
+    batched = {j for j, b in enumerate(in_batched) if b}
+    if batched == row_args:
+      m = values[0].shape[1]
+      flat = [v.reshape(-1, *v.shape[2:]) if j in batched else v for j, v in enumerate(values)]
+      out = call(*flat)
+      return out.reshape(axis_size, m, out.shape[-1]), True
+    spread = [v if b else jnp.broadcast_to(v, (axis_size, *v.shape))
+              for v, b in zip(values, in_batched)]
+    return lax.map(lambda vs: call(*vs), spread), True
 
-  return call(lhs, w, vec)
+  return call(*[args[i] for i in present])
 
 
 def _tile_loop(m_iters, n_iters, tiles, fn):
@@ -165,24 +192,58 @@ def _tile_loop(m_iters, n_iters, tiles, fn):
 # out = (x·w) ⊙ col_scale
 
 
-def scaled_matmul_reference(x: jax.Array, w: jax.Array, col_scale: jax.Array) -> jax.Array:
-  """``(x·w) ⊙ col_scale``: float32 accumulation and scaling, result in ``x.dtype``."""
+def scaled_matmul_reference(x: jax.Array, w: jax.Array, col_scale: jax.Array,
+                            low_rank: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  """``(x·w + l·r) ⊙ col_scale``: float32 accumulation and scaling, result in ``x.dtype``."""
   acc = jnp.dot(x, w, preferred_element_type=jnp.float32)
+  if low_rank is not None:
+    acc = acc + jnp.dot(low_rank[0], low_rank[1], preferred_element_type=jnp.float32)
   return (acc * col_scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array, *,
-                  tiles: Tiles = FORWARD_TILES, interpret: bool = False) -> jax.Array:
-  """``(x [M, K] · w [K, N]) ⊙ col_scale [N]`` → ``[M, N]`` in ``x.dtype``, one GEMM."""
+#: Largest rank the forward kernel adds in-kernel (its two factors' tiles are
+#: loaded once per output tile into shared memory beside 3 pipeline stages).
+MAX_FUSED_RANK = 32
+#: Tiling when a low-rank term is fused: as :data:`FORWARD_TILES` with 3 stages.
+FUSED_TILES = Tiles(stages=3)
+
+
+def fusable_rank(rank: int) -> bool:
+  """Whether :func:`scaled_matmul` can add a rank-``rank`` term in-kernel
+  (a multiple of 16, the bf16 wgmma K step, up to :data:`MAX_FUSED_RANK`)."""
+  return 0 < rank <= MAX_FUSED_RANK and rank % 16 == 0
+
+
+def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
+                  low_rank: tuple[jax.Array, jax.Array] | None = None, *,
+                  tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
+  """``(x [M, K] · w [K, N] + l [M, r] · r [r, N]) ⊙ col_scale [N]`` → ``[M, N]``, one GEMM.
+
+  ``low_rank = (l, r)`` is optional (rank per :func:`fusable_rank`); its
+  tiles are fetched once per output tile while the main K loop runs and added
+  with one more wgmma before the scale. The result is in ``x.dtype``. ``tiles``
+  defaults to :data:`FORWARD_TILES` (:data:`FUSED_TILES` with ``low_rank``).
+  """
+  if tiles is None:
+    tiles = FORWARD_TILES if low_rank is None else FUSED_TILES
+  lhs2, rhs2 = (None, None) if low_rank is None else low_rank
   return _vmappable(functools.partial(_scaled_matmul, tiles=tiles, interpret=interpret),
-                    x, w, col_scale.astype(jnp.float32))
+                    x, lhs2, w, col_scale.astype(jnp.float32), rhs2, rows=2)
 
 
-def _scaled_matmul(x, w, col_scale, *, tiles, interpret):
+def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret):
   (m, k), (k2, n) = x.shape, w.shape
   if k != k2 or w.dtype != x.dtype or col_scale.shape != (n,):
     raise ValueError(f"scaled_matmul: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, "
                      f"col_scale {col_scale.shape} do not match")
+  rank = 0 if lhs2 is None else lhs2.shape[1]
+  if lhs2 is not None and (lhs2.shape != (m, rank) or rhs2.shape != (rank, n)
+                           or lhs2.dtype != x.dtype or rhs2.dtype != x.dtype):
+    raise ValueError(f"scaled_matmul: low_rank factors {lhs2.shape} {lhs2.dtype} and "
+                     f"{rhs2.shape} {rhs2.dtype} must be [M, r] and [r, N] in {x.dtype}")
+  if lhs2 is not None and not fusable_rank(rank):
+    raise ValueError(f"scaled_matmul: low-rank rank {rank} must be a multiple of 16 "
+                     f"up to {MAX_FUSED_RANK}")
   _check("scaled_matmul", m, n, k, tiles)
   if tiles.split != "n":
     raise ValueError("scaled_matmul: tiles.split must be 'n'")
@@ -197,16 +258,27 @@ def _scaled_matmul(x, w, col_scale, *, tiles, interpret):
       plgpu.BlockSpec((tiles.tile_k, tiles.cta_n), lambda kk: (kk, 0),
                       transforms=in_tf, memory_space=plgpu.SMEM),
   ], k_iters, tiles)
+  lr_tf = _smem_transforms(rank, dtype) if rank else None  # one swizzle for both operands
+  low_rank_scratch = {} if not rank else dict(
+      l_smem=plgpu.SMEM((2, tiles.tile_m, rank), dtype, transforms=lr_tf),
+      r_smem=plgpu.SMEM((2, rank, tiles.tile_n), dtype, transforms=lr_tf),
+      lr_bar=plgpu.Barrier(num_barriers=4))
 
-  def kernel(x_gmem, w_gmem, s_gmem, out_gmem):
+  def kernel(x_gmem, *refs):
+    if rank:
+      l_gmem, w_gmem, s_gmem, r_gmem, out_gmem = refs
+    else:
+      w_gmem, s_gmem, out_gmem = refs
+
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(_ignore, _ignore).get_allocations(x_gmem, w_gmem),
-        out_smem=plgpu.SMEM((2, 2, tiles.tile_m, tiles.epi_n), dtype, transforms=out_tf),
+        out_smem=plgpu.SMEM((2, 2, tiles.epi_m, tiles.epi_n), dtype, transforms=out_tf),
         s_smem=plgpu.SMEM((2, tiles.tile_n), jnp.float32),
         s_bar=plgpu.Barrier(num_barriers=2),
+        **low_rank_scratch,
         collective_axes="wg")
-    def _(allocs, out_smem, s_smem, s_bar):
+    def _(allocs, out_smem, s_smem, s_bar, l_smem=None, r_smem=None, lr_bar=None):
       wg = lax.axis_index("wg")
 
       def one_tile(m_idx, n_idx):
@@ -214,13 +286,21 @@ def _scaled_matmul(x, w, col_scale, *, tiles, interpret):
         cols = pl.ds(n_idx * tiles.cta_n + wg * tiles.tile_n, tiles.tile_n)
 
         def context(run):
-          # the scale's TMA load overlaps the main loop
+          # the scale's (and the low-rank tiles') TMA loads overlap the main loop
           plgpu.copy_gmem_to_smem(s_gmem.at[cols], s_smem.at[wg], s_bar.at[wg])
+          if rank:
+            plgpu.copy_gmem_to_smem(l_gmem.at[rows, :], l_smem.at[wg], lr_bar.at[2 * wg])
+            plgpu.copy_gmem_to_smem(r_gmem.at[:, cols], r_smem.at[wg], lr_bar.at[2 * wg + 1])
 
           @functools.partial(pl.run_scoped,
                              acc_ref=plgpu.ACC((tiles.tile_m, tiles.tile_n), jnp.float32))
           def _(acc_ref):
             run(acc_ref)
+            if rank:
+              plgpu.barrier_wait(lr_bar.at[2 * wg])
+              plgpu.barrier_wait(lr_bar.at[2 * wg + 1])
+              plgpu.wgmma(acc_ref, l_smem.at[wg], r_smem.at[wg])
+              plgpu.wgmma_wait(0)
             plgpu.barrier_wait(s_bar.at[wg])
             scale = plgpu.load(s_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
             acc = acc_ref[...]
@@ -239,7 +319,8 @@ def _scaled_matmul(x, w, col_scale, *, tiles, interpret):
       _tile_loop(m_iters, n_iters, tiles, one_tile)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  return _launch(kernel, (m, n), dtype, interpret)(x, w, col_scale)
+  operands = (x, lhs2, w, col_scale, rhs2) if rank else (x, w, col_scale)
+  return _launch(kernel, (m, n), dtype, interpret)(*operands)
 
 
 # ---------------------------------------------------------------------------
@@ -289,7 +370,7 @@ def _matmul_scaled_k(dy, w, k_scale, *, tiles, interpret):
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(_ignore, _ignore).get_allocations(dy_gmem, w_gmem, s_gmem),
-        out_smem=plgpu.SMEM((2, 2, tiles.tile_m, tiles.epi_n), dtype, transforms=out_tf),
+        out_smem=plgpu.SMEM((2, 2, tiles.epi_m, tiles.epi_n), dtype, transforms=out_tf),
         a_smem=None if tiles.a_in_registers else plgpu.SMEM(
             (2, tiles.tile_m, tiles.tile_k), dtype, transforms=in_tf),
         collective_axes="wg")

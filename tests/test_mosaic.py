@@ -80,6 +80,39 @@ def test_matmul_scaled_k_vs_twin_and_f64(fresh_key, dtype, mnk):
   assert rel(out, f64) <= TOL_F64[dtype]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("rank", [16, 32])
+def test_gpu_scaled_matmul_with_low_rank_term(fresh_key, dtype, rank):
+  """``(x·w + l·r) ⊙ g`` in one kernel, 5 K steps, 3×5 output tiles (GPU only:
+  the interpreter cannot run this variant)."""
+  if not dispatch.on_hopper():
+    pytest.skip("needs a Hopper GPU")
+  x, w, g, _ = _mats(fresh_key(), 384, 640, 160, dtype)
+  ks = jax.random.split(fresh_key(), 2)
+  lhs2 = jax.random.normal(ks[0], (384, rank)).astype(dtype)
+  rhs2 = (0.5 * jax.random.normal(ks[1], (rank, 640))).astype(dtype)
+  out = jax.jit(lambda *a: sm.scaled_matmul(*a[:3], a[3:], tiles=FWD))(x, w, g, lhs2, rhs2)
+  f64 = (reference.f64(x) @ reference.f64(w)
+         + reference.f64(lhs2) @ reference.f64(rhs2)) * reference.f64(g)
+  assert rel(out, sm.scaled_matmul_reference(x, w, g, (lhs2, rhs2))) <= 4e-3
+  assert rel(out, f64) <= TOL_F64[dtype]
+  assert rel(out, sm.scaled_matmul_reference(x, w, g)) > 0.1  # the term is really added
+
+
+def test_low_rank_term_is_checked(fresh_key):
+  x, w, g, _ = _mats(fresh_key(), 128, 128, 64, jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="interpret"):
+    sm.scaled_matmul(x, w, g, (x[:, :16], w[:16]), tiles=FWD, interpret=True)
+  trace = lambda *lr: jax.eval_shape(lambda: sm.scaled_matmul(x, w, g, lr, tiles=FWD))
+  with pytest.raises(ValueError, match="multiple of 16"):
+    trace(x[:, :8], w[:8])
+  with pytest.raises(ValueError, match=r"\[M, r\] and \[r, N\]"):
+    trace(x[:, :16], w[:16, :64])
+  assert sm.fusable_rank(16) and sm.fusable_rank(32)
+  assert not (sm.fusable_rank(8) or sm.fusable_rank(48) or sm.fusable_rank(0))
+
+
 def test_kernels_reject_shapes_they_do_not_tile(fresh_key):
   x, w, g, gk = _mats(fresh_key(), 100, 128, 64, jnp.bfloat16)
   with pytest.raises(ValueError, match="multiples of 64"):
@@ -108,13 +141,16 @@ def test_scaled_matmul_under_vmap(fresh_key):
 # ----------------------------------------------------------------------------- dora_dense
 
 
-@pytest.mark.parametrize("dtype,rank,dx_kernel", [(jnp.bfloat16, 1, False),
-                                                  (jnp.bfloat16, 24, True),
-                                                  (jnp.float16, 16, True)])
-def test_dora_dense_mosaic_forward_and_grads(fresh_key, monkeypatch, dtype, rank, dx_kernel):
+@pytest.mark.parametrize("dtype,rank,dx_kernel,d_out", [
+    (jnp.bfloat16, 1, False, 512),   # rank not fusable: kernel + XLA's low-rank sum
+    (jnp.bfloat16, 24, True, 512),
+    (jnp.float16, 16, True, 256),    # LoRA term fused on the GPU (XLA's sum interpreted)
+    (jnp.bfloat16, 32, False, 256)])
+def test_dora_dense_mosaic_forward_and_grads(fresh_key, monkeypatch, dtype, rank, dx_kernel,
+                                             d_out):
   monkeypatch.setattr(fused_mosaic, "DX_KERNEL", dx_kernel)
-  # T = 2·128 tokens over two leading dims, d_in = 3·256, d_out = 2·256 (default tiles)
-  x, w, a, b, m, _, cot = make_layer(fresh_key(), 768, 512, rank, (2, 128), dtype=dtype,
+  # T = 2·128 tokens over two leading dims, d_in = 3·256, d_out = k·256 (default tiles)
+  x, w, a, b, m, _, cot = make_layer(fresh_key(), 768, d_out, rank, (2, 128), dtype=dtype,
                                      bias=False)
 
   def loss(backend, x, a, b, m):
@@ -183,6 +219,23 @@ def test_mosaic_falls_back_to_xla_where_it_cannot_run(fresh_key, caplog):
                                                                   dispatch.on_hopper() else "xla")
   assert fused_mosaic.shapes_supported(4096, 4096, 14336)
   assert not fused_mosaic.shapes_supported(4000, 4096, 14336)
+
+
+def test_auto_picks_mosaic_only_where_measured(monkeypatch):
+  monkeypatch.setattr(dispatch, "on_cuda_gpu", lambda: True)
+  monkeypatch.setattr(dispatch, "on_hopper", lambda: True)
+  bf16 = jnp.bfloat16
+  for shape in ((4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)):
+    for rank in (16, 32):
+      assert dispatch.choose(4096, shape, rank, bf16) == "mosaic", (shape, rank)
+    for rank in (8, 64, 384):  # not fused in-kernel: measured slower than XLA
+      assert dispatch.choose(4096, shape, rank, bf16) == "xla", (shape, rank)
+  assert dispatch.choose(4096, (4096, 4096), 16, bf16) == "pallas"  # measured faster there
+  assert dispatch.choose(2048, (4096, 14336), 16, bf16) == "xla"  # below the measured T
+  assert dispatch.choose(4096, (4096, 14336), 16, jnp.float16) == "xla"
+  assert dispatch.choose(4096, (4100, 14336), 16, bf16) == "xla"  # not tiled exactly
+  monkeypatch.setattr(dispatch, "on_hopper", lambda: False)  # e.g. an A100
+  assert dispatch.choose(4096, (4096, 14336), 16, bf16) == "xla"
 
 
 # ----------------------------------------------------------------------------- GPU only

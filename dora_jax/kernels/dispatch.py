@@ -1,8 +1,8 @@
 """``backend="auto"``: which implementation a call gets.
 
-Pallas only on CUDA GPUs, and only inside the measured region where the fused
-kernels beat XLA end to end (forward and forward+backward of ``dora_dense``);
-XLA everywhere else. The measurements (H100, jax 0.11.2, bf16) are in
+The fused kernels (Pallas Triton, Pallas Mosaic GPU) only on CUDA GPUs, and
+only inside the measured region where they beat XLA end to end (forward and
+forward+backward of ``dora_dense``); XLA everywhere else. The measurements (H100, jax 0.11.2, bf16) are in
 ``benchmarks/KERNELS.md``; the override is ``DORA_JAX_BACKEND`` or
 ``dora_dense(..., backend=...)``.
 """
@@ -42,22 +42,38 @@ PALLAS_WINS: dict[tuple[int, int], int] = {(4096, 4096): 64}
 PALLAS_MIN_TOKENS = 4096
 
 
-def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
-  """Return ``"pallas"`` or ``"xla"`` for one call of ``dora_dense``.
+#: Tokens measured for the Mosaic kernel: T = 4096 (bf16, H100). Below it XLA.
+MOSAIC_MIN_TOKENS = 4096
 
-  ``"pallas"`` only when all hold: a CUDA GPU; bf16 activations; ``tokens``
-  at least :data:`PALLAS_MIN_TOKENS` and a multiple of 128 (unmasked row
-  tiles); ``kernel_shape`` in :data:`PALLAS_WINS` with ``rank`` at most its
-  entry. Everything else is XLA, which is also what runs off the GPU.
+
+def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
+  """Return ``"pallas"``, ``"mosaic"`` or ``"xla"`` for one call of ``dora_dense``.
+
+  Only bf16 activations on a CUDA GPU get a kernel; everything else is XLA,
+  which is also what runs off the GPU.
+
+  * ``"pallas"`` (Triton): ``tokens`` at least :data:`PALLAS_MIN_TOKENS` and a
+    multiple of 128; ``kernel_shape`` in :data:`PALLAS_WINS` with ``rank`` at
+    most its entry.
+  * ``"mosaic"`` (Hopper): otherwise, when the forward kernel fuses the LoRA term
+    (``rank`` 16 or 32, :func:`~dora_jax.kernels.scaled_matmul.fusable_rank`),
+    its tiles divide the shape and ``tokens >= MOSAIC_MIN_TOKENS``. Measured on
+    an H100 (benchmarks/KERNELS.md, "Mosaic GPU"): forward 0.92–1.03× of JAX
+    LoRA's, forward+backward 2–6% faster than XLA's DoRA on 4096×14336,
+    14336×4096, 8192×8192 and 8192×28672 at r = 16. At r = 64/384 (the LoRA
+    term summed by XLA) it measured slower than XLA and is not picked.
   """
-  if jnp.dtype(dtype) != jnp.bfloat16:
+  if jnp.dtype(dtype) != jnp.bfloat16 or not on_cuda_gpu():
     return "xla"
-  if tokens < PALLAS_MIN_TOKENS or tokens % 128:
-    return "xla"
-  max_rank = PALLAS_WINS.get(tuple(int(d) for d in kernel_shape))
-  if max_rank is None or rank > max_rank:
-    return "xla"
-  return "pallas" if on_cuda_gpu() else "xla"
+  shape = tuple(int(d) for d in kernel_shape)
+  max_rank = PALLAS_WINS.get(shape)
+  if max_rank is not None and rank <= max_rank:
+    return "pallas" if tokens >= PALLAS_MIN_TOKENS and tokens % 128 == 0 else "xla"
+  from dora_jax.kernels import fused_mosaic, scaled_matmul  # noqa: PLC0415
+  if (on_hopper() and tokens >= MOSAIC_MIN_TOKENS and scaled_matmul.fusable_rank(rank)
+      and fused_mosaic.shapes_supported(tokens, *shape)):
+    return "mosaic"
+  return "xla"
 
 
 def on_hopper() -> bool:

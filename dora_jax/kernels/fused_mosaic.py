@@ -10,8 +10,9 @@ Forward: one kernel (:func:`scaled_matmul`) computes ``g ⊙ (x·W + h·(s·b))`
 for ranks it can fuse (:func:`fusable_rank`: multiples of 16 up to 32): the
 LoRA factors' tiles join the accumulator with one more wgmma and ``g`` is
 applied in the epilogue, so the whole DoRA composition costs one GEMM. Other
-ranks use ``g ⊙ (x·W + s·h·b) = (x·W) ⊙ g + h·(s·b ⊙ g)``: the base GEMM with
-``g`` in its epilogue plus XLA's low-rank product and sum.
+ranks (and interpret mode, where the fused variant cannot run) use
+``g ⊙ (x·W + s·h·b) = (x·W) ⊙ g + h·(s·b ⊙ g)``: the base GEMM with ``g`` in its
+epilogue plus XLA's low-rank product and sum.
 
 The backward is XLA's (:func:`dora_jax.compose.backward_xla`): ``dpre = dy ⊙ g``
 as one elementwise pass feeding cuBLAS. The alternative that never forms
@@ -58,8 +59,8 @@ def forward_mosaic(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool
     return forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre=True)
   cdt = x2.dtype
   h = lora_hidden(x2, lora_a)
-  if fusable_rank(lora_a.shape[1]) and supported(x2.shape[0], kernel.shape[1], x2.shape[1],
-                                                  FUSED_TILES):
+  if (fusable_rank(lora_a.shape[1]) and not default_interpret()
+      and supported(x2.shape[0], kernel.shape[1], x2.shape[1], FUSED_TILES)):
     # g ⊙ (x·W + h·(s·b)) in one kernel: the LoRA term joins the accumulator
     sb = (scale * lora_b.astype(g.dtype)).astype(cdt)
     y = scaled_matmul(x2, kernel.astype(cdt), g, (h, sb), interpret=default_interpret())

@@ -2,9 +2,12 @@
 # The GPU test run, on a machine with an NVIDIA GPU and a CUDA build of jax:
 #   bash scripts/gpu_tests.sh [extra pytest args]
 # 1. the tests marked `gpu` (skipped everywhere else): Pallas kernels lowered
-#    through Triton vs XLA and float64, NaN-poisoned outputs;
+#    through Triton vs XLA and float64, NaN-poisoned outputs; the Mosaic GPU
+#    (Hopper) kernels, including the fused low-rank variant interpret mode
+#    cannot run;
 # 2. the numerics suites of the core on the GPU (matmuls pinned to "highest"
-#    precision there, so float32 is not TF32): dense, norm, memory, kernels.
+#    precision there, so float32 is not TF32): dense, norm, memory, kernels,
+#    mosaic (its kernel tests run natively there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,4 +19,4 @@ print("devices:", jax.devices())
 PY
 python -m pytest -q -m gpu tests/ "$@"
 python -m pytest -q tests/test_dense.py tests/test_norm.py tests/test_memory.py \
-  tests/test_kernels.py "$@"
+  tests/test_kernels.py tests/test_mosaic.py "$@"

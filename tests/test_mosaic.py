@@ -119,10 +119,18 @@ def test_kernels_reject_shapes_they_do_not_tile(fresh_key):
     sm.scaled_matmul(x[:64], w, g, tiles=sm.Tiles(tile_m=64, epi_m=32), interpret=True)
   with pytest.raises(ValueError, match="M=100"):
     sm.scaled_matmul(x, w, g, tiles=FWD, interpret=True)
-  with pytest.raises(ValueError, match="do not match"):
+  with pytest.raises(ValueError, match=r"col_scale \(5,\) must be"):
     sm.scaled_matmul(x, w, g[:5], tiles=FWD, interpret=True)
   with pytest.raises(ValueError, match="split"):
     sm.matmul_scaled_k(w.T, w.T, gk, tiles=FWD, interpret=True)
+  with pytest.raises(ValueError, match="x must be bfloat16 or float16"):
+    sm.scaled_matmul(x.astype(jnp.float32), w, g, tiles=FWD, interpret=True)
+  with pytest.raises(ValueError, match="w must have dtype bfloat16"):
+    sm.scaled_matmul(x, w.astype(jnp.float16), g, tiles=FWD, interpret=True)
+  with pytest.raises(ValueError, match="dy must be 2-D"):
+    sm.matmul_scaled_k(x[None], w.T, gk, tiles=BWD, interpret=True)
+  with pytest.raises(ValueError, match=r"k_scale \(128,\)"):
+    sm.matmul_scaled_k(w.T, w.T, g, tiles=BWD, interpret=True)
 
 
 def test_scaled_matmul_under_vmap(fresh_key):

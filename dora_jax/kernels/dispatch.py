@@ -59,7 +59,7 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
     (``rank`` 16 or 32, :func:`~dora_jax.kernels.scaled_matmul.fusable_rank`),
     its tiles divide the shape and ``tokens >= MOSAIC_MIN_TOKENS``. Measured on
     an H100 (benchmarks/KERNELS.md, "Mosaic GPU"): forward 0.92–1.03× of JAX
-    LoRA's, forward+backward 2–6% faster than XLA's DoRA on 4096×14336,
+    LoRA's, forward+backward 2–5% faster than XLA's DoRA on 4096×14336,
     14336×4096, 8192×8192 and 8192×28672 at r = 16. At r = 64/384 (the LoRA
     term summed by XLA) it measured slower than XLA and is not picked.
   """

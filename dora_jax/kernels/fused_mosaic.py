@@ -59,18 +59,17 @@ def forward_mosaic(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool
     return forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre=True)
   cdt = x2.dtype
   h = lora_hidden(x2, lora_a)
-  if (fusable_rank(lora_a.shape[1]) and not default_interpret()
+  interpret = default_interpret()
+  if (fusable_rank(lora_a.shape[1]) and not interpret
       and supported(x2.shape[0], kernel.shape[1], x2.shape[1], FUSED_TILES)):
     # g ⊙ (x·W + h·(s·b)) in one kernel: the LoRA term joins the accumulator
     sb = (scale * lora_b.astype(g.dtype)).astype(cdt)
-    y = scaled_matmul(x2, kernel.astype(cdt), g, (h, sb), interpret=default_interpret())
-    if bias is not None:
-      y = (y.astype(g.dtype) + bias.astype(g.dtype)).astype(cdt)
-    return y, None, h
-  base = scaled_matmul(x2, kernel.astype(cdt), g, interpret=default_interpret())
-  # in the activation dtype, so that XLA hands the sum to cuBLAS as its addend
-  # (beta = 1, one rounding from float32): no extra pass over [T, d_out]
-  y = jnp.dot(h, _scaled_b(lora_b, g, scale, cdt)) + base
+    y = scaled_matmul(x2, kernel.astype(cdt), g, (h, sb))
+  else:
+    base = scaled_matmul(x2, kernel.astype(cdt), g, interpret=interpret)
+    # in the activation dtype, so that XLA can hand the sum to cuBLAS as its
+    # addend (beta = 1, one rounding from float32)
+    y = jnp.dot(h, _scaled_b(lora_b, g, scale, cdt)) + base
   if bias is not None:
     y = (y.astype(g.dtype) + bias.astype(g.dtype)).astype(cdt)
   return y, None, h

@@ -1,23 +1,26 @@
 """Column-scaled matmuls for Hopper GPUs (Pallas Mosaic GPU: TMA + wgmma).
 
-The two products of DoRA that XLA cannot fuse into cuBLAS, each as one GEMM
-with the scale folded in (so no extra ``[T, d_out]`` pass):
+DoRA's products that XLA cannot fuse into cuBLAS, each as one GEMM with the
+scale folded in (so no extra ``[T, d_out]`` pass):
 
-* :func:`scaled_matmul` — ``out = (x·w) ⊙ col_scale``: the forward's base
-  product with ``g`` applied in the epilogue. Shapes ``x [M, K]``, ``w [K, N]``,
-  ``col_scale [N]`` (float32) → ``[M, N]`` in ``x.dtype``.
-* :func:`matmul_scaled_k` — ``out = (dy ⊙ k_scale)·wᵀ``: the backward's
-  ``dx = (dy ⊙ g)·Wᵀ`` with the scale applied to each ``dy`` tile in registers
-  before the tensor-core product. Shapes ``dy [M, K]``, ``w [N, K]`` (the Flax
-  kernel ``[d_in, d_out]`` as is), ``k_scale [K]`` (float32) → ``[M, N]``.
+* :func:`scaled_matmul` — ``out = (x·w + l·r) ⊙ col_scale``: the forward, with
+  ``g`` applied in the epilogue and, optionally, the LoRA term ``l·r``
+  (``h·(s·b)``, rank 16 or 32) added in-kernel. Shapes ``x [M, K]``,
+  ``w [K, N]``, ``l [M, r]``, ``r [r, N]``, ``col_scale [N]`` (float32) →
+  ``[M, N]`` in ``x.dtype``.
+* :func:`matmul_scaled_k` — ``out = (dy ⊙ k_scale)·wᵀ``: ``dx = (dy ⊙ g)·Wᵀ``
+  with the scale applied to each ``dy`` tile before the tensor-core product.
+  Shapes ``dy [M, K]``, ``w [N, K]`` (the Flax kernel ``[d_in, d_out]`` as is),
+  ``k_scale [K]`` (float32) → ``[M, N]``. Measured slower than XLA on an H100,
+  so :mod:`dora_jax.kernels.fused_mosaic` keeps it off by default.
 
 Both accumulate in float32 and apply the scale in float32; each has its
-``*_reference`` twin in ``jax.numpy``. The kernels are persistent
-(one CTA per SM), warp specialised (one TMA producer warpgroup, two wgmma
-consumer warpgroups), and need every dimension divisible by its tile
-(:func:`supported` says whether a shape qualifies; the dispatcher sends
+``*_reference`` twin in ``jax.numpy``. Operands are bf16 or fp16. The kernels
+are persistent (one CTA per SM), warp specialised (one TMA producer warpgroup,
+two wgmma consumer warpgroups), and need every dimension divisible by its
+tile (:func:`supported` says whether a shape qualifies; the dispatcher sends
 anything else to XLA). ``interpret=True`` runs them through Mosaic GPU's
-interpreter on any backend (slow; for tests).
+interpreter on any backend (slow; for tests), except the fused low-rank term.
 """
 
 from __future__ import annotations
@@ -83,7 +86,24 @@ def supported(m: int, n: int, k: int, tiles: Tiles) -> bool:
   return m % tiles.cta_m == 0 and n % tiles.cta_n == 0 and k % tiles.tile_k == 0
 
 
-def _check(name, m, n, k, tiles):
+def _check_operand(name: str, arg: str, value, dtype=None):
+  if value.ndim != 2:
+    raise ValueError(f"{name}: {arg} must be 2-D, got shape {value.shape}")
+  want = jnp.dtype(dtype) if dtype is not None else None
+  if want is None and jnp.dtype(value.dtype) not in (jnp.dtype(jnp.bfloat16),
+                                                     jnp.dtype(jnp.float16)):
+    raise ValueError(f"{name}: {arg} must be bfloat16 or float16 (the wgmma operand "
+                     f"types used here), got {value.dtype}")
+  if want is not None and jnp.dtype(value.dtype) != want:
+    raise ValueError(f"{name}: {arg} must have dtype {want} like the first operand, "
+                     f"got {value.dtype}")
+
+
+def _setup(name, m, n, k, tiles, split, dtype):
+  """Validate ``tiles`` for an ``[M, N]`` output with K-depth ``k``; return
+  ``(in_transforms, out_transforms, m_iters, n_iters, k_iters)``."""
+  if tiles.split != split:
+    raise ValueError(f"{name}: tiles.split must be {split!r}, got {tiles.split!r}")
   if tiles.tile_m % 64 or tiles.epi_m % 64 or tiles.tile_m % tiles.epi_m \
       or tiles.tile_n % tiles.epi_n:
     raise ValueError(f"{name}: {tiles} — tile_m and epi_m must be multiples of 64 "
@@ -93,6 +113,8 @@ def _check(name, m, n, k, tiles):
     raise ValueError(
         f"{name}: M={m}, N={n}, K={k} must be multiples of {tiles.cta_m}, "
         f"{tiles.cta_n} and {tiles.tile_k} (use the XLA path for other shapes)")
+  return (_smem_transforms(tiles.tile_k, dtype), _smem_transforms(tiles.epi_n, dtype),
+          m // tiles.cta_m, n // tiles.cta_n, k // tiles.tile_k)
 
 
 def _smem_transforms(minor: int, dtype):
@@ -241,25 +263,25 @@ def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
 
 
 def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret):
+  name = "scaled_matmul"
+  _check_operand(name, "x", x)
+  _check_operand(name, "w", w, x.dtype)
   (m, k), (k2, n) = x.shape, w.shape
-  if k != k2 or w.dtype != x.dtype or col_scale.shape != (n,):
-    raise ValueError(f"scaled_matmul: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, "
-                     f"col_scale {col_scale.shape} do not match")
-  rank = 0 if lhs2 is None else lhs2.shape[1]
-  if lhs2 is not None and (lhs2.shape != (m, rank) or rhs2.shape != (rank, n)
-                           or lhs2.dtype != x.dtype or rhs2.dtype != x.dtype):
-    raise ValueError(f"scaled_matmul: low_rank factors {lhs2.shape} {lhs2.dtype} and "
-                     f"{rhs2.shape} {rhs2.dtype} must be [M, r] and [r, N] in {x.dtype}")
-  if lhs2 is not None and not fusable_rank(rank):
-    raise ValueError(f"scaled_matmul: low-rank rank {rank} must be a multiple of 16 "
-                     f"up to {MAX_FUSED_RANK}")
-  _check("scaled_matmul", m, n, k, tiles)
-  if tiles.split != "n":
-    raise ValueError("scaled_matmul: tiles.split must be 'n'")
+  if k != k2 or col_scale.shape != (n,):
+    raise ValueError(f"{name}: x {x.shape}, w {w.shape} and col_scale {col_scale.shape} "
+                     "must be [M, K], [K, N] and [N]")
+  rank = 0 if lhs2 is None else lhs2.shape[-1]
+  if lhs2 is not None:
+    _check_operand(name, "low_rank[0]", lhs2, x.dtype)
+    _check_operand(name, "low_rank[1]", rhs2, x.dtype)
+    if lhs2.shape != (m, rank) or rhs2.shape != (rank, n):
+      raise ValueError(f"{name}: low_rank factors {lhs2.shape} and {rhs2.shape} must be "
+                       f"[M, r] and [r, N] with M={m}, N={n}")
+    if not fusable_rank(rank):
+      raise ValueError(f"{name}: low-rank rank {rank} must be a multiple of 16 "
+                       f"up to {MAX_FUSED_RANK}")
   dtype = x.dtype
-  in_tf = _smem_transforms(tiles.tile_k, dtype)
-  out_tf = _smem_transforms(tiles.epi_n, dtype)
-  m_iters, n_iters, k_iters = m // tiles.cta_m, n // tiles.cta_n, k // tiles.tile_k
+  in_tf, out_tf, m_iters, n_iters, k_iters = _setup(name, m, n, k, tiles, "n", dtype)
 
   pipeline = _pipeline([
       plgpu.BlockSpec((tiles.cta_m, tiles.tile_k), lambda kk: (0, kk),
@@ -353,19 +375,17 @@ def matmul_scaled_k(dy: jax.Array, w: jax.Array, k_scale: jax.Array, *,
 
 
 def _matmul_scaled_k(dy, w, k_scale, *, tiles, interpret):
+  name = "matmul_scaled_k"
+  _check_operand(name, "dy", dy)
+  _check_operand(name, "w", w, dy.dtype)
   (m, k), (n, k2) = dy.shape, w.shape
-  if k != k2 or w.dtype != dy.dtype or k_scale.shape != (k,):
-    raise ValueError(f"matmul_scaled_k: dy {dy.shape} {dy.dtype}, w {w.shape} {w.dtype}, "
-                     f"k_scale {k_scale.shape} do not match")
-  _check("matmul_scaled_k", m, n, k, tiles)
-  if tiles.split != "m":
-    raise ValueError("matmul_scaled_k: tiles.split must be 'm'")
+  if k != k2 or k_scale.shape != (k,):
+    raise ValueError(f"{name}: dy {dy.shape}, w {w.shape} and k_scale {k_scale.shape} "
+                     "must be [M, K], [N, K] and [K]")
   if interpret and tiles.a_in_registers:  # the interpreter feeds wgmma from SMEM only
     tiles = dataclasses.replace(tiles, a_in_registers=False)
   dtype = dy.dtype
-  in_tf = _smem_transforms(tiles.tile_k, dtype)
-  out_tf = _smem_transforms(tiles.epi_n, dtype)
-  m_iters, n_iters, k_iters = m // tiles.cta_m, n // tiles.cta_n, k // tiles.tile_k
+  in_tf, out_tf, m_iters, n_iters, k_iters = _setup(name, m, n, k, tiles, "m", dtype)
 
   pipeline = _pipeline([
       plgpu.BlockSpec((tiles.cta_m, tiles.tile_k), lambda kk: (0, kk),

@@ -8,9 +8,9 @@ layout. For ``x [..., d_in]``::
   y = g ⊙ (x·W + s·(x·a)·b) + bias           [..., d_out], x's dtype
 
 The backward is a ``jax.custom_vjp`` that keeps as residuals only ``x``,
-``h = x·a [T, r]``, one ``[T, d_out]`` activation (the output ``y`` itself when
-there is no bias, else ``pre = x·W + s·h·b``) and two ``[d_out]`` float32
-vectors, and that skips every cotangent nobody asked for
+``h = x·a [T, r]``, one ``[T, d_out]`` activation (``pre = x·W + s·h·b``, only
+when the magnitude is differentiated) and two ``[d_out]`` float32 vectors, and
+that skips every cotangent nobody asked for
 (the frozen kernel's ``xᵀ·dpre`` in particular is never computed unless the
 kernel itself is differentiated).
 """
@@ -72,8 +72,12 @@ def _scale_vectors(magnitude, norm, acc):
 
 #: Whether a bias-free call keeps its output ``y`` (rather than ``pre``) as the
 #: ``dm`` residual. Read at trace time; private, for A/B benchmarks
-#: (``benchmarks/overhead_breakdown.py``).
-_OUTPUT_AS_RESIDUAL = True
+#: (``benchmarks/step_profile.py``). Off: recovering ``pre = y / g`` needs a
+#: ``lax.cond`` for zero magnitudes (:func:`dora_jax.compose.magnitude_grad`),
+#: and XLA's GPU runtime reads a ``cond``'s predicate on the host, stalling the
+#: stream once per layer and step (H100: 0.670 vs 0.634 ms for a 4096×4096
+#: r = 16 step, 1.746 vs 1.668 ms at 4096×14336; benchmarks/KERNELS.md).
+_OUTPUT_AS_RESIDUAL = False
 
 
 def _implementation(impl: str):
@@ -116,9 +120,9 @@ def _core_fwd(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   bias = None if bias is None else bias.value
   g, inv_norm = _scale_vectors(magnitude, norm, scale.dtype)
   forward, _ = _implementation(cfg.impl)
-  # dm needs pre = y / g. Without a bias the output itself is kept (in a network
-  # the next layer holds it anyway) instead of a second [T, d_out] buffer;
-  # float16 keeps pre, whose range y = g ⊙ pre could leave.
+  # dm needs pre. Optionally (private A/B switch) a bias-free call keeps the
+  # output instead and recovers pre = y / g; float16 always keeps pre, whose
+  # range y = g ⊙ pre could leave.
   keep_y = (_OUTPUT_AS_RESIDUAL and wants.magnitude and bias is None
             and x2.dtype != jnp.float16)
   with cfg.scope():

@@ -235,14 +235,19 @@ def test_precision_reaches_forward_and_backward(fresh_key):
     dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 0.5, precision="fastest")
 
 
-@pytest.mark.parametrize("backend,chunk", [("xla", 256), ("xla", 4), ("pallas", 5)])
+@pytest.mark.parametrize("backend,chunk,output_residual",
+                         [("xla", 256, True), ("xla", 4, True), ("pallas", 5, True),
+                          ("xla", 4, False), ("pallas", 5, False)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_zero_magnitude_columns_get_the_true_magnitude_gradient(fresh_key, monkeypatch,
-                                                                backend, chunk, dtype):
-  """Without a bias dm is recovered from y = g ⊙ pre; where g = 0 that is 0/0, and
-  the backward must fall back to recomputing pre (in token chunks, 21 tokens:
-  one partial chunk, or full chunks and a remainder) rather than return 0 or NaN."""
+                                                                backend, chunk, output_residual,
+                                                                dtype):
+  """With the output as the dm residual, dm is recovered from y = g ⊙ pre; where
+  g = 0 that is 0/0, and the backward must fall back to recomputing pre (in
+  token chunks, 21 tokens: one partial chunk, or full chunks and a remainder)
+  rather than return 0 or NaN. With pre kept (the default) no fallback is needed."""
   monkeypatch.setattr(dora_jax.compose, "RECOMPUTE_CHUNK", chunk)
+  monkeypatch.setattr(dora_jax.dense, "_OUTPUT_AS_RESIDUAL", output_residual)
   x, kernel, lora_a, lora_b, magnitude, _, cot = make_layer(
       fresh_key(), 45, 38, 6, (3, 7), dtype=dtype, bias=False)
   magnitude = magnitude.at[jnp.array([0, 5, 37])].set(0)
@@ -259,12 +264,12 @@ def test_zero_magnitude_columns_get_the_true_magnitude_gradient(fresh_key, monke
                              atol=tol * np.max(np.abs(g_ref["magnitude"])))
 
 
-@pytest.mark.parametrize("with_bias,output_residual", [(False, True), (True, True), (False, False)])
-def test_residual_is_the_output_when_there_is_no_bias(fresh_key, monkeypatch, with_bias,
-                                                      output_residual):
-  """The backward keeps one [T, d_out] activation: y itself without a bias (the
-  next layer holds it anyway), pre = (y − bias) / g with one (or when the
-  private A/B switch asks for pre)."""
+@pytest.mark.parametrize("with_bias,output_residual",
+                         [(False, True), (True, True), (False, False), (True, False)])
+def test_the_backward_keeps_one_wide_residual(fresh_key, monkeypatch, with_bias,
+                                             output_residual):
+  """The backward keeps one [T, d_out] activation: pre by default; y itself
+  when the private A/B switch asks for it and there is no bias."""
   monkeypatch.setattr(dora_jax.dense, "_OUTPUT_AS_RESIDUAL", output_residual)
   x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(
       fresh_key(), 30, 22, 4, (9,), bias=with_bias)

@@ -9,10 +9,12 @@ Same signatures and semantics as :func:`dora_jax.compose.forward_xla` and
 Forward: one kernel (:func:`scaled_matmul`) computes ``g ⊙ (x·W + h·(s·b))``
 for ranks it can fuse (:func:`fusable_rank`: multiples of 16 up to 32): the
 LoRA factors' tiles join the accumulator with one more wgmma and ``g`` is
-applied in the epilogue, so the whole DoRA composition costs one GEMM. Other
-ranks (and interpret mode, where the fused variant cannot run) use
-``g ⊙ (x·W + s·h·b) = (x·W) ⊙ g + h·(s·b ⊙ g)``: the base GEMM with ``g`` in its
-epilogue plus XLA's low-rank product and sum.
+applied in the epilogue, so the whole DoRA composition costs one GEMM; the
+epilogue also stores ``pre`` (the accumulator before ``g``) when the backward
+needs it. Other ranks (and interpret mode, where the fused variant cannot run)
+use ``g ⊙ (x·W + s·h·b) = (x·W) ⊙ g + h·(s·b ⊙ g)``: the base GEMM with ``g``
+in its epilogue plus XLA's low-rank product and sum (:func:`forward_mosaic`
+says what the training forward, which needs ``pre``, does there).
 
 The backward is XLA's (:func:`dora_jax.compose.backward_xla`): ``dpre = dy ⊙ g``
 as one elementwise pass feeding cuBLAS. The alternative that never forms
@@ -23,8 +25,7 @@ more than the pass it saves (benchmarks/KERNELS.md, "Mosaic GPU").
 
 Rounding differs from the XLA path only in where the activation dtype's
 rounding falls (``s·b⊙g`` is rounded once; ``dy ⊙ g`` is rounded per tile in
-the kernel as XLA rounds ``dpre``). A forward whose backward needs ``pre``
-(a bias, or float16) runs XLA's forward.
+the kernel as XLA rounds ``dpre``).
 """
 
 from __future__ import annotations
@@ -53,26 +54,43 @@ def _scaled_b(lora_b, g, scale, cdt):
 def forward_mosaic(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool = True):
   """Return ``(y, pre, h)`` like :func:`dora_jax.compose.forward_xla`.
 
-  ``pre`` is never written here: with ``want_pre`` the call is XLA's forward.
+  With a fusable rank one kernel computes ``y`` and, when ``want_pre``, also
+  stores ``pre`` (its accumulator before ``g``). Other ranks: the base GEMM
+  with ``g`` in its epilogue plus XLA's low-rank product and sum; there a
+  ``want_pre`` forward is XLA's own on the GPU (it writes fewer ``[T, d_out]``
+  arrays than the kernel's two outputs plus a sum), and in interpret mode the
+  kernel's ``(x·W ⊙ g, x·W)`` pair with XLA's sums (so that the CPU tests run
+  the kernel).
   """
-  if want_pre:
-    return forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre=True)
   cdt = x2.dtype
-  h = lora_hidden(x2, lora_a)
+  acc = g.dtype
   interpret = default_interpret()
-  if (fusable_rank(lora_a.shape[1]) and not interpret
-      and supported(x2.shape[0], kernel.shape[1], x2.shape[1], FUSED_TILES)):
+  fused = (fusable_rank(lora_a.shape[1]) and not interpret
+           and supported(x2.shape[0], kernel.shape[1], x2.shape[1], FUSED_TILES))
+  if want_pre and not fused and not interpret:
+    return forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias, want_pre=True)
+  h = lora_hidden(x2, lora_a)
+  pre = None
+  if fused:
     # g ⊙ (x·W + h·(s·b)) in one kernel: the LoRA term joins the accumulator
-    sb = (scale * lora_b.astype(g.dtype)).astype(cdt)
-    y = scaled_matmul(x2, kernel.astype(cdt), g, (h, sb))
+    sb = (scale * lora_b.astype(acc)).astype(cdt)
+    y = scaled_matmul(x2, kernel.astype(cdt), g, (h, sb), with_unscaled=want_pre)
+    if want_pre:
+      y, pre = y
+  elif want_pre:
+    base_g, base = scaled_matmul(x2, kernel.astype(cdt), g, with_unscaled=True,
+                                 interpret=interpret)
+    lora = scale * jnp.dot(h, lora_b.astype(cdt), preferred_element_type=acc)
+    pre = (base.astype(acc) + lora).astype(cdt)
+    y = (base_g.astype(acc) + lora * g).astype(cdt)
   else:
     base = scaled_matmul(x2, kernel.astype(cdt), g, interpret=interpret)
     # in the activation dtype, so that XLA can hand the sum to cuBLAS as its
     # addend (beta = 1, one rounding from float32)
     y = jnp.dot(h, _scaled_b(lora_b, g, scale, cdt)) + base
   if bias is not None:
-    y = (y.astype(g.dtype) + bias.astype(g.dtype)).astype(cdt)
-  return y, None, h
+    y = (y.astype(acc) + bias.astype(acc)).astype(cdt)
+  return y, pre, h
 
 
 def forward_mosaic_y(x2, kernel, lora_a, lora_b, g, scale, bias):

@@ -123,12 +123,13 @@ def _smem_transforms(minor: int, dtype):
   return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
 
 
-def _launch(body, out_shape, dtype, interpret):
-  """One persistent CTA per SM."""
+def _launch(body, out_shape, dtype, interpret, outputs: int = 1):
+  """One persistent CTA per SM, ``outputs`` results of ``out_shape``."""
   params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+  out_type = jax.ShapeDtypeStruct(out_shape, dtype)
   return plgpu.kernel(
       body,
-      out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+      out_type=out_type if outputs == 1 else (out_type,) * outputs,
       grid=(num_sms(),),
       grid_names=("sm",),
       num_threads=3,
@@ -151,21 +152,24 @@ def _ignore(*_, **__):
   """A body/context placeholder: allocations do not depend on them."""
 
 
-def _store_tile(out_smem, out_gmem, tile, wg, tiles):
-  """Write one warpgroup's ``[tile_m, tile_n]`` result through SMEM in
-  ``[epi_m, epi_n]`` pieces (double-buffered TMA stores), once the previous
-  tile's stores have read their buffers."""
+def _store_tile(out_smem, outputs, wg, tiles):
+  """Write one warpgroup's ``[tile_m, tile_n]`` results (``outputs``: pairs of
+  a tile value and its destination in GMEM) through SMEM in ``[epi_m, epi_n]``
+  pieces, double-buffered TMA stores alternating between the two slots, once
+  the previous tile's stores have read their buffers."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  per_row = tiles.tile_n // tiles.epi_n
+  piece = 0
   for i in range(tiles.tile_m // tiles.epi_m):
-    for j in range(per_row):
-      slot = (i * per_row + j) % 2
+    for j in range(tiles.tile_n // tiles.epi_n):
       rows = slice(i * tiles.epi_m, (i + 1) * tiles.epi_m)
       cols = slice(j * tiles.epi_n, (j + 1) * tiles.epi_n)
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-      out_smem[wg, slot] = tile[rows, cols]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem.at[rows, cols])
+      for tile, out_gmem in outputs:
+        slot = piece % 2
+        piece += 1
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        out_smem[wg, slot] = tile[rows, cols]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem.at[rows, cols])
 
 
 def _vmappable(kernel_fn, *args, rows: int = 1):
@@ -192,11 +196,12 @@ def _vmappable(kernel_fn, *args, rows: int = 1):
     if batched == row_args:
       m = values[0].shape[1]
       flat = [v.reshape(-1, *v.shape[2:]) if j in batched else v for j, v in enumerate(values)]
-      out = call(*flat)
-      return out.reshape(axis_size, m, out.shape[-1]), True
+      out = jax.tree.map(lambda o: o.reshape(axis_size, m, o.shape[-1]), call(*flat))
+      return out, jax.tree.map(lambda _: True, out)
     spread = [v if b else jnp.broadcast_to(v, (axis_size, *v.shape))
               for v, b in zip(values, in_batched)]
-    return lax.map(lambda vs: call(*vs), spread), True
+    out = lax.map(lambda vs: call(*vs), spread)
+    return out, jax.tree.map(lambda _: True, out)
 
   return call(*[args[i] for i in present])
 
@@ -216,12 +221,15 @@ def _tile_loop(m_iters, n_iters, tiles, fn):
 
 
 def scaled_matmul_reference(x: jax.Array, w: jax.Array, col_scale: jax.Array,
-                            low_rank: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-  """``(x·w + l·r) ⊙ col_scale``: float32 accumulation and scaling, result in ``x.dtype``."""
+                            low_rank: tuple[jax.Array, jax.Array] | None = None, *,
+                            with_unscaled: bool = False):
+  """``(x·w + l·r) ⊙ col_scale``: float32 accumulation and scaling, result in
+  ``x.dtype``; with ``with_unscaled`` the pair ``(scaled, x·w + l·r)``."""
   acc = jnp.dot(x, w, preferred_element_type=jnp.float32)
   if low_rank is not None:
     acc = acc + jnp.dot(low_rank[0], low_rank[1], preferred_element_type=jnp.float32)
-  return (acc * col_scale.astype(jnp.float32)).astype(x.dtype)
+  out = (acc * col_scale.astype(jnp.float32)).astype(x.dtype)
+  return (out, acc.astype(x.dtype)) if with_unscaled else out
 
 
 #: Largest rank the forward kernel adds in-kernel (its two factors' tiles are
@@ -239,13 +247,17 @@ def fusable_rank(rank: int) -> bool:
 
 def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
                   low_rank: tuple[jax.Array, jax.Array] | None = None, *,
-                  tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
+                  with_unscaled: bool = False, tiles: Tiles | None = None,
+                  interpret: bool = False):
   """``(x [M, K] · w [K, N] + l [M, r] · r [r, N]) ⊙ col_scale [N]`` → ``[M, N]``, one GEMM.
 
   ``low_rank = (l, r)`` is optional (rank per :func:`fusable_rank`); its
   tiles are fetched once per output tile while the main K loop runs and added
-  with one more wgmma before the scale. The result is in ``x.dtype``. ``tiles``
-  defaults to :data:`FORWARD_TILES` (:data:`FUSED_TILES` with ``low_rank``).
+  with one more wgmma before the scale. The result is in ``x.dtype``. With
+  ``with_unscaled`` the epilogue also stores the accumulator before the scale
+  and the call returns ``(scaled, unscaled)`` (DoRA's output and its ``pre``
+  residual from one GEMM). ``tiles`` defaults to :data:`FORWARD_TILES`
+  (:data:`FUSED_TILES` with ``low_rank``).
 
   Interpret mode does not run ``low_rank`` (``NotImplementedError``): Mosaic
   GPU's interpreter (jax 0.11.2) deadlocks on it, nondeterministically, in
@@ -258,11 +270,12 @@ def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
   if tiles is None:
     tiles = FORWARD_TILES if low_rank is None else FUSED_TILES
   lhs2, rhs2 = (None, None) if low_rank is None else low_rank
-  return _vmappable(functools.partial(_scaled_matmul, tiles=tiles, interpret=interpret),
+  return _vmappable(functools.partial(_scaled_matmul, tiles=tiles, interpret=interpret,
+                                      with_unscaled=with_unscaled),
                     x, lhs2, w, col_scale.astype(jnp.float32), rhs2, rows=2)
 
 
-def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret):
+def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscaled):
   name = "scaled_matmul"
   _check_operand(name, "x", x)
   _check_operand(name, "w", w, x.dtype)
@@ -297,9 +310,9 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret):
 
   def kernel(x_gmem, *refs):
     if rank:
-      l_gmem, w_gmem, s_gmem, r_gmem, out_gmem = refs
+      l_gmem, w_gmem, s_gmem, r_gmem, *out_gmems = refs
     else:
-      w_gmem, s_gmem, out_gmem = refs
+      w_gmem, s_gmem, *out_gmems = refs
 
     @functools.partial(
         pl.run_scoped,
@@ -335,8 +348,11 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret):
             plgpu.barrier_wait(s_bar.at[wg])
             scale = plgpu.load(s_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
             acc = acc_ref[...]
-            tile = (acc * lax.broadcast_in_dim(scale, acc.shape, [1])).astype(dtype)
-            _store_tile(out_smem, out_gmem.at[rows, cols], tile, wg, tiles)
+            tiles_out = [(acc * lax.broadcast_in_dim(scale, acc.shape, [1])).astype(dtype)]
+            if with_unscaled:
+              tiles_out.append(acc.astype(dtype))
+            _store_tile(out_smem, [(t, o.at[rows, cols]) for t, o in zip(tiles_out, out_gmems)],
+                        wg, tiles)
 
         def body(_, x_smem, w_smem, acc_ref):
           plgpu.wgmma(acc_ref, x_smem, w_smem.at[:, pl.ds(wg * tiles.tile_n, tiles.tile_n)])
@@ -351,7 +367,7 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   operands = (x, lhs2, w, col_scale, rhs2) if rank else (x, w, col_scale)
-  return _launch(kernel, (m, n), dtype, interpret)(*operands)
+  return _launch(kernel, (m, n), dtype, interpret, 2 if with_unscaled else 1)(*operands)
 
 
 # ---------------------------------------------------------------------------
@@ -416,7 +432,7 @@ def _matmul_scaled_k(dy, w, k_scale, *, tiles, interpret):
           def _(acc_ref):
             run(acc_ref)
             tile = acc_ref[...].astype(dtype)
-            _store_tile(out_smem, out_gmem.at[rows, cols], tile, wg, tiles)
+            _store_tile(out_smem, [(tile, out_gmem.at[rows, cols])], wg, tiles)
 
         def body(_, dy_smem, w_smem, s_smem, acc_ref):
           mine = dy_smem.at[pl.ds(wg * tiles.tile_m, tiles.tile_m)]

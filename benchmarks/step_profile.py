@@ -11,6 +11,9 @@ function (value and gradients of ``Σ y ⊙ cot`` w.r.t. x, a, b[, m]):
   dora_<backend>_y    the same keeping the output ``y`` (not ``pre``) as the dm
                       residual (the private A/B switch)
   dora_<backend>_nonorm  the same with the norm passed in (no norm work in the step)
+  dora_mosaic_xla_prologue  mosaic with XLA's two passes for dpre and dm
+                      (fused_mosaic.SCALE_REDUCE_KERNEL off)
+  dora_mosaic_xla_dx  mosaic with cuBLAS/XLA's dx (fused_mosaic.DX_FUSED off)
 
 it records the step's median wall time (harness.time_jitted) and, from a
 ``jax.profiler`` trace of a few steps, the GPU kernels each step launches
@@ -53,24 +56,43 @@ def step_functions(backends):
     y = x @ w + s * ((x @ a) @ b)
     return jnp.sum((y * cot).astype(jnp.float32))
 
-  def dora_loss(backend, keep_y, pass_norm):
+  def dora_loss(backend, keep_y, pass_norm, **mosaic_flags):
     def loss(x, a, b, m, w, w_sq, norm, cot):
-      saved = dora_jax.dense._OUTPUT_AS_RESIDUAL
-      dora_jax.dense._OUTPUT_AS_RESIDUAL = keep_y  # read while tracing
-      try:
-        y = dora_jax.dora_dense(x, w, a, b, m, s, base_sq_norm=w_sq,
-                                norm=norm if pass_norm else None, backend=backend)
-      finally:
-        dora_jax.dense._OUTPUT_AS_RESIDUAL = saved
+      y = dora_jax.dora_dense(x, w, a, b, m, s, base_sq_norm=w_sq,
+                              norm=norm if pass_norm else None, backend=backend)
       return jnp.sum((y * cot).astype(jnp.float32))
+    loss.switches = dict(mosaic_flags, _OUTPUT_AS_RESIDUAL=keep_y)
     return loss
+
+  def with_switches(step, switches):
+    """``step`` traced with the private switches set (the forward reads some,
+    the backward, traced after the loss returns, others)."""
+    from dora_jax.kernels import fused_mosaic  # noqa: PLC0415
+    owners = {k: dora_jax.dense if k == "_OUTPUT_AS_RESIDUAL" else fused_mosaic
+              for k in switches}
+
+    def run(*args):
+      saved = {k: getattr(owners[k], k) for k in switches}
+      for k, v in switches.items():
+        setattr(owners[k], k, v)
+      try:
+        return step(*args)
+      finally:
+        for k, v in saved.items():
+          setattr(owners[k], k, v)
+    return run
 
   fns = {"lora": lora_loss}
   for backend in backends:
     fns[f"dora_{backend}"] = dora_loss(backend, False, False)
     fns[f"dora_{backend}_y"] = dora_loss(backend, True, False)
     fns[f"dora_{backend}_nonorm"] = dora_loss(backend, False, True)
-  return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3))) for k, f in fns.items()}
+    if backend == "mosaic":
+      fns["dora_mosaic_xla_prologue"] = dora_loss(backend, False, False,
+                                                  SCALE_REDUCE_KERNEL=False)
+      fns["dora_mosaic_xla_dx"] = dora_loss(backend, False, False, DX_FUSED=False)
+  return {k: jax.jit(with_switches(jax.value_and_grad(f, argnums=(0, 1, 2, 3)),
+                                   getattr(f, "switches", {}))) for k, f in fns.items()}
 
 
 def cross_split(a, w, pieces):
@@ -140,6 +162,9 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--backends", default="xla,mosaic")
+  parser.add_argument("--hlo", default="", help="comma-separated step names whose optimized "
+                      "HLO to write to OUT/hlo_<name>_<d_in>x<d_out>_r<r>.txt")
+  parser.add_argument("--shapes", default="", help="d_inxd_outxr,... (default: the three)")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   if args.smoke:
@@ -147,6 +172,8 @@ def main():
   else:
     configs, tokens, kw = ([(4096, 4096, 16), (4096, 14336, 16), (4096, 4096, 384)], 4096,
                            dict(calls=10, repeats=5))
+  if args.shapes:
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.shapes.split(",")]
   backends = [b for b in args.backends.split(",") if b]
   dtype = jnp.bfloat16
   result = dict(device=harness.device_description(), configs=[])
@@ -172,6 +199,10 @@ def main():
         print(f"{d_in}x{d_out} r={r} {name}: {entry['steps'][name]['error']}", flush=True)
         continue
       entry["steps"][name] = dict(ms=ms, **prof)
+      if name in args.hlo.split(","):
+        text = fn.lower(*sets[0]).compile().as_text()
+        with open(os.path.join(args.out, f"hlo_{name}_{d_in}x{d_out}_r{r}.txt"), "w") as f:
+          f.write(text)
       print(f"{d_in}x{d_out} r={r} {name}: {ms:.3f} ms, kernels "
             f"{prof.get('kernel_us_per_step', float('nan')):.1f} us, span "
             f"{prof.get('span_us_per_step', float('nan')):.1f} us", flush=True)

@@ -139,7 +139,7 @@ def magnitude_grad(dy, pre, y, g, inv_norm, recompute):
 
 
 def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
-                 wants: Wants, *, y=None, dx_matmul=None) -> Grads:
+                 wants: Wants, *, y=None, dx_matmul=None, scale_reduce=None) -> Grads:
   """Cotangents of :func:`forward_xla` with the norm held constant (PEFT's detach).
 
   ``dpre = dy ⊙ g``; ``dx = dpre·Wᵀ + s·(dpre·bᵀ)·aᵀ``; ``db = s·hᵀ·dpre``;
@@ -152,12 +152,19 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   ``dx_matmul(dpre [T, d_out], ts [T, r]) -> dx [T, d_in]``, with ``ts = s·t`` in
   the activation dtype, replaces the two XLA matmuls of ``dx`` (the fused
   Pallas backward plugs in here); ``None`` keeps XLA's.
+  ``scale_reduce(dy, pre, g) -> (dpre, Σ_T dy ⊙ pre)`` computes ``dpre`` and
+  the magnitude's reduction in one pass (:mod:`dora_jax.kernels.scale_reduce`)
+  when both are needed and ``pre`` is kept; ``None`` keeps XLA's two passes.
   """
   cdt = dy.dtype
   acc = g.dtype
   need_t = wants.x or wants.lora_a or wants.scale
   need_dpre = need_t or wants.lora_b or wants.kernel
-  dpre = (dy.astype(acc) * g).astype(cdt) if need_dpre else None
+  dy_pre = None
+  if scale_reduce is not None and need_dpre and wants.magnitude and pre is not None:
+    dpre, dy_pre = scale_reduce(dy, pre, g)
+  else:
+    dpre = (dy.astype(acc) * g).astype(cdt) if need_dpre else None
   t = _dot_nt(dpre, lora_b.astype(cdt), acc) if need_t else None  # [T, r]
 
   dx = da = db = dkernel = None
@@ -171,20 +178,25 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
     da = scale * _dot_t(x2, t.astype(cdt), acc)
   if wants.lora_b:
     db = scale * _dot_t(h, dpre, acc)
-  dm, ds, dbias = vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants)
+  dm, ds, dbias = vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants,
+                               dy_pre=dy_pre)
   if wants.kernel:
     dkernel = _dot_t(x2, dpre, acc)
   return Grads(dx, dkernel, da, db, dm, ds, dbias)
 
 
-def vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants: Wants):
+def vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants: Wants, *,
+                 dy_pre=None):
   """``(dm, ds, dbias)`` (``None`` where not wanted): the reductions of the backward.
 
-  ``t = dpre·bᵀ [T, r]`` (float32) is needed only for ``ds``.
+  ``t = dpre·bᵀ [T, r]`` (float32) is needed only for ``ds``; ``dy_pre``, when
+  given, is ``Σ_T dy ⊙ pre`` already reduced.
   """
   acc = g.dtype
   dm = ds = dbias = None
-  if wants.magnitude:
+  if wants.magnitude and dy_pre is not None:
+    dm = dy_pre * inv_norm
+  elif wants.magnitude:
     dm = magnitude_grad(dy, pre, y, g, inv_norm,
                         lambda: _dy_dot_pre(dy, x2, kernel, lora_b, h, scale, acc))
   if wants.scale:

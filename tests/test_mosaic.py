@@ -88,6 +88,21 @@ def test_scaled_matmul_with_unscaled_output(fresh_key, mnk):
   assert rel(outs[1][1], -twin_unscaled) <= 4e-3
 
 
+@pytest.mark.parametrize("mnk", [(384, 384, 96), (128, 640, 160)])
+def test_scaled_matmul_with_transposed_w(fresh_key, mnk):
+  """``trans_w``: ``w [N, K]`` read transposed in place (DoRA's ``dpre·Wᵀ``)."""
+  m, n, k = mnk
+  x, w, g, _ = _mats(fresh_key(), m, n, k, jnp.bfloat16)
+  wt = jnp.asarray(w.T)  # [N, K]
+  out = jax.jit(lambda *a: sm.scaled_matmul(*a, trans_w=True, tiles=FWD,
+                                            interpret=INTERPRET))(x, wt, g)
+  assert rel(out, sm.scaled_matmul_reference(x, wt, g, trans_w=True)) <= 4e-3
+  assert rel(out, (reference.f64(x) @ reference.f64(w)) * reference.f64(g)) <= 1e-2
+  with pytest.raises(ValueError, match=r"\[N, K\] \(trans_w\)"):
+    sm.scaled_matmul(x, w[:, : k - 32] if n != k else w[: k - 32], g, trans_w=True, tiles=FWD,
+                     interpret=True)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("mnk", [(384, 192, 96), (128, 320, 160)])
 def test_matmul_scaled_k_vs_twin_and_f64(fresh_key, dtype, mnk):
@@ -125,6 +140,11 @@ def test_gpu_scaled_matmul_with_low_rank_term(fresh_key, dtype, rank):
       x, w, g, lhs2, rhs2)
   assert rel(out2, out) == 0.0
   assert rel(pre, f64 / reference.f64(g)) <= TOL_F64[dtype]
+  # the dx form: w read transposed, the low-rank term fused
+  wt = jnp.asarray(w.T)
+  out_t = jax.jit(lambda *a: sm.scaled_matmul(*a[:3], a[3:], trans_w=True, tiles=FWD))(
+      x, wt, g, lhs2, rhs2)
+  assert rel(out_t, f64) <= TOL_F64[dtype]
 
 
 def test_low_rank_term_is_checked(fresh_key):

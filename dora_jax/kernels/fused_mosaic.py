@@ -16,8 +16,14 @@ use ``g ⊙ (x·W + s·h·b) = (x·W) ⊙ g + h·(s·b ⊙ g)``: the base GEMM w
 in its epilogue plus XLA's low-rank product and sum (:func:`forward_mosaic`
 says what the training forward, which needs ``pre``, does there).
 
-The backward is XLA's (:func:`dora_jax.compose.backward_xla`): ``dpre = dy ⊙ g``
-as one elementwise pass feeding cuBLAS. The alternative that never forms
+The backward is XLA's (:func:`dora_jax.compose.backward_xla`) except for its
+prologue: ``dpre = dy ⊙ g`` and the magnitude's ``Σ_T dy ⊙ pre`` come from one
+pass over ``dy`` and ``pre`` (:func:`dora_jax.kernels.scale_reduce.scale_reduce`,
+Pallas/Triton; :data:`SCALE_REDUCE_KERNEL`), where XLA makes two; and, for
+fusable ranks, ``dx = dpre·Wᵀ + (s·t)·aᵀ`` is one Mosaic GEMM (:data:`DX_FUSED`:
+``W`` read transposed, the LoRA term joining the accumulator as in the
+forward), where XLA needs cuBLAS, a low-rank GEMM writing ``[T, d_in]`` and an
+add pass. The alternative that never forms
 ``dpre`` — ``dx = (dy ⊙ g)·Wᵀ`` as one GEMM scaling each ``dy`` tile in registers
 (:func:`matmul_scaled_k`), ``t = dy·(b ⊙ g)ᵀ``, ``db = s·(hᵀ·dy) ⊙ g`` — is kept
 behind :data:`DX_KERNEL` (off): on an H100 the register scaling slows the GEMM
@@ -101,12 +107,58 @@ def forward_mosaic_y(x2, kernel, lora_a, lora_b, g, scale, bias):
 #: Whether the backward uses :func:`matmul_scaled_k` for ``dx`` (read at trace time).
 DX_KERNEL = False
 
+#: Whether the backward computes ``dpre = dy ⊙ g`` and ``Σ_T dy ⊙ pre`` in one
+#: pass (:func:`dora_jax.kernels.scale_reduce.scale_reduce`; read at trace time).
+SCALE_REDUCE_KERNEL = True
+
+
+#: Widest ``d_out`` given to the one-pass kernel. Measured (H200, T = 4096,
+#: benchmarks/scale_reduce.py): 31 µs vs XLA's 83 µs at d_out = 4096, where XLA
+#: makes two passes; at 14336 and 28672 XLA fuses both into one pass itself and
+#: ties or wins (111 vs 95, 173 vs 189 µs).
+SCALE_REDUCE_MAX_WIDTH = 8192
+
+
+def _scale_reduce(dy, pre, g):
+  """The one-pass kernel where it beats XLA, else XLA's (fused by XLA there)."""
+  from dora_jax.kernels.scale_reduce import scale_reduce, scale_reduce_reference  # noqa: PLC0415
+  interpret = default_interpret()
+  if dy.shape[1] > SCALE_REDUCE_MAX_WIDTH and not interpret:
+    return scale_reduce_reference(dy, pre, g)
+  return scale_reduce(dy, pre, g, interpret=interpret)
+
+
+#: Whether the backward computes ``dx = dpre·Wᵀ + (s·t)·aᵀ`` as one Mosaic GEMM
+#: (``W`` read transposed, the LoRA term fused as in the forward) where the
+#: rank is fusable and the tiles divide ``T``, ``d_in``, ``d_out``; otherwise
+#: (and when off) cuBLAS's ``dpre·Wᵀ``, XLA's ``t·aᵀ`` and an add pass.
+DX_FUSED = True
+
+
+def _dx_fused(x2, kernel, lora_a):
+  """``dx_matmul`` for :func:`dora_jax.compose.backward_xla`, or ``None`` where
+  the fused ``dx`` GEMM cannot run."""
+  tokens, d_in = x2.shape
+  if (not DX_FUSED or default_interpret() or not fusable_rank(lora_a.shape[1])
+      or not supported(tokens, d_in, kernel.shape[1], FUSED_TILES)):
+    return None
+  cdt = x2.dtype
+
+  def dx_matmul(dpre, ts):
+    ones = jnp.ones((d_in,), jnp.float32)
+    return scaled_matmul(dpre, kernel.astype(cdt), ones, (ts, lora_a.T.astype(cdt)),
+                         trans_w=True)
+
+  return dx_matmul
+
 
 def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
                     wants: Wants, *, y=None) -> Grads:
   """Cotangents of :func:`forward_mosaic`, like :func:`dora_jax.compose.backward_xla`."""
   if not DX_KERNEL:
-    return backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants, y=y)
+    return backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants, y=y,
+                        dx_matmul=_dx_fused(x2, kernel, lora_a) if wants.x else None,
+                        scale_reduce=_scale_reduce if SCALE_REDUCE_KERNEL else None)
   cdt = dy.dtype
   acc = g.dtype
   need_t = wants.x or wants.lora_a or wants.scale
@@ -126,4 +178,4 @@ def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   return Grads(dx, dkernel, da, db, dm, ds, dbias)
 
 
-__all__ = ["DX_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]
+__all__ = ["DX_FUSED", "DX_KERNEL", "SCALE_REDUCE_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]

@@ -222,10 +222,12 @@ def _tile_loop(m_iters, n_iters, tiles, fn):
 
 def scaled_matmul_reference(x: jax.Array, w: jax.Array, col_scale: jax.Array,
                             low_rank: tuple[jax.Array, jax.Array] | None = None, *,
-                            with_unscaled: bool = False):
+                            with_unscaled: bool = False, trans_w: bool = False):
   """``(x·w + l·r) ⊙ col_scale``: float32 accumulation and scaling, result in
-  ``x.dtype``; with ``with_unscaled`` the pair ``(scaled, x·w + l·r)``."""
-  acc = jnp.dot(x, w, preferred_element_type=jnp.float32)
+  ``x.dtype``; with ``with_unscaled`` the pair ``(scaled, x·w + l·r)``; with
+  ``trans_w`` ``w`` is ``[N, K]`` and ``wᵀ`` is used."""
+  dims = (((1,), (1,)), ((), ())) if trans_w else (((1,), (0,)), ((), ()))
+  acc = lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
   if low_rank is not None:
     acc = acc + jnp.dot(low_rank[0], low_rank[1], preferred_element_type=jnp.float32)
   out = (acc * col_scale.astype(jnp.float32)).astype(x.dtype)
@@ -247,8 +249,8 @@ def fusable_rank(rank: int) -> bool:
 
 def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
                   low_rank: tuple[jax.Array, jax.Array] | None = None, *,
-                  with_unscaled: bool = False, tiles: Tiles | None = None,
-                  interpret: bool = False):
+                  with_unscaled: bool = False, trans_w: bool = False,
+                  tiles: Tiles | None = None, interpret: bool = False):
   """``(x [M, K] · w [K, N] + l [M, r] · r [r, N]) ⊙ col_scale [N]`` → ``[M, N]``, one GEMM.
 
   ``low_rank = (l, r)`` is optional (rank per :func:`fusable_rank`); its
@@ -256,8 +258,10 @@ def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
   with one more wgmma before the scale. The result is in ``x.dtype``. With
   ``with_unscaled`` the epilogue also stores the accumulator before the scale
   and the call returns ``(scaled, unscaled)`` (DoRA's output and its ``pre``
-  residual from one GEMM). ``tiles`` defaults to :data:`FORWARD_TILES`
-  (:data:`FUSED_TILES` with ``low_rank``).
+  residual from one GEMM). With ``trans_w`` the right operand is ``w [N, K]``,
+  read transposed in place (DoRA's ``dx = dpre·Wᵀ + (s·t)·aᵀ`` from the Flax
+  kernel ``W [d_in, d_out]`` as is). ``tiles`` defaults to
+  :data:`FORWARD_TILES` (:data:`FUSED_TILES` with ``low_rank``).
 
   Interpret mode does not run ``low_rank`` (``NotImplementedError``): Mosaic
   GPU's interpreter (jax 0.11.2) deadlocks on it, nondeterministically, in
@@ -271,18 +275,19 @@ def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
     tiles = FORWARD_TILES if low_rank is None else FUSED_TILES
   lhs2, rhs2 = (None, None) if low_rank is None else low_rank
   return _vmappable(functools.partial(_scaled_matmul, tiles=tiles, interpret=interpret,
-                                      with_unscaled=with_unscaled),
+                                      with_unscaled=with_unscaled, trans_w=trans_w),
                     x, lhs2, w, col_scale.astype(jnp.float32), rhs2, rows=2)
 
 
-def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscaled):
+def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscaled, trans_w):
   name = "scaled_matmul"
   _check_operand(name, "x", x)
   _check_operand(name, "w", w, x.dtype)
-  (m, k), (k2, n) = x.shape, w.shape
+  (m, k), (k2, n) = x.shape, (w.shape[::-1] if trans_w else w.shape)
   if k != k2 or col_scale.shape != (n,):
+    w_dims = "[N, K] (trans_w)" if trans_w else "[K, N]"
     raise ValueError(f"{name}: x {x.shape}, w {w.shape} and col_scale {col_scale.shape} "
-                     "must be [M, K], [K, N] and [N]")
+                     f"must be [M, K], {w_dims} and [N]")
   rank = 0 if lhs2 is None else lhs2.shape[-1]
   if lhs2 is not None:
     _check_operand(name, "low_rank[0]", lhs2, x.dtype)
@@ -299,6 +304,8 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscal
   pipeline = _pipeline([
       plgpu.BlockSpec((tiles.cta_m, tiles.tile_k), lambda kk: (0, kk),
                       transforms=in_tf, memory_space=plgpu.SMEM),
+      plgpu.BlockSpec((tiles.cta_n, tiles.tile_k), lambda kk: (0, kk),
+                      transforms=in_tf, memory_space=plgpu.SMEM) if trans_w else
       plgpu.BlockSpec((tiles.tile_k, tiles.cta_n), lambda kk: (kk, 0),
                       transforms=in_tf, memory_space=plgpu.SMEM),
   ], k_iters, tiles)
@@ -355,18 +362,24 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscal
                         wg, tiles)
 
         def body(_, x_smem, w_smem, acc_ref):
-          plgpu.wgmma(acc_ref, x_smem, w_smem.at[:, pl.ds(wg * tiles.tile_n, tiles.tile_n)])
+          mine = pl.ds(wg * tiles.tile_n, tiles.tile_n)
+          rhs = w_smem.at[mine, :].transpose((1, 0)) if trans_w else w_smem.at[:, mine]
+          plgpu.wgmma(acc_ref, x_smem, rhs)
           plgpu.wgmma_wait(0)
           return acc_ref
 
+        cta_cols = pl.ds(n_idx * tiles.cta_n, tiles.cta_n)
         pipeline(body, context)(x_gmem.at[rows, :],
-                                w_gmem.at[:, pl.ds(n_idx * tiles.cta_n, tiles.cta_n)],
+                                w_gmem.at[cta_cols, :] if trans_w else w_gmem.at[:, cta_cols],
                                 allocations=allocs)
 
       _tile_loop(m_iters, n_iters, tiles, one_tile)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   operands = (x, lhs2, w, col_scale, rhs2) if rank else (x, w, col_scale)
+  # the name profilers show: which operand layout and which extras
+  kernel.__name__ = ("dora_matmul" + ("_wt" if trans_w else "") + ("_lowrank" if rank else "")
+                     + ("_pre" if with_unscaled else ""))
   return _launch(kernel, (m, n), dtype, interpret, 2 if with_unscaled else 1)(*operands)
 
 
@@ -455,4 +468,5 @@ def _matmul_scaled_k(dy, w, k_scale, *, tiles, interpret):
       _tile_loop(m_iters, n_iters, tiles, one_tile)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  kernel.__name__ = "dora_matmul_scaled_k"
   return _launch(kernel, (m, n), dtype, interpret)(dy, w, k_scale)

@@ -96,10 +96,11 @@ def _gram_times_b(g, lora_b, acc):
   accumulation: ~24 mantissa bits, several times faster on GPUs than a float32
   matmul at full precision, which dominates the norm's cost at high rank.
   """
-  rank = g.shape[0]
   if lora_b.dtype == jnp.bfloat16 and acc == jnp.float32:
-    parts = jnp.dot(_split_bf16(g, 3), lora_b, preferred_element_type=acc)  # [3r, d_out]
-    return parts[:rank] + parts[rank:2 * rank] + parts[2 * rank:]
+    # [G_hi | G_mid | G_lo] [r, 3r] · [b; b; b] [3r, d_out]: the three products
+    # summed in the one float32 accumulator, no [3r, d_out] intermediate
+    stacked_b = jnp.concatenate([lora_b] * 3, axis=0)
+    return jnp.dot(_split_bf16(g, 3, axis=1), stacked_b, preferred_element_type=acc)
   return jnp.dot(g, lora_b.astype(acc), precision=lax.Precision.HIGHEST,
                  preferred_element_type=acc)
 

@@ -52,27 +52,27 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   Only bf16 activations on a CUDA GPU get a kernel; everything else is XLA,
   which is also what runs off the GPU.
 
-  * ``"pallas"`` (Triton): ``tokens`` at least :data:`PALLAS_MIN_TOKENS` and a
-    multiple of 128; ``kernel_shape`` in :data:`PALLAS_WINS` with ``rank`` at
-    most its entry.
-  * ``"mosaic"`` (Hopper): otherwise, when the forward kernel fuses the LoRA term
-    (``rank`` 16 or 32, :func:`~dora_jax.kernels.scaled_matmul.fusable_rank`),
-    its tiles divide the shape and ``tokens >= MOSAIC_MIN_TOKENS``. Measured on
-    an H100 (benchmarks/KERNELS.md, "Mosaic GPU"): forward 0.92–1.03× of JAX
-    LoRA's, forward+backward 2–5% faster than XLA's DoRA on 4096×14336,
-    14336×4096, 8192×8192 and 8192×28672 at r = 16. At r = 64/384 (the LoRA
-    term summed by XLA) it measured slower than XLA and is not picked.
+  * ``"mosaic"`` (Hopper): when the kernels fuse the LoRA term (``rank`` 16 or
+    32, :func:`~dora_jax.kernels.scaled_matmul.fusable_rank`), their tiles
+    divide the shape and ``tokens >= MOSAIC_MIN_TOKENS``. Measured on an H100
+    (benchmarks/KERNELS.md, "Mosaic GPU"; benchmarks/step_profile.py), r = 16,
+    forward+backward: 1.01× / 1.05× / 1.06× of JAX LoRA's step at 4096×4096 /
+    4096×14336 / 8192×28672, against 1.20× / 1.07× / 1.08× for XLA's DoRA. At
+    r = 64/384 (the LoRA term summed by XLA) it is not picked.
+  * ``"pallas"`` (Triton): otherwise, ``tokens`` at least
+    :data:`PALLAS_MIN_TOKENS` and a multiple of 128, and ``kernel_shape`` in
+    :data:`PALLAS_WINS` with ``rank`` at most its entry.
   """
   if jnp.dtype(dtype) != jnp.bfloat16 or not on_cuda_gpu():
     return "xla"
   shape = tuple(int(d) for d in kernel_shape)
-  max_rank = PALLAS_WINS.get(shape)
-  if max_rank is not None and rank <= max_rank:
-    return "pallas" if tokens >= PALLAS_MIN_TOKENS and tokens % 128 == 0 else "xla"
   from dora_jax.kernels import fused_mosaic, scaled_matmul  # noqa: PLC0415
   if (on_hopper() and tokens >= MOSAIC_MIN_TOKENS and scaled_matmul.fusable_rank(rank)
       and fused_mosaic.shapes_supported(tokens, *shape)):
     return "mosaic"
+  max_rank = PALLAS_WINS.get(shape)
+  if max_rank is not None and rank <= max_rank:
+    return "pallas" if tokens >= PALLAS_MIN_TOKENS and tokens % 128 == 0 else "xla"
   return "xla"
 
 

@@ -137,6 +137,7 @@ def render(data, report_command: str) -> str:
       f"{meta.get('torch_peft', '–')}; date {meta.get('date')}; commit {meta.get('commit')}; "
       f"suite wall time {meta.get('seconds')} s."
       + (f" PEFT: {meta['torch_note']}." if meta.get("torch_note") else "")
+      + (f" Note: {meta['note']}." if meta.get("note") else "")
       + f"\n\nCommand: `{meta.get('command')}`, then `{report_command}`.",
       "### Forward (training mode), bf16, T=4096, ms (median)\n\n" + rank_table(rows, "fwd", "bfloat16"),
       "### Forward+backward, bf16, T=4096, ms (median)\n\n" + rank_table(rows, "fwd_bwd", "bfloat16"),

@@ -165,6 +165,7 @@ def main():
   parser.add_argument("--hlo", default="", help="comma-separated step names whose optimized "
                       "HLO to write to OUT/hlo_<name>_<d_in>x<d_out>_r<r>.txt")
   parser.add_argument("--shapes", default="", help="d_inxd_outxr,... (default: the three)")
+  parser.add_argument("--norm-only", action="store_true", help="profile the norm variants only")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   if args.smoke:
@@ -190,7 +191,7 @@ def main():
     sets = [(jax.random.normal(ks[4 + i], (tokens, d_in)).astype(dtype), a, b, m, w, w_sq, norm,
              jax.random.normal(ks[8 + i], (tokens, d_out)).astype(dtype)) for i in range(3)]
     entry = dict(d_in=d_in, d_out=d_out, rank=r, tokens=tokens, steps={}, norm_ms={})
-    for name, fn in steps.items():
+    for name, fn in ({} if args.norm_only else steps).items():
       try:
         ms = harness.time_jitted(fn, sets, **kw)
         prof = kernel_profile(fn, sets)

@@ -340,3 +340,26 @@ def test_gpu_kernels_register_and_smem_paths_agree(fresh_key):
   x = jax.random.normal(fresh_key(), (512, 768), jnp.bfloat16)
   out = sm.scaled_matmul(x, w.T, g[:512])
   assert rel(out, sm.scaled_matmul_reference(x, w.T, g[:512])) <= 4e-3
+
+
+def test_backward_kernels_are_used_only_where_they_run(monkeypatch):
+  """The fused ``dx`` GEMM needs a fusable rank, shapes its tiles divide and a
+  GPU; the one-pass ``dpre``/``dm`` kernel is used up to
+  ``SCALE_REDUCE_MAX_WIDTH`` columns (XLA fuses both passes itself beyond)."""
+  monkeypatch.setattr(fused_mosaic, "default_interpret", lambda: False)  # as on a GPU
+  bf16 = jnp.bfloat16
+  x = jnp.zeros((4096, 4096), bf16)
+  w = jnp.zeros((4096, 14336), bf16)
+  assert callable(fused_mosaic._dx_fused(x, w, jnp.zeros((4096, 16), bf16)))
+  assert fused_mosaic._dx_fused(x, w, jnp.zeros((4096, 64), bf16)) is None   # rank
+  assert fused_mosaic._dx_fused(x[:4000], w, jnp.zeros((4096, 16), bf16)) is None  # T
+  monkeypatch.setattr(fused_mosaic, "DX_FUSED", False)
+  assert fused_mosaic._dx_fused(x, w, jnp.zeros((4096, 16), bf16)) is None
+
+  def traced(width):
+    dy = jax.ShapeDtypeStruct((256, width), bf16)
+    g = jax.ShapeDtypeStruct((width,), jnp.float32)
+    return str(jax.make_jaxpr(fused_mosaic._scale_reduce)(dy, dy, g))
+
+  assert "pallas_call" in traced(fused_mosaic.SCALE_REDUCE_MAX_WIDTH)
+  assert "pallas_call" not in traced(fused_mosaic.SCALE_REDUCE_MAX_WIDTH + 512)

@@ -14,6 +14,9 @@ function (value and gradients of ``Σ y ⊙ cot`` w.r.t. x, a, b[, m]):
   dora_mosaic_xla_prologue  mosaic with XLA's two passes for dpre and dm
                       (fused_mosaic.SCALE_REDUCE_KERNEL off)
   dora_mosaic_xla_dx  mosaic with cuBLAS/XLA's dx (fused_mosaic.DX_FUSED off)
+  dora_mosaic_y_cond  mosaic_y with XLA's lax.cond for zero magnitudes
+                      (fused_mosaic.FLAGGED_KERNEL off; mosaic_y uses the
+                      flagged-columns kernel)
 
 it records the step's median wall time (harness.time_jitted) and, from a
 ``jax.profiler`` trace of a few steps, the GPU kernels each step launches
@@ -91,6 +94,7 @@ def step_functions(backends):
       fns["dora_mosaic_xla_prologue"] = dora_loss(backend, False, False,
                                                   SCALE_REDUCE_KERNEL=False)
       fns["dora_mosaic_xla_dx"] = dora_loss(backend, False, False, DX_FUSED=False)
+      fns["dora_mosaic_y_cond"] = dora_loss(backend, True, False, FLAGGED_KERNEL=False)
   return {k: jax.jit(with_switches(jax.value_and_grad(f, argnums=(0, 1, 2, 3)),
                                    getattr(f, "switches", {}))) for k, f in fns.items()}
 

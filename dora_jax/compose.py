@@ -114,7 +114,7 @@ def _dy_dot_pre(dy, x2, kernel, lora_b, h, scale, acc):
   return total
 
 
-def magnitude_grad(dy, pre, y, g, inv_norm, recompute):
+def magnitude_grad(dy, pre, y, g, inv_norm, recompute, *, dy_y=None, recompute_flagged=None):
   """``dm = Σ_T dy ⊙ pre / n [d_out]`` from the residual ``pre`` or from ``y``.
 
   Without a bias ``y = g ⊙ pre``, so ``Σ dy ⊙ pre / n = Σ dy ⊙ y / (g·n)`` and the
@@ -125,12 +125,21 @@ def magnitude_grad(dy, pre, y, g, inv_norm, recompute):
   stays outside the ``cond`` so XLA fuses it as usual. Under a ``vmap`` that
   batches the magnitude (stacked adapters) the ``cond`` becomes a ``select``
   and the recomputation runs every time: correct, one extra base matmul.
+
+  ``dy_y`` (``Σ_T dy ⊙ y``, already reduced) and ``recompute_flagged(tiny) ->
+  [d_out]`` (``Σ_T dy ⊙ pre`` in the flagged columns, 0 elsewhere; see
+  :mod:`dora_jax.kernels.flagged_columns`) replace the reduction and the
+  ``cond``: the kernel decides per column tile on the device.
   """
   acc = g.dtype
   if pre is not None:
     return jnp.sum(dy.astype(acc) * pre.astype(acc), axis=0) * inv_norm
   tiny = jnp.abs(g) < G_TINY
-  dm = jnp.sum(dy.astype(acc) * y.astype(acc), axis=0) * (inv_norm / jnp.where(tiny, 1.0, g))
+  if dy_y is None:
+    dy_y = jnp.sum(dy.astype(acc) * y.astype(acc), axis=0)
+  dm = dy_y * (inv_norm / jnp.where(tiny, 1.0, g))
+  if recompute_flagged is not None:
+    return jnp.where(tiny, recompute_flagged(tiny) * inv_norm, dm)
 
   def fix(dm, tiny, inv_norm):
     return jnp.where(tiny, recompute() * inv_norm, dm)
@@ -139,7 +148,8 @@ def magnitude_grad(dy, pre, y, g, inv_norm, recompute):
 
 
 def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
-                 wants: Wants, *, y=None, dx_matmul=None, scale_reduce=None) -> Grads:
+                 wants: Wants, *, y=None, dx_matmul=None, scale_reduce=None,
+                 recompute_flagged=None) -> Grads:
   """Cotangents of :func:`forward_xla` with the norm held constant (PEFT's detach).
 
   ``dpre = dy ⊙ g``; ``dx = dpre·Wᵀ + s·(dpre·bᵀ)·aᵀ``; ``db = s·hᵀ·dpre``;
@@ -152,17 +162,21 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   ``dx_matmul(dpre [T, d_out], ts [T, r]) -> dx [T, d_in]``, with ``ts = s·t`` in
   the activation dtype, replaces the two XLA matmuls of ``dx`` (the fused
   Pallas backward plugs in here); ``None`` keeps XLA's.
-  ``scale_reduce(dy, pre, g) -> (dpre, Σ_T dy ⊙ pre)`` computes ``dpre`` and
+  ``scale_reduce(dy, v, g) -> (dpre, Σ_T dy ⊙ v)`` computes ``dpre`` and
   the magnitude's reduction in one pass (:mod:`dora_jax.kernels.scale_reduce`)
-  when both are needed and ``pre`` is kept; ``None`` keeps XLA's two passes.
+  when both are needed, ``v`` being the kept ``pre`` or else the output ``y``;
+  ``None`` keeps XLA's two passes. ``recompute_flagged`` is passed to
+  :func:`magnitude_grad` (output-as-residual only).
   """
   cdt = dy.dtype
   acc = g.dtype
   need_t = wants.x or wants.lora_a or wants.scale
   need_dpre = need_t or wants.lora_b or wants.kernel
-  dy_pre = None
+  dy_pre = dy_y = None
   if scale_reduce is not None and need_dpre and wants.magnitude and pre is not None:
     dpre, dy_pre = scale_reduce(dy, pre, g)
+  elif scale_reduce is not None and need_dpre and wants.magnitude and y is not None:
+    dpre, dy_y = scale_reduce(dy, y, g)
   else:
     dpre = (dy.astype(acc) * g).astype(cdt) if need_dpre else None
   t = _dot_nt(dpre, lora_b.astype(cdt), acc) if need_t else None  # [T, r]
@@ -179,18 +193,19 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   if wants.lora_b:
     db = scale * _dot_t(h, dpre, acc)
   dm, ds, dbias = vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants,
-                               dy_pre=dy_pre)
+                               dy_pre=dy_pre, dy_y=dy_y, recompute_flagged=recompute_flagged)
   if wants.kernel:
     dkernel = _dot_t(x2, dpre, acc)
   return Grads(dx, dkernel, da, db, dm, ds, dbias)
 
 
 def vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants: Wants, *,
-                 dy_pre=None):
+                 dy_pre=None, dy_y=None, recompute_flagged=None):
   """``(dm, ds, dbias)`` (``None`` where not wanted): the reductions of the backward.
 
-  ``t = dpre·bᵀ [T, r]`` (float32) is needed only for ``ds``; ``dy_pre``, when
-  given, is ``Σ_T dy ⊙ pre`` already reduced.
+  ``t = dpre·bᵀ [T, r]`` (float32) is needed only for ``ds``; ``dy_pre`` /
+  ``dy_y``, when given, are ``Σ_T dy ⊙ pre`` / ``Σ_T dy ⊙ y`` already reduced;
+  ``recompute_flagged`` see :func:`magnitude_grad`.
   """
   acc = g.dtype
   dm = ds = dbias = None
@@ -198,7 +213,8 @@ def vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants
     dm = dy_pre * inv_norm
   elif wants.magnitude:
     dm = magnitude_grad(dy, pre, y, g, inv_norm,
-                        lambda: _dy_dot_pre(dy, x2, kernel, lora_b, h, scale, acc))
+                        lambda: _dy_dot_pre(dy, x2, kernel, lora_b, h, scale, acc),
+                        dy_y=dy_y, recompute_flagged=recompute_flagged)
   if wants.scale:
     ds = jnp.sum(h.astype(acc) * t)
   if wants.bias:

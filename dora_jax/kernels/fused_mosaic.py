@@ -23,7 +23,11 @@ Pallas/Triton; :data:`SCALE_REDUCE_KERNEL`), where XLA makes two; and, for
 fusable ranks, ``dx = dpre·Wᵀ + (s·t)·aᵀ`` is one Mosaic GEMM (:data:`DX_FUSED`:
 ``W`` read transposed, the LoRA term joining the accumulator as in the
 forward), where XLA needs cuBLAS, a low-rank GEMM writing ``[T, d_in]`` and an
-add pass. The alternative that never forms
+add pass. With the output as the ``dm`` residual (a private switch, off by
+default), zero-magnitude columns get ``Σ_T dy ⊙ pre`` from
+:mod:`dora_jax.kernels.flagged_columns` (``pre`` recomputed only in the column
+tiles that need it, decided on the device) instead of a host-synchronising
+``lax.cond`` (:data:`FLAGGED_KERNEL`). The alternative that never forms
 ``dpre`` — ``dx = (dy ⊙ g)·Wᵀ`` as one GEMM scaling each ``dy`` tile in registers
 (:func:`matmul_scaled_k`), ``t = dy·(b ⊙ g)ᵀ``, ``db = s·(hᵀ·dy) ⊙ g`` — is kept
 behind :data:`DX_KERNEL` (off): on an H100 the register scaling slows the GEMM
@@ -35,6 +39,8 @@ the kernel as XLA rounds ``dpre``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 
@@ -128,6 +134,19 @@ def _scale_reduce(dy, pre, g):
   return scale_reduce(dy, pre, g, interpret=interpret)
 
 
+#: Whether, with the output as the ``dm`` residual (``dense._OUTPUT_AS_RESIDUAL``),
+#: zero-magnitude columns get ``Σ_T dy ⊙ pre`` from a kernel that recomputes
+#: ``pre`` only in the column tiles holding one, decided on the device
+#: (:mod:`dora_jax.kernels.flagged_columns`), instead of XLA's ``lax.cond``,
+#: whose host-read predicate stalls the stream. Read at trace time.
+FLAGGED_KERNEL = True
+
+
+def _flagged(x2, kernel, hs, lora_b, dy, tiny):
+  from dora_jax.kernels.flagged_columns import flagged_dy_dot_pre  # noqa: PLC0415
+  return flagged_dy_dot_pre(x2, kernel, hs, lora_b, dy, tiny, interpret=default_interpret())
+
+
 #: Whether the backward computes ``dx = dpre·Wᵀ + (s·t)·aᵀ`` as one Mosaic GEMM
 #: (``W`` read transposed, the LoRA term fused as in the forward) where the
 #: rank is fusable and the tiles divide ``T``, ``d_in``, ``d_out``; otherwise
@@ -156,9 +175,14 @@ def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
                     wants: Wants, *, y=None) -> Grads:
   """Cotangents of :func:`forward_mosaic`, like :func:`dora_jax.compose.backward_xla`."""
   if not DX_KERNEL:
+    flagged = None
+    if pre is None and y is not None and FLAGGED_KERNEL:
+      flagged = functools.partial(_flagged, x2, kernel, (scale * h.astype(scale.dtype)).astype(
+          x2.dtype), lora_b, dy)
     return backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants, y=y,
                         dx_matmul=_dx_fused(x2, kernel, lora_a) if wants.x else None,
-                        scale_reduce=_scale_reduce if SCALE_REDUCE_KERNEL else None)
+                        scale_reduce=_scale_reduce if SCALE_REDUCE_KERNEL else None,
+                        recompute_flagged=flagged)
   cdt = dy.dtype
   acc = g.dtype
   need_t = wants.x or wants.lora_a or wants.scale
@@ -178,4 +202,4 @@ def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   return Grads(dx, dkernel, da, db, dm, ds, dbias)
 
 
-__all__ = ["DX_FUSED", "DX_KERNEL", "SCALE_REDUCE_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]
+__all__ = ["DX_FUSED", "DX_KERNEL", "FLAGGED_KERNEL", "SCALE_REDUCE_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]

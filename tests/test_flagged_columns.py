@@ -1,0 +1,77 @@
+"""The zero-magnitude kernel: ``Σ_T dy ⊙ pre`` for flagged columns, ``pre`` recomputed in-kernel.
+
+Interpret mode on the CPU (Triton lowering on a GPU) vs its ``jax.numpy`` twin
+(≤ 2e-6 of the largest column sum for float32, one rounding of ``pre`` apart
+for bf16/fp16: ≤ 2e-2) and vs float64, on shapes no block divides (ragged
+``T``, ``K``, ``N`` and rank), with no column, some columns and every column
+flagged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dora_jax.kernels import flagged_columns as fc
+
+GPU = jax.default_backend() == "gpu"
+SMALL = fc.FlaggedConfig(block_t=16, block_n=16, block_k=16, block_r=16)
+TOL_TWIN = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+TOL_F64 = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+
+
+def _inputs(key, tokens, k, n, rank, dtype):
+  ks = jax.random.split(key, 5)
+  x = jax.random.normal(ks[0], (tokens, k)).astype(dtype)
+  w = (jax.random.normal(ks[1], (k, n)) / np.sqrt(k)).astype(dtype)
+  hs = jax.random.normal(ks[2], (tokens, rank)).astype(dtype)
+  b = (0.3 * jax.random.normal(ks[3], (rank, n))).astype(dtype)
+  dy = jax.random.normal(ks[4], (tokens, n)).astype(dtype)
+  return x, w, hs, b, dy
+
+
+@pytest.mark.parametrize("dtype,tokens,k,n,rank", [
+    (jnp.float32, 37, 50, 70, 3), (jnp.bfloat16, 37, 50, 70, 3),
+    (jnp.bfloat16, 64, 96, 80, 20), (jnp.float16, 33, 40, 130, 1)])
+@pytest.mark.parametrize("which", ["some", "none", "all"])
+def test_flagged_dy_dot_pre_vs_twin_and_f64(fresh_key, dtype, tokens, k, n, rank, which):
+  x, w, hs, b, dy = _inputs(fresh_key(), tokens, k, n, rank, dtype)
+  flags = {"some": jnp.zeros(n, bool).at[jnp.array([0, 17, n - 1])].set(True),
+           "none": jnp.zeros(n, bool), "all": jnp.ones(n, bool)}[which]
+  got = jax.jit(lambda *a: fc.flagged_dy_dot_pre(*a, config=SMALL, interpret=not GPU))(
+      x, w, hs, b, dy, flags)
+  assert got.shape == (n,) and got.dtype == jnp.float32
+  f64 = np.sum(np.asarray(dy, np.float64) * (np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+                                             + np.asarray(hs, np.float64)
+                                             @ np.asarray(b, np.float64)), axis=0)
+  f64 = np.where(np.asarray(flags), f64, 0.0)
+  got = np.asarray(got, np.float64)
+  assert np.all(got[~np.asarray(flags)] == 0.0)
+  if which == "none":
+    return
+  scale = np.max(np.abs(f64))
+  twin = np.asarray(fc.flagged_dy_dot_pre_reference(x, w, hs, b, dy, flags), np.float64)
+  assert np.max(np.abs(got - twin)) <= TOL_TWIN[dtype] * scale
+  assert np.max(np.abs(got - f64)) <= TOL_F64[dtype] * scale
+
+
+def test_flagged_dy_dot_pre_rejects_bad_shapes():
+  x, w, hs, b, dy = _inputs(jax.random.key(0), 8, 16, 24, 2, jnp.float32)
+  with pytest.raises(ValueError, match=r"flags \(23,\)"):
+    fc.flagged_dy_dot_pre(x, w, hs, b, dy, jnp.zeros(23, bool))
+  with pytest.raises(ValueError, match=r"lora_b \(3, 24\)"):
+    fc.flagged_dy_dot_pre(x, w, hs, jnp.zeros((3, 24)), dy, jnp.zeros(24, bool))
+
+
+@pytest.mark.gpu
+def test_gpu_flagged_dy_dot_pre_at_a_projection_shape(fresh_key):
+  if not GPU:
+    pytest.skip("needs a GPU")
+  x, w, hs, b, dy = _inputs(fresh_key(), 2048, 1024 + 32, 4096 + 96, 16, jnp.bfloat16)
+  flags = jnp.zeros(4096 + 96, bool).at[jnp.array([3, 2000, 4191])].set(True)
+  got = np.asarray(jax.jit(fc.flagged_dy_dot_pre)(x, w, hs, b, dy, flags), np.float64)
+  twin = np.asarray(fc.flagged_dy_dot_pre_reference(x, w, hs, b, dy, flags), np.float64)
+  assert np.all(got[~np.asarray(flags)] == 0.0)
+  assert np.max(np.abs(got - twin)) <= 2e-2 * np.max(np.abs(twin))

@@ -7,9 +7,9 @@ For each configuration (bf16, T = 4096, no bias, s = 2) and each step
 function (value and gradients of ``Σ y ⊙ cot`` w.r.t. x, a, b[, m]):
 
   lora                plain JAX LoRA
-  dora_<backend>      dora_jax.dora_dense(backend=...) with ‖W‖² cached
-  dora_<backend>_y    the same keeping the output ``y`` (not ``pre``) as the dm
-                      residual (the private A/B switch)
+  dora_<backend>      dora_jax.dora_dense(backend=...) with ‖W‖² cached, keeping
+                      ``pre`` as the dm residual (the default of "xla")
+  dora_<backend>_y    the same keeping the output ``y`` (the default of "mosaic")
   dora_<backend>_nonorm  the same with the norm passed in (no norm work in the step)
   dora_mosaic_xla_prologue  mosaic with XLA's two passes for dpre and dm
                       (fused_mosaic.SCALE_REDUCE_KERNEL off)
@@ -170,6 +170,8 @@ def main():
                       "HLO to write to OUT/hlo_<name>_<d_in>x<d_out>_r<r>.txt")
   parser.add_argument("--shapes", default="", help="d_inxd_outxr,... (default: the three)")
   parser.add_argument("--norm-only", action="store_true", help="profile the norm variants only")
+  parser.add_argument("--steps", default="", help="comma-separated step names (default: all)")
+  parser.add_argument("--no-norm", action="store_true", help="skip the norm variants")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   if args.smoke:
@@ -195,7 +197,8 @@ def main():
     sets = [(jax.random.normal(ks[4 + i], (tokens, d_in)).astype(dtype), a, b, m, w, w_sq, norm,
              jax.random.normal(ks[8 + i], (tokens, d_out)).astype(dtype)) for i in range(3)]
     entry = dict(d_in=d_in, d_out=d_out, rank=r, tokens=tokens, steps={}, norm_ms={})
-    for name, fn in ({} if args.norm_only else steps).items():
+    chosen = {k: v for k, v in steps.items() if not args.steps or k in args.steps.split(",")}
+    for name, fn in ({} if args.norm_only else chosen).items():
       try:
         ms = harness.time_jitted(fn, sets, **kw)
         prof = kernel_profile(fn, sets)
@@ -219,7 +222,7 @@ def main():
       if d_in % pieces == 0:
         norm_fns[f"cross_split{pieces}"] = jax.jit(lambda w, a, b, q, p=pieces: cross_split(a, w, p))
     w_sets = [(w, a, b, w_sq)] + [((w + 0.0 * i).astype(dtype), a, b, w_sq) for i in (1, 2)]
-    for name, fn in norm_fns.items():
+    for name, fn in ({} if args.no_norm else norm_fns).items():
       prof = kernel_profile(fn, w_sets, steps=10)
       entry["norm_ms"][name] = dict(ms=harness.time_jitted(fn, w_sets, **kw),
                                     kernel_us=prof.get("kernel_us_per_step"),

@@ -8,9 +8,10 @@ layout. For ``x [..., d_in]``::
   y = g ⊙ (x·W + s·(x·a)·b) + bias           [..., d_out], x's dtype
 
 The backward is a ``jax.custom_vjp`` that keeps as residuals only ``x``,
-``h = x·a [T, r]``, one ``[T, d_out]`` activation (``pre = x·W + s·h·b``, only
-when the magnitude is differentiated) and two ``[d_out]`` float32 vectors, and
-that skips every cotangent nobody asked for
+``h = x·a [T, r]``, one ``[T, d_out]`` activation when the magnitude is
+differentiated (``pre = x·W + s·h·b``; on the ``"mosaic"`` backend without a
+bias, the output ``y`` itself, which a network's next layer holds anyway) and
+two ``[d_out]`` float32 vectors, and that skips every cotangent nobody asked for
 (the frozen kernel's ``xᵀ·dpre`` in particular is never computed unless the
 kernel itself is differentiated).
 """
@@ -71,13 +72,23 @@ def _scale_vectors(magnitude, norm, acc):
 
 
 #: Whether a bias-free call keeps its output ``y`` (rather than ``pre``) as the
-#: ``dm`` residual. Read at trace time; private, for A/B benchmarks
-#: (``benchmarks/step_profile.py``). Off: recovering ``pre = y / g`` needs a
-#: ``lax.cond`` for zero magnitudes (:func:`dora_jax.compose.magnitude_grad`),
-#: and XLA's GPU runtime reads a ``cond``'s predicate on the host, stalling the
-#: stream once per layer and step (H100: 0.670 vs 0.634 ms for a 4096×4096
-#: r = 16 step, 1.746 vs 1.668 ms at 4096×14336; benchmarks/KERNELS.md).
-_OUTPUT_AS_RESIDUAL = False
+#: ``dm`` residual: ``None`` (the default) per backend, ``True``/``False`` force
+#: it (private, for A/B benchmarks: ``benchmarks/step_profile.py``; read at
+#: trace time). Recovering ``pre = y / g`` needs zero magnitudes handled apart:
+#: the ``"mosaic"`` backend does it on the device
+#: (:mod:`dora_jax.kernels.flagged_columns`) and keeps ``y`` — no ``pre``
+#: store, one ``[T, d_out]`` buffer less (H100, r = 16: 1.717 vs 1.801 ms at
+#: 4096×14336, 0.556 vs 0.552 at 4096×4096; BENCHMARKS.md); the others would
+#: need a ``lax.cond`` (:func:`dora_jax.compose.magnitude_grad`), whose
+#: predicate XLA's GPU runtime reads on the host, stalling the stream once per
+#: layer and step, so they keep ``pre``.
+_OUTPUT_AS_RESIDUAL: bool | None = None
+
+
+def _keeps_output(impl: str) -> bool:
+  if _OUTPUT_AS_RESIDUAL is not None:
+    return _OUTPUT_AS_RESIDUAL
+  return impl == "mosaic"
 
 
 def _implementation(impl: str):
@@ -123,7 +134,7 @@ def _core_fwd(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   # dm needs pre. Optionally (private A/B switch) a bias-free call keeps the
   # output instead and recovers pre = y / g; float16 always keeps pre, whose
   # range y = g ⊙ pre could leave.
-  keep_y = (_OUTPUT_AS_RESIDUAL and wants.magnitude and bias is None
+  keep_y = (_keeps_output(cfg.impl) and wants.magnitude and bias is None
             and x2.dtype != jnp.float16)
   with cfg.scope():
     y, pre, h = forward(x2, kernel, lora_a, lora_b, g, scale, bias,

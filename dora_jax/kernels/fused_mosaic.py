@@ -23,8 +23,9 @@ Pallas/Triton; :data:`SCALE_REDUCE_KERNEL`), where XLA makes two; and, for
 fusable ranks, ``dx = dpre·Wᵀ + (s·t)·aᵀ`` is one Mosaic GEMM (:data:`DX_FUSED`:
 ``W`` read transposed, the LoRA term joining the accumulator as in the
 forward), where XLA needs cuBLAS, a low-rank GEMM writing ``[T, d_in]`` and an
-add pass. With the output as the ``dm`` residual (a private switch, off by
-default), zero-magnitude columns get ``Σ_T dy ⊙ pre`` from
+add pass. The output ``y`` is the ``dm`` residual here (no bias; see
+``dora_jax.dense._OUTPUT_AS_RESIDUAL``): ``Σ_T dy ⊙ y`` comes from the same
+one-pass kernel and zero-magnitude columns get ``Σ_T dy ⊙ pre`` from
 :mod:`dora_jax.kernels.flagged_columns` (``pre`` recomputed only in the column
 tiles that need it, decided on the device) instead of a host-synchronising
 ``lax.cond`` (:data:`FLAGGED_KERNEL`). The alternative that never forms

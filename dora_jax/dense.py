@@ -131,9 +131,9 @@ def _core_fwd(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   bias = None if bias is None else bias.value
   g, inv_norm = _scale_vectors(magnitude, norm, scale.dtype)
   forward, _ = _implementation(cfg.impl)
-  # dm needs pre. Optionally (private A/B switch) a bias-free call keeps the
-  # output instead and recovers pre = y / g; float16 always keeps pre, whose
-  # range y = g ⊙ pre could leave.
+  # dm needs pre. A bias-free call on the mosaic backend (or as the private
+  # A/B switch says) keeps the output instead and recovers pre = y / g;
+  # float16 always keeps pre, whose range y = g ⊙ pre could leave.
   keep_y = (_keeps_output(cfg.impl) and wants.magnitude and bias is None
             and x2.dtype != jnp.float16)
   with cfg.scope():

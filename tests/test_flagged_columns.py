@@ -63,6 +63,12 @@ def test_flagged_dy_dot_pre_rejects_bad_shapes():
     fc.flagged_dy_dot_pre(x, w, hs, b, dy, jnp.zeros(23, bool))
   with pytest.raises(ValueError, match=r"lora_b \(3, 24\)"):
     fc.flagged_dy_dot_pre(x, w, hs, jnp.zeros((3, 24)), dy, jnp.zeros(24, bool))
+  with pytest.raises(ValueError, match="x2 must be 2-D"):
+    fc.flagged_dy_dot_pre(x[None], w, hs, b, dy, jnp.zeros(24, bool))
+  with pytest.raises(ValueError, match="flags must be a 1-D bool"):
+    fc.flagged_dy_dot_pre(x, w, hs, b, dy, jnp.zeros(24, jnp.int32))
+  with pytest.raises(TypeError, match="dy must have a floating dtype"):
+    fc.flagged_dy_dot_pre(x, w, hs, b, dy.astype(jnp.int32), jnp.zeros(24, bool))
 
 
 @pytest.mark.gpu

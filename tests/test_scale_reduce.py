@@ -60,6 +60,8 @@ def test_scale_reduce_rejects_bad_shapes():
     sr.scale_reduce(dy, dy, jnp.ones(15))
   with pytest.raises(ValueError, match=r"pre \(8, 8\)"):
     sr.scale_reduce(dy, dy[:, :8], jnp.ones(16))
+  with pytest.raises(TypeError, match="scale_reduce: dy must have a floating dtype"):
+    sr.scale_reduce(dy.astype(jnp.int32), dy, jnp.ones(16))
 
 
 @pytest.mark.gpu

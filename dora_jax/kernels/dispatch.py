@@ -55,7 +55,8 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   * ``"mosaic"`` (Hopper): when the kernels fuse the LoRA term (``rank`` 16 or
     32, :func:`~dora_jax.kernels.scaled_matmul.fusable_rank`), their tiles
     divide the shape and ``tokens >= MOSAIC_MIN_TOKENS``. Measured on an H100
-    (benchmarks/KERNELS.md, "Mosaic GPU"; benchmarks/step_profile.py), r = 16,
+    (jax 0.11.2, commit 3e8d62b, ``benchmarks/step_profile.py``; BENCHMARKS.md,
+    "Per-kernel step profile"), r = 16,
     forward+backward: 1.01× / 1.05× / 1.06× of JAX LoRA's step at 4096×4096 /
     4096×14336 / 8192×28672, against 1.20× / 1.07× / 1.08× for XLA's DoRA. At
     r = 64/384 (the LoRA term summed by XLA) it is not picked.

@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from dora_jax._checks import check_float
 from dora_jax.kernels._common import cdiv, next_pow2, resolve_interpret
 from dora_jax.kernels.dual_matmul import _load_1d, _load_2d, _store_2d
 
@@ -103,6 +104,14 @@ def flagged_dy_dot_pre(x2: jax.Array, kernel: jax.Array, hs: jax.Array, lora_b: 
     config: tiling (default :class:`FlaggedConfig`, shrunk to small shapes).
     interpret: interpret mode (``None``: off the GPU).
   """
+  operands = (("x2", x2), ("kernel", kernel), ("hs", hs), ("lora_b", lora_b), ("dy", dy))
+  for name, value in operands:
+    check_float(f"flagged_dy_dot_pre: {name}", value)
+    if value.ndim != 2:
+      raise ValueError(f"flagged_dy_dot_pre: {name} must be 2-D, got shape {value.shape}")
+  if flags.ndim != 1 or flags.dtype != jnp.bool_:
+    raise ValueError(f"flagged_dy_dot_pre: flags must be a 1-D bool array [N], got "
+                     f"{flags.dtype}{list(flags.shape)}")
   tokens, k_dim = x2.shape
   n = kernel.shape[1]
   rank = hs.shape[1]

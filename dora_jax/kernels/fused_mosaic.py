@@ -119,10 +119,12 @@ DX_KERNEL = False
 SCALE_REDUCE_KERNEL = True
 
 
-#: Widest ``d_out`` given to the one-pass kernel. Measured (H200, T = 4096,
-#: benchmarks/scale_reduce.py): 31 µs vs XLA's 83 µs at d_out = 4096, where XLA
-#: makes two passes; at 14336 and 28672 XLA fuses both into one pass itself and
-#: ties or wins (111 vs 95, 173 vs 189 µs).
+#: Widest ``d_out`` given to the one-pass kernel. Measured alone (H200, T =
+#: 4096, benchmarks/scale_reduce.py, default tiling): kernel 31 µs vs XLA's
+#: 83 µs at d_out = 4096 (XLA makes two passes there), 95 vs 111 µs at 14336,
+#: 189 vs 173 µs at 28672 (XLA fuses both into one pass itself at these widths,
+#: also inside the H100 training step). Between 8192 and 28672 the limit is
+#: not tuned: 14336 may gain from the kernel, unmeasured inside a step.
 SCALE_REDUCE_MAX_WIDTH = 8192
 
 

@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from dora_jax._checks import check_float
 from dora_jax.kernels._common import cdiv, next_pow2, resolve_interpret
 from dora_jax.kernels.dual_matmul import _load_1d, _load_2d, _store_2d
 
@@ -79,6 +80,8 @@ def scale_reduce(dy: jax.Array, pre: jax.Array, g: jax.Array, *,
     config: tiling (default :class:`ScaleReduceConfig`).
     interpret: run the kernel in interpret mode (``None``: off the GPU).
   """
+  for name, value in (("dy", dy), ("pre", pre), ("g", g)):
+    check_float(f"scale_reduce: {name}", value)
   for name, value in (("dy", dy), ("pre", pre)):
     if value.ndim != 2:
       raise ValueError(f"scale_reduce: {name} must be 2-D [T, N], got shape {value.shape}")

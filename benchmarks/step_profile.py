@@ -11,9 +11,15 @@ function (value and gradients of ``Σ y ⊙ cot`` w.r.t. x, a, b[, m]):
                       ``pre`` as the dm residual (the default of "xla")
   dora_<backend>_y    the same keeping the output ``y`` (the default of "mosaic")
   dora_<backend>_nonorm  the same with the norm passed in (no norm work in the step)
+  dora_<backend>_factored_norm  the backend's defaults with the factored norm
+                      (XLA) instead of the one-pass norm kernel (dispatch.NORM_KERNEL off)
   dora_mosaic_xla_prologue  mosaic with XLA's two passes for dpre and dm
                       (fused_mosaic.SCALE_REDUCE_KERNEL off)
-  dora_mosaic_xla_dx  mosaic with cuBLAS/XLA's dx (fused_mosaic.DX_FUSED off)
+  dora_mosaic_xla_dx  mosaic with cuBLAS/XLA's dx and its add pass
+                      (fused_mosaic.DX_FUSED and DX_ADDEND off)
+  dora_mosaic_y_xla_dx     the same keeping ``y``
+  dora_mosaic_y_addend_dx  mosaic_y with dx as cuBLAS + its addend (DX_FUSED off;
+                      what non-fusable ranks get)
   dora_mosaic_y_cond  mosaic_y with XLA's lax.cond for zero magnitudes
                       (fused_mosaic.FLAGGED_KERNEL off; mosaic_y uses the
                       flagged-columns kernel)
@@ -70,9 +76,9 @@ def step_functions(backends):
   def with_switches(step, switches):
     """``step`` traced with the private switches set (the forward reads some,
     the backward, traced after the loss returns, others)."""
-    from dora_jax.kernels import fused_mosaic  # noqa: PLC0415
-    owners = {k: dora_jax.dense if k == "_OUTPUT_AS_RESIDUAL" else fused_mosaic
-              for k in switches}
+    from dora_jax.kernels import dispatch, fused_mosaic  # noqa: PLC0415
+    owners = {k: dora_jax.dense if k == "_OUTPUT_AS_RESIDUAL" else
+              dispatch if k == "NORM_KERNEL" else fused_mosaic for k in switches}
 
     def run(*args):
       saved = {k: getattr(owners[k], k) for k in switches}
@@ -90,10 +96,16 @@ def step_functions(backends):
     fns[f"dora_{backend}"] = dora_loss(backend, False, False)
     fns[f"dora_{backend}_y"] = dora_loss(backend, True, False)
     fns[f"dora_{backend}_nonorm"] = dora_loss(backend, False, True)
+    if backend != "xla":
+      fns[f"dora_{backend}_factored_norm"] = dora_loss(backend, None, False, NORM_KERNEL=False)
     if backend == "mosaic":
       fns["dora_mosaic_xla_prologue"] = dora_loss(backend, False, False,
                                                   SCALE_REDUCE_KERNEL=False)
-      fns["dora_mosaic_xla_dx"] = dora_loss(backend, False, False, DX_FUSED=False)
+      fns["dora_mosaic_xla_dx"] = dora_loss(backend, False, False, DX_FUSED=False,
+                                            DX_ADDEND=False)
+      fns["dora_mosaic_y_xla_dx"] = dora_loss(backend, True, False, DX_FUSED=False,
+                                              DX_ADDEND=False)
+      fns["dora_mosaic_y_addend_dx"] = dora_loss(backend, True, False, DX_FUSED=False)
       fns["dora_mosaic_y_cond"] = dora_loss(backend, True, False, FLAGGED_KERNEL=False)
   return {k: jax.jit(with_switches(jax.value_and_grad(f, argnums=(0, 1, 2, 3)),
                                    getattr(f, "switches", {}))) for k, f in fns.items()}

@@ -172,10 +172,11 @@ _dora_core = jax.custom_vjp(_core, nondiff_argnums=(0,))
 _dora_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
 
 
-def _resolve(backend: str | None, x2, kernel, lora_a, *others) -> str:
+def _resolve(backend: str | None, x2, kernel, lora_a, *others) -> tuple[str, bool]:
+  """``(implementation, whether the norm may use its kernel)``."""
   choice = backend_lib.check_backend(backend)
   if choice == "xla":
-    return choice
+    return choice, False
   from dora_jax.kernels import dispatch
   requested = choice != "auto"
   if choice == "auto":
@@ -183,7 +184,21 @@ def _resolve(backend: str | None, x2, kernel, lora_a, *others) -> str:
   elif choice == "mosaic":
     choice = dispatch.mosaic_or_xla(x2.shape[0], kernel.shape, x2.dtype)
   # Pallas is not partitioned by GSPMD: the XLA path under a mesh (logged once).
-  return dispatch.unpartitioned(choice, x2, kernel, lora_a, *others, requested=requested)
+  impl = dispatch.unpartitioned(choice, x2, kernel, lora_a, *others, requested=requested)
+  return impl, dispatch.norm_kernel_allowed(impl, not requested, kernel, lora_a, *others)
+
+
+def _weight_norm(use_kernel: bool, kernel, lora_a, lora_b, scale, base_sq_norm):
+  """DoRA's norm ``[d_out]``: the one-pass kernel
+  (:mod:`dora_jax.kernels.column_norm`) where allowed and its dtypes fit, else
+  :func:`factored_norm` (with the cached ``‖W‖²`` if given)."""
+  if use_kernel:
+    from dora_jax.kernels import column_norm
+    if column_norm.supported(kernel, lora_a, lora_b):
+      return column_norm.column_norm(kernel, lora_a, lora_b, scale)
+  return factored_norm(kernel, lora_a, lora_b, scale,
+                       base_sq_norm=None if base_sq_norm is None
+                       else lax.stop_gradient(base_sq_norm))
 
 
 def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
@@ -233,17 +248,15 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
   """
   dims = check_dora_args(x, kernel, lora_a, lora_b, magnitude, scale, bias)
   acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, dims.d_in)
+  impl, norm_kernel = _resolve(backend, x2, kernel, lora_a, lora_b, magnitude, bias)
   if norm is None:
-    norm = factored_norm(kernel, lora_a, lora_b, scale,
-                         base_sq_norm=None if base_sq_norm is None
-                         else lax.stop_gradient(base_sq_norm))
+    norm = _weight_norm(norm_kernel, kernel, lora_a, lora_b, scale, base_sq_norm)
   else:
     check_vector("norm", norm, dims.d_out)
   norm = lax.stop_gradient(norm.astype(acc))
   scale = jnp.asarray(scale, acc)
-  lead = x.shape[:-1]
-  x2 = x.reshape(-1, dims.d_in)
-  impl = _resolve(backend, x2, kernel, lora_a, lora_b, magnitude, bias)
   y2 = _dora_core(_Config(impl, precision_name(precision)), x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
   return y2.reshape(*lead, dims.d_out)
 

@@ -378,11 +378,15 @@ def test_backward_kernels_are_used_only_where_they_run(monkeypatch):
   bf16 = jnp.bfloat16
   x = jnp.zeros((4096, 4096), bf16)
   w = jnp.zeros((4096, 14336), bf16)
-  assert callable(fused_mosaic._dx_fused(x, w, jnp.zeros((4096, 16), bf16)))
-  assert fused_mosaic._dx_fused(x, w, jnp.zeros((4096, 64), bf16)) is None   # rank
-  assert fused_mosaic._dx_fused(x[:4000], w, jnp.zeros((4096, 16), bf16)) is None  # T
+  name = lambda rank, rows=4096: getattr(  # noqa: E731
+      fused_mosaic._dx_fused(x[:rows], w, jnp.zeros((4096, rank), bf16)), "__name__", None)
+  assert name(16) == "dx_matmul"            # the fused Mosaic GEMM
+  assert name(64) == "dx_addend"            # rank not fusable: cuBLAS with the addend
+  assert name(16, rows=4000) == "dx_addend"  # T not tiled
   monkeypatch.setattr(fused_mosaic, "DX_FUSED", False)
-  assert fused_mosaic._dx_fused(x, w, jnp.zeros((4096, 16), bf16)) is None
+  assert name(16) == "dx_addend"
+  monkeypatch.setattr(fused_mosaic, "DX_ADDEND", False)
+  assert name(16) is None and name(64) is None   # XLA's float32 sum
 
   def traced(width):
     dy = jax.ShapeDtypeStruct((256, width), bf16)

@@ -77,6 +77,27 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   return "xla"
 
 
+#: Whether ``dora_dense`` may compute its norm with the one-pass kernel
+#: (:mod:`dora_jax.kernels.column_norm`) instead of :func:`dora_jax.factored_norm`
+#: (private, for A/B benchmarks; read at trace time).
+NORM_KERNEL = True
+
+
+def norm_kernel_allowed(impl: str, auto: bool, *arrays) -> bool:
+  """Whether a call's norm may run :mod:`dora_jax.kernels.column_norm`.
+
+  With ``backend="pallas"`` or ``"mosaic"`` (``impl`` a kernel backend) it does,
+  on the GPU or in interpret mode; under ``"auto"`` whenever the default
+  device is a CUDA GPU and the arrays are not split across devices, whatever
+  ``impl`` the layer's GEMMs got; never with ``backend="xla"``.
+  """
+  if not NORM_KERNEL:
+    return False
+  if impl in ("pallas", "mosaic"):
+    return True
+  return auto and on_cuda_gpu() and partitioned_reason(*arrays) is None
+
+
 def on_hopper() -> bool:
   """Whether the default device is a CUDA GPU of compute capability 9.x (wgmma, TMA)."""
   if not on_cuda_gpu():

@@ -157,21 +157,30 @@ def _flagged(x2, kernel, hs, lora_b, dy, tiny):
 DX_FUSED = True
 
 
+#: Where the fused ``dx`` GEMM cannot run (other ranks, other shapes, interpret
+#: mode): whether ``dx = dpre·Wᵀ + (s·t)·aᵀ`` is summed in the activation dtype,
+#: so that XLA can hand the low-rank product to cuBLAS as the addend of
+#: ``dpre·Wᵀ`` (beta = 1, no add pass), instead of XLA's float32 sum of the two
+#: rounded products (one more ``[T, d_in]`` pass). Read at trace time.
+DX_ADDEND = True
+
+
 def _dx_fused(x2, kernel, lora_a):
-  """``dx_matmul`` for :func:`dora_jax.compose.backward_xla`, or ``None`` where
-  the fused ``dx`` GEMM cannot run."""
+  """``dx_matmul`` for :func:`dora_jax.compose.backward_xla`, or ``None`` for XLA's."""
   tokens, d_in = x2.shape
-  if (not DX_FUSED or default_interpret() or not fusable_rank(lora_a.shape[1])
-      or not supported(tokens, d_in, kernel.shape[1], FUSED_TILES)):
-    return None
   cdt = x2.dtype
-
-  def dx_matmul(dpre, ts):
-    ones = jnp.ones((d_in,), jnp.float32)
-    return scaled_matmul(dpre, kernel.astype(cdt), ones, (ts, lora_a.T.astype(cdt)),
-                         trans_w=True)
-
-  return dx_matmul
+  if (DX_FUSED and not default_interpret() and fusable_rank(lora_a.shape[1])
+      and supported(tokens, d_in, kernel.shape[1], FUSED_TILES)):
+    def dx_matmul(dpre, ts):
+      ones = jnp.ones((d_in,), jnp.float32)
+      return scaled_matmul(dpre, kernel.astype(cdt), ones, (ts, lora_a.T.astype(cdt)),
+                           trans_w=True)
+    return dx_matmul
+  if DX_ADDEND:
+    def dx_addend(dpre, ts):
+      return _dot_nt(ts, lora_a.astype(cdt)) + _dot_nt(dpre, kernel.astype(cdt))
+    return dx_addend
+  return None
 
 
 def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
@@ -205,4 +214,4 @@ def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   return Grads(dx, dkernel, da, db, dm, ds, dbias)
 
 
-__all__ = ["DX_FUSED", "DX_KERNEL", "FLAGGED_KERNEL", "SCALE_REDUCE_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]
+__all__ = ["DX_ADDEND", "DX_FUSED", "DX_KERNEL", "FLAGGED_KERNEL", "SCALE_REDUCE_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]

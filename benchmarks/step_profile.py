@@ -16,10 +16,10 @@ function (value and gradients of ``Σ y ⊙ cot`` w.r.t. x, a, b[, m]):
   dora_mosaic_xla_prologue  mosaic with XLA's two passes for dpre and dm
                       (fused_mosaic.SCALE_REDUCE_KERNEL off)
   dora_mosaic_xla_dx  mosaic with cuBLAS/XLA's dx and its add pass
-                      (fused_mosaic.DX_FUSED and DX_ADDEND off)
+                      (fused_mosaic.DX_FUSED off)
   dora_mosaic_y_xla_dx     the same keeping ``y``
-  dora_mosaic_y_addend_dx  mosaic_y with dx as cuBLAS + its addend (DX_FUSED off;
-                      what non-fusable ranks get)
+  dora_mosaic_y_no_addend  mosaic_y with XLA's sums of the low-rank products
+                      at ranks the kernel cannot fuse (fused_mosaic.ADDEND_KERNEL off)
   dora_mosaic_y_cond  mosaic_y with XLA's lax.cond for zero magnitudes
                       (fused_mosaic.FLAGGED_KERNEL off; mosaic_y uses the
                       flagged-columns kernel)
@@ -101,11 +101,9 @@ def step_functions(backends):
     if backend == "mosaic":
       fns["dora_mosaic_xla_prologue"] = dora_loss(backend, False, False,
                                                   SCALE_REDUCE_KERNEL=False)
-      fns["dora_mosaic_xla_dx"] = dora_loss(backend, False, False, DX_FUSED=False,
-                                            DX_ADDEND=False)
-      fns["dora_mosaic_y_xla_dx"] = dora_loss(backend, True, False, DX_FUSED=False,
-                                              DX_ADDEND=False)
-      fns["dora_mosaic_y_addend_dx"] = dora_loss(backend, True, False, DX_FUSED=False)
+      fns["dora_mosaic_xla_dx"] = dora_loss(backend, False, False, DX_FUSED=False)
+      fns["dora_mosaic_y_xla_dx"] = dora_loss(backend, True, False, DX_FUSED=False)
+      fns["dora_mosaic_y_no_addend"] = dora_loss(backend, True, False, ADDEND_KERNEL=False)
       fns["dora_mosaic_y_cond"] = dora_loss(backend, True, False, FLAGGED_KERNEL=False)
   return {k: jax.jit(with_switches(jax.value_and_grad(f, argnums=(0, 1, 2, 3)),
                                    getattr(f, "switches", {}))) for k, f in fns.items()}

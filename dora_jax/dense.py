@@ -172,8 +172,9 @@ _dora_core = jax.custom_vjp(_core, nondiff_argnums=(0,))
 _dora_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
 
 
-def _resolve(backend: str | None, x2, kernel, lora_a, *others) -> tuple[str, bool]:
-  """``(implementation, whether the norm may use its kernel)``."""
+def _resolve(backend: str | None, x2, kernel, lora_a, *others,
+             cached: bool = False) -> tuple[str, bool]:
+  """``(implementation, whether the norm uses its kernel)``; ``cached``: ``‖W‖²`` is given."""
   choice = backend_lib.check_backend(backend)
   if choice == "xla":
     return choice, False
@@ -185,7 +186,8 @@ def _resolve(backend: str | None, x2, kernel, lora_a, *others) -> tuple[str, boo
     choice = dispatch.mosaic_or_xla(x2.shape[0], kernel.shape, x2.dtype)
   # Pallas is not partitioned by GSPMD: the XLA path under a mesh (logged once).
   impl = dispatch.unpartitioned(choice, x2, kernel, lora_a, *others, requested=requested)
-  return impl, dispatch.norm_kernel_allowed(impl, not requested, kernel, lora_a, *others)
+  return impl, dispatch.norm_kernel_allowed(impl, not requested, kernel.shape, lora_a.shape[1],
+                                            cached, kernel, lora_a, *others)
 
 
 def _weight_norm(use_kernel: bool, kernel, lora_a, lora_b, scale, base_sq_norm):
@@ -222,7 +224,10 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
     base_sq_norm: optional ``column_sq_norm(kernel)`` ``[d_out]``. The kernel is
       frozen, so its column norms can be computed once (the layers do after
       :func:`dora_jax.cache_base_norms` / :func:`dora_jax.linen.cache_base_norms`)
-      instead of re-reading the whole kernel every call. Ignored when ``norm`` is given.
+      instead of re-reading the whole kernel every call. Ignored when ``norm`` is given
+      and where the norm comes from the one-pass kernel
+      (:mod:`dora_jax.kernels.column_norm`, which needs no ``‖W‖²``; see
+      :func:`dora_jax.kernels.dispatch.norm_kernel_allowed`).
     precision: matmul precision of the layer's matmuls, forward and backward
       (``None``, a ``jax.lax.Precision`` or ``"default"``/``"high"``/``"highest"``,
       as Flax's ``precision``); ``None`` follows ``jax.default_matmul_precision``.
@@ -250,7 +255,8 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
   acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, dims.d_in)
-  impl, norm_kernel = _resolve(backend, x2, kernel, lora_a, lora_b, magnitude, bias)
+  impl, norm_kernel = _resolve(backend, x2, kernel, lora_a, lora_b, magnitude, bias,
+                               cached=base_sq_norm is not None)
   if norm is None:
     norm = _weight_norm(norm_kernel, kernel, lora_a, lora_b, scale, base_sq_norm)
   else:

@@ -104,6 +104,33 @@ def test_scaled_matmul_with_transposed_w(fresh_key, mnk):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("mnk,trans_w", [((384, 384, 96), False), ((128, 640, 160), True)])
+def test_scaled_matmul_with_addend(fresh_key, dtype, mnk, trans_w):
+  """``addend``: added to the accumulator before the scale, its buffer staging
+  the store (several tiles per warpgroup, so the buffer is reused)."""
+  m, n, k = mnk
+  x, w, g, _ = _mats(fresh_key(), m, n, k, dtype)
+  add = (2.0 * jax.random.normal(fresh_key(), (m, n))).astype(dtype)
+  wk = jnp.asarray(w.T) if trans_w else w
+  out = jax.jit(lambda *a: sm.scaled_matmul(*a[:3], addend=a[3], trans_w=trans_w, tiles=FWD,
+                                            interpret=INTERPRET))(x, wk, g, add)
+  assert out.shape == (m, n) and out.dtype == dtype
+  f64 = (reference.f64(x) @ reference.f64(w) + reference.f64(add)) * reference.f64(g)
+  assert rel(out, sm.scaled_matmul_reference(x, wk, g, addend=add, trans_w=trans_w)) <= 4e-3
+  assert rel(out, f64) <= TOL_F64[dtype]
+  assert rel(out, sm.scaled_matmul_reference(x, wk, g, trans_w=trans_w)) > 0.3  # really added
+  # under vmap over rows the addend folds into M with x
+  outs = jax.jit(jax.vmap(lambda xi, ai: sm.scaled_matmul(
+      xi, wk, g, addend=ai, trans_w=trans_w, tiles=FWD, interpret=INTERPRET)))(
+          jnp.stack([x, -x]), jnp.stack([add, -add]))
+  assert rel(outs[1], -out.astype(jnp.float32)) <= 4e-3
+  with pytest.raises(ValueError, match=r"addend \(.*\) must be \[M, N\]"):
+    sm.scaled_matmul(x, wk, g, addend=add[:, :-64], trans_w=trans_w, tiles=FWD, interpret=True)
+  with pytest.raises(ValueError, match="cannot be combined"):
+    sm.scaled_matmul(x, wk, g, addend=add, with_unscaled=True, tiles=FWD, interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("mnk", [(384, 192, 96), (128, 320, 160)])
 def test_matmul_scaled_k_vs_twin_and_f64(fresh_key, dtype, mnk):
   m, n, k = mnk
@@ -197,9 +224,9 @@ def test_scaled_matmul_under_vmap(fresh_key):
 
 
 @pytest.mark.parametrize("dtype,rank,dx_kernel,d_out", [
-    (jnp.bfloat16, 1, False, 512),   # rank not fusable: kernel + XLA's low-rank sum
+    (jnp.bfloat16, 1, False, 512),   # rank not fusable: the low-rank product as the addend
     (jnp.bfloat16, 24, True, 512),
-    (jnp.float16, 16, True, 256),    # LoRA term fused on the GPU (XLA's sum interpreted)
+    (jnp.float16, 16, True, 256),    # LoRA term fused on the GPU (the addend interpreted)
     (jnp.bfloat16, 32, False, 256)])
 def test_dora_dense_mosaic_forward_and_grads(fresh_key, monkeypatch, dtype, rank, dx_kernel,
                                              d_out):
@@ -214,13 +241,12 @@ def test_dora_dense_mosaic_forward_and_grads(fresh_key, monkeypatch, dtype, rank
 
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda *v: loss("mosaic", *v)[0], argnums=(0, 1, 2, 3)))(
       x, a, b, m))
-  kernels = jaxpr.count("custom_vmap_call")  # the forward kernel, and dx's if asked
-  assert kernels >= 1
-  monkeypatch.setattr(fused_mosaic, "DX_KERNEL", not dx_kernel)
-  other = str(jax.make_jaxpr(jax.grad(lambda *v: loss("mosaic", *v)[0], argnums=(0, 1, 2, 3)))(
-      x, a, b, m)).count("custom_vmap_call")
-  assert (kernels > other) == dx_kernel
-  monkeypatch.setattr(fused_mosaic, "DX_KERNEL", dx_kernel)
+  # the forward kernel (bf16 keeps y: the low-rank product as its addend in
+  # interpret mode; fp16 keeps pre: the kernel's pair of outputs), and for dx
+  # the scaled-K kernel if asked, else the transposed one with the addend
+  assert ("dora_matmul_addend" if dtype == jnp.bfloat16 else "dora_matmul_pre") in jaxpr
+  assert ("dora_matmul_scaled_k" in jaxpr) == dx_kernel
+  assert ("dora_matmul_wt_addend" in jaxpr) == (not dx_kernel)
   grad = lambda backend: jax.jit(jax.grad(lambda *v: loss(backend, *v), argnums=(0, 1, 2, 3),
                                           has_aux=True))(x, a, b, m)
   (dx, da, db, dm), y = grad("mosaic")
@@ -308,17 +334,15 @@ def test_auto_picks_mosaic_only_where_measured(monkeypatch):
   for shape in ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)):
     for rank in (16, 32):
       assert dispatch.choose(4096, shape, rank, bf16) == "mosaic", (shape, rank)
-    for rank in (8, 384):  # not fused in-kernel
-      expected = "pallas" if shape == (4096, 4096) and rank <= 64 else "xla"
+    for rank in (8, 64, 384):  # not fused in-kernel: the addend, only up to 4096×4096
+      expected = "mosaic" if shape == (4096, 4096) else "xla"
       assert dispatch.choose(4096, shape, rank, bf16) == expected, (shape, rank)
-  # ranks the Mosaic kernels do not fuse at 4096×4096: the Triton table; elsewhere XLA
-  assert dispatch.choose(4096, (4096, 4096), 64, bf16) == "pallas"
-  assert dispatch.choose(4096, (4096, 14336), 64, bf16) == "xla"
   assert dispatch.choose(2048, (4096, 14336), 16, bf16) == "xla"  # below the measured T
   assert dispatch.choose(4096, (4096, 14336), 16, jnp.float16) == "xla"
   assert dispatch.choose(4096, (4100, 14336), 16, bf16) == "xla"  # not tiled exactly
   monkeypatch.setattr(dispatch, "on_hopper", lambda: False)  # e.g. an A100
   assert dispatch.choose(4096, (4096, 14336), 16, bf16) == "xla"
+  assert dispatch.choose(4096, (4096, 4096), 64, bf16) == "pallas"  # the Triton table
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -380,13 +404,13 @@ def test_backward_kernels_are_used_only_where_they_run(monkeypatch):
   w = jnp.zeros((4096, 14336), bf16)
   name = lambda rank, rows=4096: getattr(  # noqa: E731
       fused_mosaic._dx_fused(x[:rows], w, jnp.zeros((4096, rank), bf16)), "__name__", None)
-  assert name(16) == "dx_matmul"            # the fused Mosaic GEMM
-  assert name(64) == "dx_addend"            # rank not fusable: cuBLAS with the addend
-  assert name(16, rows=4000) == "dx_addend"  # T not tiled
+  assert name(16) == "dx_matmul"            # the low-rank term fused
+  assert name(64) == "dx_addend"            # rank not fusable: the product as the addend
+  assert name(16, rows=4000) is None        # T not tiled: XLA
+  monkeypatch.setattr(fused_mosaic, "ADDEND_KERNEL", False)
+  assert name(16) == "dx_matmul" and name(64) is None
   monkeypatch.setattr(fused_mosaic, "DX_FUSED", False)
-  assert name(16) == "dx_addend"
-  monkeypatch.setattr(fused_mosaic, "DX_ADDEND", False)
-  assert name(16) is None and name(64) is None   # XLA's float32 sum
+  assert name(16) is None
 
   def traced(width):
     dy = jax.ShapeDtypeStruct((256, width), bf16)

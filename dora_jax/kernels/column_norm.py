@@ -59,7 +59,6 @@ class ColumnNormConfig:
   programs: int = 264
   num_warps: int = 4
   num_stages: int = 3
-  flat: bool = False  # one loop over (row step, rank step) pairs instead of two nested loops
 
 
 def supported(kernel, lora_a, lora_b) -> bool:
@@ -78,7 +77,7 @@ def column_norm_reference(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Arra
 
 
 def _kernel(w_ref, a_ref, b_ref, s_ref, part_ref, *, rank, rows_per_split, block_m, block_n,
-            block_k, check_m, check_n, flat):
+            block_k, check_m, check_n):
   j, split = pl.program_id(0), pl.program_id(1)
   c0 = j * block_n
   s = _load_1d(s_ref, c0, block_n, check_n)
@@ -97,24 +96,13 @@ def _kernel(w_ref, a_ref, b_ref, s_ref, part_ref, *, rank, rows_per_split, block
     v = w + acc * s[None, :]
     return total + v * v  # summed over rows once, after the loop (no per-step shuffles)
 
-  zeros = jnp.zeros((block_m, block_n), _F32)
-  if flat:  # one pipelined loop; the squares are taken after each row's last rank step
-    def step(i, carry):
-      acc, total = carry
-      kk = i % k_steps
-      r0 = split * rows_per_split + (i // k_steps) * block_m
-      acc = product(r0, kk, jnp.where(kk == 0, 0.0, acc))
-      total = lax.cond(kk == k_steps - 1, lambda t: squares(r0, acc, t), lambda t: t, total)
-      return acc, total
+  def row_step(i, total):
+    r0 = split * rows_per_split + i * block_m
+    acc = lax.fori_loop(0, k_steps, functools.partial(product, r0),
+                        jnp.zeros((block_m, block_n), _F32))
+    return squares(r0, acc, total)
 
-    _, total = lax.fori_loop(0, row_steps * k_steps, step, (zeros, zeros))
-  else:
-    def row_step(i, total):
-      r0 = split * rows_per_split + i * block_m
-      acc = lax.fori_loop(0, k_steps, functools.partial(product, r0), zeros)
-      return squares(r0, acc, total)
-
-    total = lax.fori_loop(0, row_steps, row_step, zeros)
+  total = lax.fori_loop(0, row_steps, row_step, jnp.zeros((block_m, block_n), _F32))
   _store_2d(part_ref, split, c0, jnp.sum(total, axis=0)[None, :], False, check_n)
 
 
@@ -161,8 +149,7 @@ def column_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale, 
   splits = cdiv(d_in, rows_per_split)  # no program starts past the end
   body = functools.partial(
       _kernel, rank=rank, rows_per_split=rows_per_split, block_m=block_m, block_n=block_n,
-      block_k=block_k, check_m=splits * rows_per_split != d_in, check_n=d_out % block_n != 0,
-      flat=cfg.flat)
+      block_k=block_k, check_m=splits * rows_per_split != d_in, check_n=d_out % block_n != 0)
   scale_row = jnp.broadcast_to(lax.stop_gradient(jnp.asarray(scale, _F32)), (d_out,))
   itemsize = kernel.dtype.itemsize
   part = pl.pallas_call(

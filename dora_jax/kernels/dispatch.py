@@ -45,6 +45,13 @@ PALLAS_MIN_TOKENS = 4096
 #: Tokens measured for the Mosaic kernel: T = 4096 (bf16, H100). Below it XLA.
 MOSAIC_MIN_TOKENS = 4096
 
+#: Largest ``d_in`` and ``d_out`` where ``"mosaic"`` is picked for ranks its
+#: kernels cannot fuse (the low-rank product then joins them as an addend).
+#: H100 training step, T = 4096 (``benchmarks/step_profile.py``; BENCHMARKS.md):
+#: faster than XLA's DoRA at 4096×4096 (r = 64 and 384), slower at 4096×14336
+#: r = 384, where the Mosaic GEMM trails cuBLAS's.
+MOSAIC_ANY_RANK_MAX_DIM = 4096
+
 
 def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   """Return ``"pallas"``, ``"mosaic"`` or ``"xla"`` for one call of ``dora_dense``.
@@ -58,8 +65,9 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
     (jax 0.11.2, commit 3e8d62b, ``benchmarks/step_profile.py``; BENCHMARKS.md,
     "Per-kernel step profile"), r = 16,
     forward+backward: 1.01× / 1.05× / 1.06× of JAX LoRA's step at 4096×4096 /
-    4096×14336 / 8192×28672, against 1.20× / 1.07× / 1.08× for XLA's DoRA. At
-    r = 64/384 (the LoRA term summed by XLA) it is not picked.
+    4096×14336 / 8192×28672, against 1.20× / 1.07× / 1.08× for XLA's DoRA.
+    Other ranks (the low-rank product joining the kernels as an addend) only
+    while ``d_in`` and ``d_out`` are at most :data:`MOSAIC_ANY_RANK_MAX_DIM`.
   * ``"pallas"`` (Triton): otherwise, ``tokens`` at least
     :data:`PALLAS_MIN_TOKENS` and a multiple of 128, and ``kernel_shape`` in
     :data:`PALLAS_WINS` with ``rank`` at most its entry.
@@ -68,7 +76,8 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
     return "xla"
   shape = tuple(int(d) for d in kernel_shape)
   from dora_jax.kernels import fused_mosaic, scaled_matmul  # noqa: PLC0415
-  if (on_hopper() and tokens >= MOSAIC_MIN_TOKENS and scaled_matmul.fusable_rank(rank)
+  fits = scaled_matmul.fusable_rank(rank) or max(shape) <= MOSAIC_ANY_RANK_MAX_DIM
+  if (on_hopper() and tokens >= MOSAIC_MIN_TOKENS and fits
       and fused_mosaic.shapes_supported(tokens, *shape)):
     return "mosaic"
   max_rank = PALLAS_WINS.get(shape)
@@ -82,16 +91,36 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
 #: (private, for A/B benchmarks; read at trace time).
 NORM_KERNEL = True
 
+#: Largest ``d_in·d_out`` where the one-pass norm kernel beat the factored norm
+#: with ``‖W‖²`` cached. H100, jax 0.11.2, bf16, GPU µs per call
+#: (``benchmarks/column_norm.py``): 4096×4096 18.7 vs 21.8 (r = 16) and 47.9 vs
+#: 63.8 (r = 384); slower at 4096×14336 (64 vs 53, 230 vs 151) and 8192×28672
+#: (187 vs 172, 672 vs 406), where cuBLAS's ``aᵀW`` outruns the kernel's
+#: Triton product (~250 TFLOP/s).
+NORM_KERNEL_MAX_SIZE = 4096 * 4096
 
-def norm_kernel_allowed(impl: str, auto: bool, *arrays) -> bool:
-  """Whether a call's norm may run :mod:`dora_jax.kernels.column_norm`.
+#: Largest rank where the kernel beat the factored norm *without* the cache
+#: (which then re-reads ``W`` for ``‖W‖²``) at every measured shape: r = 16,
+#: 18.7 vs 39.3, 64 vs 95, 187 vs 338 µs (same run); at r = 384 it lost beyond
+#: 4096×4096 (230 vs 195, 672 vs 574).
+NORM_KERNEL_MAX_RANK_UNCACHED = 16
 
-  With ``backend="pallas"`` or ``"mosaic"`` (``impl`` a kernel backend) it does,
-  on the GPU or in interpret mode; under ``"auto"`` whenever the default
-  device is a CUDA GPU and the arrays are not split across devices, whatever
-  ``impl`` the layer's GEMMs got; never with ``backend="xla"``.
+
+def norm_kernel_allowed(impl: str, auto: bool, kernel_shape, rank: int, cached: bool,
+                        *arrays) -> bool:
+  """Whether a call's norm runs :mod:`dora_jax.kernels.column_norm`.
+
+  Only where it was measured faster than :func:`dora_jax.factored_norm`:
+  ``d_in·d_out`` up to :data:`NORM_KERNEL_MAX_SIZE`, or, when ``‖W‖²`` is not
+  cached (``cached`` false), ranks up to :data:`NORM_KERNEL_MAX_RANK_UNCACHED`.
+  With ``backend="pallas"`` or ``"mosaic"`` (``impl`` a kernel backend) on the
+  GPU or in interpret mode; under ``"auto"`` when the default device is a CUDA
+  GPU and the arrays are not split across devices, whatever ``impl`` the
+  layer's GEMMs got; never with ``backend="xla"``.
   """
-  if not NORM_KERNEL:
+  d_in, d_out = (int(d) for d in kernel_shape)
+  if not NORM_KERNEL or not (d_in * d_out <= NORM_KERNEL_MAX_SIZE
+                             or (not cached and rank <= NORM_KERNEL_MAX_RANK_UNCACHED)):
     return False
   if impl in ("pallas", "mosaic"):
     return True

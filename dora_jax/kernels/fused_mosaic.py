@@ -12,9 +12,11 @@ LoRA factors' tiles join the accumulator with one more wgmma and ``g`` is
 applied in the epilogue, so the whole DoRA composition costs one GEMM; the
 epilogue also stores ``pre`` (the accumulator before ``g``) when the backward
 needs it. Other ranks (and interpret mode, where the fused variant cannot run)
-use ``g ⊙ (x·W + s·h·b) = (x·W) ⊙ g + h·(s·b ⊙ g)``: the base GEMM with ``g``
-in its epilogue plus XLA's low-rank product and sum (:func:`forward_mosaic`
-says what the training forward, which needs ``pre``, does there).
+compute the low-rank product ``h·(s·b)`` apart (cuBLAS) and hand it to the
+same kernel as its ``addend`` (:data:`ADDEND_KERNEL`): its tile is fetched
+during the main loop and summed into the accumulator before ``g``, so there is
+no sum pass (:func:`forward_mosaic` says what the training forward, which
+needs ``pre``, does there).
 
 The backward is XLA's (:func:`dora_jax.compose.backward_xla`) except for its
 prologue: ``dpre = dy ⊙ g`` and the magnitude's ``Σ_T dy ⊙ pre`` come from one
@@ -23,7 +25,8 @@ Pallas/Triton; :data:`SCALE_REDUCE_KERNEL`), where XLA makes two; and, for
 fusable ranks, ``dx = dpre·Wᵀ + (s·t)·aᵀ`` is one Mosaic GEMM (:data:`DX_FUSED`:
 ``W`` read transposed, the LoRA term joining the accumulator as in the
 forward), where XLA needs cuBLAS, a low-rank GEMM writing ``[T, d_in]`` and an
-add pass. The output ``y`` is the ``dm`` residual here (no bias; see
+add pass; other ranks keep the low-rank GEMM but give its result to the Mosaic
+GEMM as the addend, so the add pass goes. The output ``y`` is the ``dm`` residual here (no bias; see
 ``dora_jax.dense._OUTPUT_AS_RESIDUAL``): ``Σ_T dy ⊙ y`` comes from the same
 one-pass kernel and zero-magnitude columns get ``Σ_T dy ⊙ pre`` from
 :mod:`dora_jax.kernels.flagged_columns` (``pre`` recomputed only in the column
@@ -68,12 +71,13 @@ def forward_mosaic(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool
   """Return ``(y, pre, h)`` like :func:`dora_jax.compose.forward_xla`.
 
   With a fusable rank one kernel computes ``y`` and, when ``want_pre``, also
-  stores ``pre`` (its accumulator before ``g``). Other ranks: the base GEMM
-  with ``g`` in its epilogue plus XLA's low-rank product and sum; there a
-  ``want_pre`` forward is XLA's own on the GPU (it writes fewer ``[T, d_out]``
-  arrays than the kernel's two outputs plus a sum), and in interpret mode the
-  kernel's ``(x·W ⊙ g, x·W)`` pair with XLA's sums (so that the CPU tests run
-  the kernel).
+  stores ``pre`` (its accumulator before ``g``). Other ranks: the kernel with
+  the low-rank product ``h·(s·b)`` as its addend (where the tiles divide the
+  shape; else the base GEMM with ``g`` in its epilogue plus XLA's low-rank
+  product and sum). A ``want_pre`` forward at those ranks is XLA's own on the
+  GPU (it writes fewer ``[T, d_out]`` arrays than the kernel's two outputs
+  plus a sum), and in interpret mode the kernel's ``(x·W ⊙ g, x·W)`` pair
+  with XLA's sums (so that the CPU tests run the kernel).
   """
   cdt = x2.dtype
   acc = g.dtype
@@ -96,10 +100,12 @@ def forward_mosaic(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool
     lora = scale * jnp.dot(h, lora_b.astype(cdt), preferred_element_type=acc)
     pre = (base.astype(acc) + lora).astype(cdt)
     y = (base_g.astype(acc) + lora * g).astype(cdt)
+  elif ADDEND_KERNEL and supported(x2.shape[0], kernel.shape[1], x2.shape[1], FUSED_TILES):
+    # g ⊙ (x·W + h·(s·b)): the low-rank product (any rank) joins the GEMM's accumulator
+    lora = jnp.dot(h, (scale * lora_b.astype(acc)).astype(cdt))
+    y = scaled_matmul(x2, kernel.astype(cdt), g, addend=lora, interpret=interpret)
   else:
     base = scaled_matmul(x2, kernel.astype(cdt), g, interpret=interpret)
-    # in the activation dtype, so that XLA can hand the sum to cuBLAS as its
-    # addend (beta = 1, one rounding from float32)
     y = jnp.dot(h, _scaled_b(lora_b, g, scale, cdt)) + base
   if bias is not None:
     y = (y.astype(acc) + bias.astype(acc)).astype(cdt)
@@ -157,28 +163,33 @@ def _flagged(x2, kernel, hs, lora_b, dy, tiny):
 DX_FUSED = True
 
 
-#: Where the fused ``dx`` GEMM cannot run (other ranks, other shapes, interpret
-#: mode): whether ``dx = dpre·Wᵀ + (s·t)·aᵀ`` is summed in the activation dtype,
-#: so that XLA can hand the low-rank product to cuBLAS as the addend of
-#: ``dpre·Wᵀ`` (beta = 1, no add pass), instead of XLA's float32 sum of the two
-#: rounded products (one more ``[T, d_in]`` pass). Read at trace time.
-DX_ADDEND = True
+#: Whether, for ranks the kernel cannot fuse (and in interpret mode, where the
+#: fused low-rank variant cannot run), the low-rank product computed apart
+#: (``h·(s·b)`` in the forward, ``(s·t)·aᵀ`` for ``dx``) joins the Mosaic GEMM
+#: as its ``addend``, instead of an XLA sum pass over ``[T, d_out]`` /
+#: ``[T, d_in]``. Read at trace time.
+ADDEND_KERNEL = True
 
 
 def _dx_fused(x2, kernel, lora_a):
-  """``dx_matmul`` for :func:`dora_jax.compose.backward_xla`, or ``None`` for XLA's."""
+  """``dx_matmul`` for :func:`dora_jax.compose.backward_xla`, or ``None`` for XLA's:
+  the fused low-rank GEMM for fusable ranks on the GPU, else the GEMM with the
+  low-rank product as its addend (:data:`ADDEND_KERNEL`)."""
   tokens, d_in = x2.shape
+  if not DX_FUSED or not supported(tokens, d_in, kernel.shape[1], FUSED_TILES):
+    return None
   cdt = x2.dtype
-  if (DX_FUSED and not default_interpret() and fusable_rank(lora_a.shape[1])
-      and supported(tokens, d_in, kernel.shape[1], FUSED_TILES)):
+  interpret = default_interpret()
+  ones = jnp.ones((d_in,), jnp.float32)
+  if fusable_rank(lora_a.shape[1]) and not interpret:
     def dx_matmul(dpre, ts):
-      ones = jnp.ones((d_in,), jnp.float32)
       return scaled_matmul(dpre, kernel.astype(cdt), ones, (ts, lora_a.T.astype(cdt)),
                            trans_w=True)
     return dx_matmul
-  if DX_ADDEND:
+  if ADDEND_KERNEL:
     def dx_addend(dpre, ts):
-      return _dot_nt(ts, lora_a.astype(cdt)) + _dot_nt(dpre, kernel.astype(cdt))
+      return scaled_matmul(dpre, kernel.astype(cdt), ones, addend=_dot_nt(ts, lora_a.astype(cdt)),
+                           trans_w=True, interpret=interpret)
     return dx_addend
   return None
 
@@ -214,4 +225,4 @@ def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   return Grads(dx, dkernel, da, db, dm, ds, dbias)
 
 
-__all__ = ["DX_ADDEND", "DX_FUSED", "DX_KERNEL", "FLAGGED_KERNEL", "SCALE_REDUCE_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]
+__all__ = ["ADDEND_KERNEL", "DX_FUSED", "DX_KERNEL", "FLAGGED_KERNEL", "SCALE_REDUCE_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]

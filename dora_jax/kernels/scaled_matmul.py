@@ -222,14 +222,17 @@ def _tile_loop(m_iters, n_iters, tiles, fn):
 
 def scaled_matmul_reference(x: jax.Array, w: jax.Array, col_scale: jax.Array,
                             low_rank: tuple[jax.Array, jax.Array] | None = None, *,
+                            addend: jax.Array | None = None,
                             with_unscaled: bool = False, trans_w: bool = False):
-  """``(x·w + l·r) ⊙ col_scale``: float32 accumulation and scaling, result in
-  ``x.dtype``; with ``with_unscaled`` the pair ``(scaled, x·w + l·r)``; with
-  ``trans_w`` ``w`` is ``[N, K]`` and ``wᵀ`` is used."""
+  """``(x·w + l·r + addend) ⊙ col_scale``: float32 accumulation and scaling,
+  result in ``x.dtype``; with ``with_unscaled`` the pair ``(scaled, unscaled)``;
+  with ``trans_w`` ``w`` is ``[N, K]`` and ``wᵀ`` is used."""
   dims = (((1,), (1,)), ((), ())) if trans_w else (((1,), (0,)), ((), ()))
   acc = lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
   if low_rank is not None:
     acc = acc + jnp.dot(low_rank[0], low_rank[1], preferred_element_type=jnp.float32)
+  if addend is not None:
+    acc = acc + addend.astype(jnp.float32)
   out = (acc * col_scale.astype(jnp.float32)).astype(x.dtype)
   return (out, acc.astype(x.dtype)) if with_unscaled else out
 
@@ -249,19 +252,25 @@ def fusable_rank(rank: int) -> bool:
 
 def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
                   low_rank: tuple[jax.Array, jax.Array] | None = None, *,
+                  addend: jax.Array | None = None,
                   with_unscaled: bool = False, trans_w: bool = False,
                   tiles: Tiles | None = None, interpret: bool = False):
   """``(x [M, K] · w [K, N] + l [M, r] · r [r, N]) ⊙ col_scale [N]`` → ``[M, N]``, one GEMM.
 
   ``low_rank = (l, r)`` is optional (rank per :func:`fusable_rank`); its
   tiles are fetched once per output tile while the main K loop runs and added
-  with one more wgmma before the scale. The result is in ``x.dtype``. With
+  with one more wgmma before the scale. ``addend [M, N]`` (``x.dtype``; not
+  with ``low_rank`` or ``with_unscaled``) is added to the accumulator before
+  the scale instead: its tile is fetched while the main loop runs into a
+  shared-memory buffer that then stages the result's store (so the sum costs
+  no pass of its own; for a low-rank term of any rank computed apart, e.g.
+  DoRA's ``h·(s·b)`` at r = 384). The result is in ``x.dtype``. With
   ``with_unscaled`` the epilogue also stores the accumulator before the scale
   and the call returns ``(scaled, unscaled)`` (DoRA's output and its ``pre``
   residual from one GEMM). With ``trans_w`` the right operand is ``w [N, K]``,
   read transposed in place (DoRA's ``dx = dpre·Wᵀ + (s·t)·aᵀ`` from the Flax
   kernel ``W [d_in, d_out]`` as is). ``tiles`` defaults to
-  :data:`FORWARD_TILES` (:data:`FUSED_TILES` with ``low_rank``).
+  :data:`FORWARD_TILES` (:data:`FUSED_TILES` with ``low_rank`` or ``addend``).
 
   Interpret mode does not run ``low_rank`` (``NotImplementedError``): Mosaic
   GPU's interpreter (jax 0.11.2) deadlocks on it, nondeterministically, in
@@ -271,15 +280,18 @@ def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
   if low_rank is not None and interpret:
     raise NotImplementedError("scaled_matmul: the low-rank term does not run in interpret "
                               "mode (Mosaic GPU's interpreter deadlocks on it)")
+  if addend is not None and (low_rank is not None or with_unscaled):
+    raise ValueError("scaled_matmul: addend cannot be combined with low_rank or with_unscaled")
   if tiles is None:
-    tiles = FORWARD_TILES if low_rank is None else FUSED_TILES
+    tiles = FORWARD_TILES if low_rank is None and addend is None else FUSED_TILES
   lhs2, rhs2 = (None, None) if low_rank is None else low_rank
   return _vmappable(functools.partial(_scaled_matmul, tiles=tiles, interpret=interpret,
                                       with_unscaled=with_unscaled, trans_w=trans_w),
-                    x, lhs2, w, col_scale.astype(jnp.float32), rhs2, rows=2)
+                    x, lhs2, addend, w, col_scale.astype(jnp.float32), rhs2, rows=3)
 
 
-def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscaled, trans_w):
+def _scaled_matmul(x, lhs2, addend, w, col_scale, rhs2, *, tiles, interpret, with_unscaled,
+                   trans_w):
   name = "scaled_matmul"
   _check_operand(name, "x", x)
   _check_operand(name, "w", w, x.dtype)
@@ -288,6 +300,11 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscal
     w_dims = "[N, K] (trans_w)" if trans_w else "[K, N]"
     raise ValueError(f"{name}: x {x.shape}, w {w.shape} and col_scale {col_scale.shape} "
                      f"must be [M, K], {w_dims} and [N]")
+  has_add = addend is not None
+  if has_add:
+    _check_operand(name, "addend", addend, x.dtype)
+    if addend.shape != (m, n):
+      raise ValueError(f"{name}: addend {addend.shape} must be [M, N] = [{m}, {n}]")
   rank = 0 if lhs2 is None else lhs2.shape[-1]
   if lhs2 is not None:
     _check_operand(name, "low_rank[0]", lhs2, x.dtype)
@@ -314,22 +331,32 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscal
       l_smem=plgpu.SMEM((2, tiles.tile_m, rank), dtype, transforms=lr_tf),
       r_smem=plgpu.SMEM((2, rank, tiles.tile_n), dtype, transforms=lr_tf),
       lr_bar=plgpu.Barrier(num_barriers=4))
+  # with an addend, its buffer also stages the result's store (no out_smem)
+  store_scratch = dict(
+      add_smem=plgpu.SMEM((2, tiles.tile_m, tiles.tile_n), dtype,
+                          transforms=_smem_transforms(tiles.tile_n, dtype)),
+      add_bar=plgpu.Barrier(num_barriers=2)) if has_add else dict(
+      out_smem=plgpu.SMEM((2, 2, tiles.epi_m, tiles.epi_n), dtype, transforms=out_tf))
 
   def kernel(x_gmem, *refs):
+    a_gmem = l_gmem = r_gmem = None
     if rank:
       l_gmem, w_gmem, s_gmem, r_gmem, *out_gmems = refs
+    elif has_add:
+      a_gmem, w_gmem, s_gmem, *out_gmems = refs
     else:
       w_gmem, s_gmem, *out_gmems = refs
 
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(_ignore, _ignore).get_allocations(x_gmem, w_gmem),
-        out_smem=plgpu.SMEM((2, 2, tiles.epi_m, tiles.epi_n), dtype, transforms=out_tf),
         s_smem=plgpu.SMEM((2, tiles.tile_n), jnp.float32),
         s_bar=plgpu.Barrier(num_barriers=2),
+        **store_scratch,
         **low_rank_scratch,
         collective_axes="wg")
-    def _(allocs, out_smem, s_smem, s_bar, l_smem=None, r_smem=None, lr_bar=None):
+    def _(allocs, s_smem, s_bar, out_smem=None, add_smem=None, add_bar=None, l_smem=None,
+          r_smem=None, lr_bar=None):
       wg = lax.axis_index("wg")
 
       def one_tile(m_idx, n_idx):
@@ -337,7 +364,10 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscal
         cols = pl.ds(n_idx * tiles.cta_n + wg * tiles.tile_n, tiles.tile_n)
 
         def context(run):
-          # the scale's (and the low-rank tiles') TMA loads overlap the main loop
+          # the scale's (and the low-rank or addend tiles') TMA loads overlap the main loop
+          if has_add:  # once the previous tile's store has read the buffer
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.copy_gmem_to_smem(a_gmem.at[rows, cols], add_smem.at[wg], add_bar.at[wg])
           plgpu.copy_gmem_to_smem(s_gmem.at[cols], s_smem.at[wg], s_bar.at[wg])
           if rank:
             plgpu.copy_gmem_to_smem(l_gmem.at[rows, :], l_smem.at[wg], lr_bar.at[2 * wg])
@@ -355,6 +385,14 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscal
             plgpu.barrier_wait(s_bar.at[wg])
             scale = plgpu.load(s_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
             acc = acc_ref[...]
+            if has_add:
+              plgpu.barrier_wait(add_bar.at[wg])
+              acc = acc + plgpu.load(add_smem.at[wg],
+                                     layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+              add_smem[wg] = (acc * lax.broadcast_in_dim(scale, acc.shape, [1])).astype(dtype)
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(add_smem.at[wg], out_gmems[0].at[rows, cols])
+              return
             tiles_out = [(acc * lax.broadcast_in_dim(scale, acc.shape, [1])).astype(dtype)]
             if with_unscaled:
               tiles_out.append(acc.astype(dtype))
@@ -376,10 +414,11 @@ def _scaled_matmul(x, lhs2, w, col_scale, rhs2, *, tiles, interpret, with_unscal
       _tile_loop(m_iters, n_iters, tiles, one_tile)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  operands = (x, lhs2, w, col_scale, rhs2) if rank else (x, w, col_scale)
+  operands = ((x, lhs2, w, col_scale, rhs2) if rank else
+              (x, addend, w, col_scale) if has_add else (x, w, col_scale))
   # the name profilers show: which operand layout and which extras
   kernel.__name__ = ("dora_matmul" + ("_wt" if trans_w else "") + ("_lowrank" if rank else "")
-                     + ("_pre" if with_unscaled else ""))
+                     + ("_addend" if has_add else "") + ("_pre" if with_unscaled else ""))
   return _launch(kernel, (m, n), dtype, interpret, 2 if with_unscaled else 1)(*operands)
 
 

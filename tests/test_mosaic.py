@@ -241,12 +241,16 @@ def test_dora_dense_mosaic_forward_and_grads(fresh_key, monkeypatch, dtype, rank
 
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda *v: loss("mosaic", *v)[0], argnums=(0, 1, 2, 3)))(
       x, a, b, m))
-  # the forward kernel (bf16 keeps y: the low-rank product as its addend in
-  # interpret mode; fp16 keeps pre: the kernel's pair of outputs), and for dx
-  # the scaled-K kernel if asked, else the transposed one with the addend
-  assert ("dora_matmul_addend" if dtype == jnp.bfloat16 else "dora_matmul_pre") in jaxpr
+  # the forward kernel: on the GPU a fusable rank's term fused in; else (and in
+  # interpret mode) bf16 keeps y and takes the low-rank product as the addend,
+  # fp16 keeps pre (the kernel's pair of outputs). For dx the scaled-K kernel if
+  # asked, else the transposed one with the low-rank term fused or as the addend.
+  fused = GPU and sm.fusable_rank(rank)
+  forward = ("dora_matmul_lowrank" if fused else
+             "dora_matmul_addend" if dtype == jnp.bfloat16 else "dora_matmul_pre")
+  assert forward in jaxpr
   assert ("dora_matmul_scaled_k" in jaxpr) == dx_kernel
-  assert ("dora_matmul_wt_addend" in jaxpr) == (not dx_kernel)
+  assert ("dora_matmul_wt_" + ("lowrank" if fused else "addend") in jaxpr) == (not dx_kernel)
   grad = lambda backend: jax.jit(jax.grad(lambda *v: loss(backend, *v), argnums=(0, 1, 2, 3),
                                           has_aux=True))(x, a, b, m)
   (dx, da, db, dm), y = grad("mosaic")
@@ -334,8 +338,8 @@ def test_auto_picks_mosaic_only_where_measured(monkeypatch):
   for shape in ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)):
     for rank in (16, 32):
       assert dispatch.choose(4096, shape, rank, bf16) == "mosaic", (shape, rank)
-    for rank in (8, 64, 384):  # not fused in-kernel: the addend, only up to 4096×4096
-      expected = "mosaic" if shape == (4096, 4096) else "xla"
+    for rank in (8, 64, 384):  # not fused in-kernel: the addend, where measured
+      expected = "mosaic" if shape in ((4096, 4096), (4096, 14336)) else "xla"
       assert dispatch.choose(4096, shape, rank, bf16) == expected, (shape, rank)
   assert dispatch.choose(2048, (4096, 14336), 16, bf16) == "xla"  # below the measured T
   assert dispatch.choose(4096, (4096, 14336), 16, jnp.float16) == "xla"

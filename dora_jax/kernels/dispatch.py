@@ -45,12 +45,14 @@ PALLAS_MIN_TOKENS = 4096
 #: Tokens measured for the Mosaic kernel: T = 4096 (bf16, H100). Below it XLA.
 MOSAIC_MIN_TOKENS = 4096
 
-#: Largest ``d_in`` and ``d_out`` where ``"mosaic"`` is picked for ranks its
-#: kernels cannot fuse (the low-rank product then joins them as an addend).
-#: H100 training step, T = 4096 (``benchmarks/step_profile.py``; BENCHMARKS.md):
-#: faster than XLA's DoRA at 4096×4096 (r = 64 and 384), slower at 4096×14336
-#: r = 384, where the Mosaic GEMM trails cuBLAS's.
-MOSAIC_ANY_RANK_MAX_DIM = 4096
+#: Largest ``(d_in, d_out)`` where ``"mosaic"`` is picked for ranks its kernels
+#: cannot fuse (the low-rank product then joins them as an addend). H100
+#: training step, T = 4096, ms (``benchmarks/step_profile.py``; BENCHMARKS.md,
+#: "Ranks the kernel does not fuse"): mosaic vs XLA's DoRA 0.691 vs 0.757
+#: (4096×4096, r = 384), 0.612 vs 0.674 (r = 64), 2.060 vs 2.103 (4096×14336,
+#: r = 384), 1.807 vs 1.839 (r = 64). Wider or deeper layers are unmeasured with
+#: the addend (before it, 8192×28672 r = 384 was 2.7% slower than XLA).
+MOSAIC_ANY_RANK_MAX_SHAPE = (4096, 14336)
 
 
 def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
@@ -67,7 +69,7 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
     forward+backward: 1.01× / 1.05× / 1.06× of JAX LoRA's step at 4096×4096 /
     4096×14336 / 8192×28672, against 1.20× / 1.07× / 1.08× for XLA's DoRA.
     Other ranks (the low-rank product joining the kernels as an addend) only
-    while ``d_in`` and ``d_out`` are at most :data:`MOSAIC_ANY_RANK_MAX_DIM`.
+    while ``(d_in, d_out)`` is within :data:`MOSAIC_ANY_RANK_MAX_SHAPE`.
   * ``"pallas"`` (Triton): otherwise, ``tokens`` at least
     :data:`PALLAS_MIN_TOKENS` and a multiple of 128, and ``kernel_shape`` in
     :data:`PALLAS_WINS` with ``rank`` at most its entry.
@@ -76,7 +78,8 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
     return "xla"
   shape = tuple(int(d) for d in kernel_shape)
   from dora_jax.kernels import fused_mosaic, scaled_matmul  # noqa: PLC0415
-  fits = scaled_matmul.fusable_rank(rank) or max(shape) <= MOSAIC_ANY_RANK_MAX_DIM
+  fits = scaled_matmul.fusable_rank(rank) or (shape[0] <= MOSAIC_ANY_RANK_MAX_SHAPE[0]
+                                               and shape[1] <= MOSAIC_ANY_RANK_MAX_SHAPE[1])
   if (on_hopper() and tokens >= MOSAIC_MIN_TOKENS and fits
       and fused_mosaic.shapes_supported(tokens, *shape)):
     return "mosaic"

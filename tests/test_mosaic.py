@@ -338,9 +338,8 @@ def test_auto_picks_mosaic_only_where_measured(monkeypatch):
   for shape in ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)):
     for rank in (16, 32):
       assert dispatch.choose(4096, shape, rank, bf16) == "mosaic", (shape, rank)
-    for rank in (8, 64, 384):  # not fused in-kernel: the addend, where measured
-      expected = "mosaic" if shape in ((4096, 4096), (4096, 14336)) else "xla"
-      assert dispatch.choose(4096, shape, rank, bf16) == expected, (shape, rank)
+    for rank in (8, 64, 384):  # not fused in-kernel: the low-rank product as the addend
+      assert dispatch.choose(4096, shape, rank, bf16) == "mosaic", (shape, rank)
   assert dispatch.choose(2048, (4096, 14336), 16, bf16) == "xla"  # below the measured T
   assert dispatch.choose(4096, (4096, 14336), 16, jnp.float16) == "xla"
   assert dispatch.choose(4096, (4100, 14336), 16, bf16) == "xla"  # not tiled exactly

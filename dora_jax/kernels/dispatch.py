@@ -45,15 +45,6 @@ PALLAS_MIN_TOKENS = 4096
 #: Tokens measured for the Mosaic kernel: T = 4096 (bf16, H100). Below it XLA.
 MOSAIC_MIN_TOKENS = 4096
 
-#: Largest ``(d_in, d_out)`` where ``"mosaic"`` is picked for ranks its kernels
-#: cannot fuse (the low-rank product then joins them as an addend). H100
-#: training step, T = 4096, ms (``benchmarks/step_profile.py``; BENCHMARKS.md,
-#: "Ranks the kernel does not fuse"): mosaic vs XLA's DoRA 0.691 vs 0.757
-#: (4096×4096, r = 384), 0.612 vs 0.674 (r = 64), 2.060 vs 2.103 (4096×14336,
-#: r = 384), 1.807 vs 1.839 (r = 64). Wider or deeper layers are unmeasured with
-#: the addend (before it, 8192×28672 r = 384 was 2.7% slower than XLA).
-MOSAIC_ANY_RANK_MAX_SHAPE = (4096, 14336)
-
 
 def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   """Return ``"pallas"``, ``"mosaic"`` or ``"xla"`` for one call of ``dora_dense``.
@@ -61,15 +52,16 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   Only bf16 activations on a CUDA GPU get a kernel; everything else is XLA,
   which is also what runs off the GPU.
 
-  * ``"mosaic"`` (Hopper): when the kernels fuse the LoRA term (``rank`` 16 or
-    32, :func:`~dora_jax.kernels.scaled_matmul.fusable_rank`), their tiles
-    divide the shape and ``tokens >= MOSAIC_MIN_TOKENS``. Measured on an H100
-    (jax 0.11.2, commit 3e8d62b, ``benchmarks/step_profile.py``; BENCHMARKS.md,
-    "Per-kernel step profile"), r = 16,
-    forward+backward: 1.01× / 1.05× / 1.06× of JAX LoRA's step at 4096×4096 /
-    4096×14336 / 8192×28672, against 1.20× / 1.07× / 1.08× for XLA's DoRA.
-    Other ranks (the low-rank product joining the kernels as an addend) only
-    while ``(d_in, d_out)`` is within :data:`MOSAIC_ANY_RANK_MAX_SHAPE`.
+  * ``"mosaic"`` (Hopper): when their tiles divide the shape and ``tokens >=
+    MOSAIC_MIN_TOKENS``, at any rank: ranks 16 and 32 have the LoRA term fused
+    in-kernel (:func:`~dora_jax.kernels.scaled_matmul.fusable_rank`), others
+    hand it over as the GEMMs' addend. Measured on an H100 (jax 0.11.2,
+    ``benchmarks/module_suite.py --only rank``, commit 566618f; BENCHMARKS.md),
+    forward+backward ms, mosaic vs XLA's DoRA, five shapes × r = 16/64/384:
+    faster at 13 of 15 (e.g. 4096×4096 r = 384: 0.685 vs 0.742; 14336×4096
+    r = 384: 1.790 vs 1.901), behind by 0.5% and 0.7% at 8192×28672 r = 64
+    and 384 (within the run-to-run spread); forward faster at 14 of 15
+    (14336×4096 r = 64: +1.4%).
   * ``"pallas"`` (Triton): otherwise, ``tokens`` at least
     :data:`PALLAS_MIN_TOKENS` and a multiple of 128, and ``kernel_shape`` in
     :data:`PALLAS_WINS` with ``rank`` at most its entry.
@@ -77,10 +69,8 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   if jnp.dtype(dtype) != jnp.bfloat16 or not on_cuda_gpu():
     return "xla"
   shape = tuple(int(d) for d in kernel_shape)
-  from dora_jax.kernels import fused_mosaic, scaled_matmul  # noqa: PLC0415
-  fits = scaled_matmul.fusable_rank(rank) or (shape[0] <= MOSAIC_ANY_RANK_MAX_SHAPE[0]
-                                               and shape[1] <= MOSAIC_ANY_RANK_MAX_SHAPE[1])
-  if (on_hopper() and tokens >= MOSAIC_MIN_TOKENS and fits
+  from dora_jax.kernels import fused_mosaic  # noqa: PLC0415
+  if (on_hopper() and tokens >= MOSAIC_MIN_TOKENS
       and fused_mosaic.shapes_supported(tokens, *shape)):
     return "mosaic"
   max_rank = PALLAS_WINS.get(shape)

@@ -68,7 +68,9 @@ def _cross(lora_a: jax.Array, kernel: jax.Array, acc) -> jax.Array:
   """
   contract = (((0,), (0,)), ((), ()))
   k_dtype, a_dtype = kernel.dtype, lora_a.dtype
-  if k_dtype in _HALF and a_dtype == k_dtype:
+  # rank 1 makes this a vector-matrix product, which XLA's GPU compiler may
+  # rewrite as a multiply and reduce in the operands' dtype: upcast first
+  if k_dtype in _HALF and a_dtype == k_dtype and lora_a.shape[1] > 1:
     return lax.dot_general(lora_a, kernel, contract, preferred_element_type=acc)
   if k_dtype == jnp.bfloat16 and a_dtype in (jnp.float32, jnp.float64):
     a_split = _split_bf16(lora_a, 2, axis=1)  # [d_in, 2r]: one pass over W
@@ -83,7 +85,8 @@ def _cross(lora_a: jax.Array, kernel: jax.Array, acc) -> jax.Array:
 def gram(lora_a: jax.Array) -> jax.Array:
   """``G = aᵀa [r, r]``, accumulated in float32 (float64 for float64 input)."""
   acc = accumulation_dtype(lora_a)
-  a = lora_a if lora_a.dtype in _HALF else lora_a.astype(acc)
+  # rank 1 is a dot of vectors (see _cross): upcast so no product rounds to bf16
+  a = lora_a if lora_a.dtype in _HALF and lora_a.shape[1] > 1 else lora_a.astype(acc)
   return lax.dot_general(a, a, (((0,), (0,)), ((), ())),
                          precision=lax.Precision.HIGHEST, preferred_element_type=acc)
 
@@ -95,8 +98,9 @@ def _gram_times_b(g, lora_b, acc):
   and the product runs as one bf16 tensor-core matmul with float32
   accumulation: ~24 mantissa bits, several times faster on GPUs than a float32
   matmul at full precision, which dominates the norm's cost at high rank.
+  Rank 1 (a vector product, see :func:`_cross`) runs in float32.
   """
-  if lora_b.dtype == jnp.bfloat16 and acc == jnp.float32:
+  if lora_b.dtype == jnp.bfloat16 and acc == jnp.float32 and lora_b.shape[0] > 1:
     # [G_hi | G_mid | G_lo] [r, 3r] · [b; b; b] [3r, d_out]: the three products
     # summed in the one float32 accumulator, no [3r, d_out] intermediate
     stacked_b = jnp.concatenate([lora_b] * 3, axis=0)

@@ -52,9 +52,12 @@ def _split_bf16(value: jax.Array, pieces: int, axis: int = 0) -> jax.Array:
   ~8·pieces mantissa bits, concatenated along ``axis`` (high part first)."""
   terms, rest = [], value
   for _ in range(pieces):
-    term = rest.astype(jnp.bfloat16)
-    terms.append(term)
-    rest = rest - term.astype(value.dtype)
+    # reduce_precision, not a bf16 round trip: XLA's GPU compiler may drop a
+    # convert pair under its default excess-precision rule, which would leave
+    # rest = 0 and keep only the high part (float32 accuracy lost)
+    high = lax.reduce_precision(rest, exponent_bits=8, mantissa_bits=7)
+    terms.append(high.astype(jnp.bfloat16))  # exact: high is a bf16 value
+    rest = rest - high
   return jnp.concatenate(terms, axis=axis)
 
 

@@ -7,6 +7,9 @@
   :mod:`~dora_jax.kernels.scale_reduce` (``dpre`` and the magnitude reduction
   in one pass) and :mod:`~dora_jax.kernels.flagged_columns` (zero-magnitude
   columns) in Pallas/Triton.
+* :mod:`~dora_jax.kernels.column_norm`: DoRA's norm in one pass over ``W``
+  (Pallas/Triton), used by the kernel backends and ``"auto"`` where it beats
+  the factored norm.
 * :mod:`~dora_jax.kernels.dispatch`: what ``backend="auto"`` picks.
 
 Each kernel has a pure ``jax.numpy`` twin (``*_reference``, or

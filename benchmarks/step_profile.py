@@ -22,6 +22,8 @@ function (value and gradients of ``Σ y ⊙ cot`` w.r.t. x, a, b[, m]):
                       at ranks the kernel cannot fuse (fused_mosaic.ADDEND_KERNEL off)
   dora_mosaic_y_sr_wide    mosaic_y with the one-pass dpre/dm kernel at every
                       width (fused_mosaic.SCALE_REDUCE_MAX_WIDTH unbounded)
+  dora_mosaic_y_no_lowrank_prologue  mosaic_y with t = dpre·bᵀ and hᵀ·dpre from
+                      XLA's GEMMs (fused_mosaic.LOWRANK_PROLOGUE off)
   dora_mosaic_y_cond  mosaic_y with XLA's lax.cond for zero magnitudes
                       (fused_mosaic.FLAGGED_KERNEL off; mosaic_y uses the
                       flagged-columns kernel)
@@ -108,6 +110,8 @@ def step_functions(backends):
       fns["dora_mosaic_y_no_addend"] = dora_loss(backend, True, False, ADDEND_KERNEL=False)
       fns["dora_mosaic_y_sr_wide"] = dora_loss(backend, True, False,
                                                SCALE_REDUCE_MAX_WIDTH=1 << 20)
+      fns["dora_mosaic_y_no_lowrank_prologue"] = dora_loss(backend, True, False,
+                                                           LOWRANK_PROLOGUE=False)
       fns["dora_mosaic_y_cond"] = dora_loss(backend, True, False, FLAGGED_KERNEL=False)
   return {k: jax.jit(with_switches(jax.value_and_grad(f, argnums=(0, 1, 2, 3)),
                                    getattr(f, "switches", {}))) for k, f in fns.items()}

@@ -149,7 +149,7 @@ def magnitude_grad(dy, pre, y, g, inv_norm, recompute, *, dy_y=None, recompute_f
 
 def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
                  wants: Wants, *, y=None, dx_matmul=None, scale_reduce=None,
-                 recompute_flagged=None) -> Grads:
+                 scale_reduce_lowrank=None, recompute_flagged=None) -> Grads:
   """Cotangents of :func:`forward_xla` with the norm held constant (PEFT's detach).
 
   ``dpre = dy ⊙ g``; ``dx = dpre·Wᵀ + s·(dpre·bᵀ)·aᵀ``; ``db = s·hᵀ·dpre``;
@@ -165,21 +165,30 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   ``scale_reduce(dy, v, g) -> (dpre, Σ_T dy ⊙ v)`` computes ``dpre`` and
   the magnitude's reduction in one pass (:mod:`dora_jax.kernels.scale_reduce`)
   when both are needed, ``v`` being the kept ``pre`` or else the output ``y``;
-  ``None`` keeps XLA's two passes. ``recompute_flagged`` is passed to
+  ``None`` keeps XLA's two passes. ``scale_reduce_lowrank(dy, v, g, lora_b, h)
+  -> (dpre, Σ_T dy ⊙ v, t, hᵀ·dpre)`` also takes ``t`` and ``db / s`` in that
+  pass (:func:`dora_jax.kernels.scale_reduce.scale_reduce_lowrank`), used when
+  ``t``, ``db`` and ``dm`` are all wanted. ``recompute_flagged`` is passed to
   :func:`magnitude_grad` (output-as-residual only).
   """
   cdt = dy.dtype
   acc = g.dtype
   need_t = wants.x or wants.lora_a or wants.scale
   need_dpre = need_t or wants.lora_b or wants.kernel
-  dy_pre = dy_y = None
-  if scale_reduce is not None and need_dpre and wants.magnitude and pre is not None:
+  dy_pre = dy_y = t = hd = None
+  residual = pre if pre is not None else y
+  if (scale_reduce_lowrank is not None and need_t and wants.lora_b and wants.magnitude
+      and residual is not None):
+    dpre, dy_v, t, hd = scale_reduce_lowrank(dy, residual, g, lora_b, h)
+    dy_pre, dy_y = (dy_v, None) if pre is not None else (None, dy_v)
+  elif scale_reduce is not None and need_dpre and wants.magnitude and pre is not None:
     dpre, dy_pre = scale_reduce(dy, pre, g)
   elif scale_reduce is not None and need_dpre and wants.magnitude and y is not None:
     dpre, dy_y = scale_reduce(dy, y, g)
   else:
     dpre = (dy.astype(acc) * g).astype(cdt) if need_dpre else None
-  t = _dot_nt(dpre, lora_b.astype(cdt), acc) if need_t else None  # [T, r]
+  if t is None and need_t:
+    t = _dot_nt(dpre, lora_b.astype(cdt), acc)  # [T, r]
 
   dx = da = db = dkernel = None
   if wants.x and dx_matmul is not None:
@@ -191,7 +200,7 @@ def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   if wants.lora_a:
     da = scale * _dot_t(x2, t.astype(cdt), acc)
   if wants.lora_b:
-    db = scale * _dot_t(h, dpre, acc)
+    db = scale * (hd if hd is not None else _dot_t(h, dpre, acc))
   dm, ds, dbias = vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants,
                                dy_pre=dy_pre, dy_y=dy_y, recompute_flagged=recompute_flagged)
   if wants.kernel:

@@ -134,6 +134,19 @@ SCALE_REDUCE_KERNEL = True
 SCALE_REDUCE_MAX_WIDTH = 8192
 
 
+#: Whether the one-pass backward prologue also takes ``t = dpre·bᵀ`` and
+#: ``hᵀ·dpre`` (:func:`dora_jax.kernels.scale_reduce.scale_reduce_lowrank`),
+#: for ranks up to :data:`LOWRANK_PROLOGUE_MAX_RANK`, instead of two more
+#: passes over ``dpre`` in XLA's GEMMs. Read at trace time.
+LOWRANK_PROLOGUE = True
+LOWRANK_PROLOGUE_MAX_RANK = 32
+
+
+def _scale_reduce_lowrank(dy, v, g, lora_b, h):
+  from dora_jax.kernels.scale_reduce import scale_reduce_lowrank  # noqa: PLC0415
+  return scale_reduce_lowrank(dy, v, g, lora_b, h, interpret=default_interpret())
+
+
 def _scale_reduce(dy, pre, g):
   """The one-pass kernel where it beats XLA, else XLA's (fused by XLA there)."""
   from dora_jax.kernels.scale_reduce import scale_reduce, scale_reduce_reference  # noqa: PLC0415
@@ -202,10 +215,12 @@ def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
     if pre is None and y is not None and FLAGGED_KERNEL:
       flagged = functools.partial(_flagged, x2, kernel, (scale * h.astype(scale.dtype)).astype(
           x2.dtype), lora_b, dy)
+    lowrank = (_scale_reduce_lowrank if SCALE_REDUCE_KERNEL and LOWRANK_PROLOGUE
+               and lora_b.shape[0] <= LOWRANK_PROLOGUE_MAX_RANK else None)
     return backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants, y=y,
                         dx_matmul=_dx_fused(x2, kernel, lora_a) if wants.x else None,
                         scale_reduce=_scale_reduce if SCALE_REDUCE_KERNEL else None,
-                        recompute_flagged=flagged)
+                        scale_reduce_lowrank=lowrank, recompute_flagged=flagged)
   cdt = dy.dtype
   acc = g.dtype
   need_t = wants.x or wants.lora_a or wants.scale
@@ -225,4 +240,4 @@ def backward_mosaic(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
   return Grads(dx, dkernel, da, db, dm, ds, dbias)
 
 
-__all__ = ["ADDEND_KERNEL", "DX_FUSED", "DX_KERNEL", "FLAGGED_KERNEL", "SCALE_REDUCE_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]
+__all__ = ["ADDEND_KERNEL", "DX_FUSED", "LOWRANK_PROLOGUE", "DX_KERNEL", "FLAGGED_KERNEL", "SCALE_REDUCE_KERNEL", "backward_mosaic", "forward_mosaic", "forward_mosaic_y", "shapes_supported"]

@@ -137,8 +137,12 @@ SCALE_REDUCE_MAX_WIDTH = 8192
 #: Whether the one-pass backward prologue also takes ``t = dpre·bᵀ`` and
 #: ``hᵀ·dpre`` (:func:`dora_jax.kernels.scale_reduce.scale_reduce_lowrank`),
 #: for ranks up to :data:`LOWRANK_PROLOGUE_MAX_RANK`, instead of two more
-#: passes over ``dpre`` in XLA's GEMMs. Read at trace time.
-LOWRANK_PROLOGUE = True
+#: passes over ``dpre`` in XLA's GEMMs. Off: on an H100 (commit 6f036d1, r = 16,
+#: ``benchmarks/step_profile.py``) the kernel took 356 µs at 4096×14336 where
+#: XLA's pass and two GEMMs take 112 + 48 + 42, and 69 µs at 4096×4096 against
+#: 33 + 12 + 12 (its 16-row tile products and partial stores are slow); steps
+#: 1.828 vs 1.704 ms and 0.562 vs 0.546 ms. Read at trace time.
+LOWRANK_PROLOGUE = False
 LOWRANK_PROLOGUE_MAX_RANK = 32
 
 

@@ -133,8 +133,11 @@ def _kernel_lowrank(dy_ref, v_ref, g_ref, b_ref, h_ref, dpre_ref, part_ref, t_re
                     check_r):
   j, s = pl.program_id(0), pl.program_id(1)
   c0 = j * block_n
+  # a traced 0: the rank's block may be wider than the rank (masked), which a
+  # static slice start would have checked against the array's bounds
+  zero = j * 0
   g = _load_1d(g_ref, c0, block_n, check_n)
-  b = _load_2d(b_ref, 0, block_r, c0, block_n, check_r, check_n)      # [r, bn]
+  b = _load_2d(b_ref, zero, block_r, c0, block_n, check_r, check_n)   # [r, bn]
 
   def step(i, carry):
     acc, hd = carry
@@ -145,8 +148,8 @@ def _kernel_lowrank(dy_ref, v_ref, g_ref, b_ref, h_ref, dpre_ref, part_ref, t_re
     _store_2d(dpre_ref, r0, c0, dpre, check_t, check_n)
     # this column block's share of t = dpre·bᵀ, and hᵀ·dpre for db
     t = lax.dot_general(dpre, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-    _store_2d(t_ref, j * padded_t + r0, 0, t, False, check_r)  # rows of block j's partial
-    h = _load_2d(h_ref, r0, block_t, 0, block_r, check_t, check_r)   # [bt, r]
+    _store_2d(t_ref, j * padded_t + r0, zero, t, False, check_r)  # rows of block j's partial
+    h = _load_2d(h_ref, r0, block_t, zero, block_r, check_t, check_r)   # [bt, r]
     hd = hd + lax.dot_general(h, dpre, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
     return acc + jnp.sum(dy * v, axis=0), hd
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,36 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
+
+
+class SplitGrid(NamedTuple):
+  """A column-blocks × row-splits grid (see :func:`split_grid`)."""
+
+  block_rows: int
+  block_cols: int
+  col_blocks: int
+  splits: int
+  rows_per_split: int
+
+  @property
+  def padded_rows(self) -> int:
+    """Rows the splits cover (``≥`` the array's; the rest are masked)."""
+    return self.splits * self.rows_per_split
+
+
+def split_grid(rows: int, cols: int, block_rows: int, block_cols: int,
+               programs: int) -> SplitGrid:
+  """Grid of a kernel that reduces over ``rows``: ``cols`` in blocks of
+  ``block_cols``, ``rows`` split so that there are about ``programs`` programs,
+  each walking its split in ``block_rows`` steps. Block sizes are capped at the
+  sizes rounded up to a power of two (floor 16), and no split starts past the end."""
+  block_cols = max(16, min(block_cols, next_pow2(cols)))
+  block_rows = max(16, min(block_rows, next_pow2(rows)))
+  col_blocks = cdiv(cols, block_cols)
+  splits = max(1, min(cdiv(rows, block_rows), cdiv(programs, col_blocks)))
+  rows_per_split = cdiv(cdiv(rows, splits), block_rows) * block_rows
+  return SplitGrid(block_rows, block_cols, col_blocks, cdiv(rows, rows_per_split),
+                   rows_per_split)
 
 
 @dataclasses.dataclass(frozen=True)

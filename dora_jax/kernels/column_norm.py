@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dora_jax._checks import check_scale, check_weights
-from dora_jax.kernels._common import cdiv, next_pow2, resolve_interpret
+from dora_jax.kernels._common import cdiv, next_pow2, resolve_interpret, split_grid
 from dora_jax.kernels.dual_matmul import _load_1d, _load_2d, _store_2d
 
 _F32 = jnp.float32
@@ -140,13 +140,9 @@ def column_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale, 
                      "(use dora_jax.factored_norm for other dtypes)")
   kernel, lora_a, lora_b = (lax.stop_gradient(v) for v in (kernel, lora_a, lora_b))
   cfg = config or ColumnNormConfig()
-  block_n = max(16, min(cfg.block_n, next_pow2(d_out)))
-  block_m = max(16, min(cfg.block_m, next_pow2(d_in)))
+  block_m, block_n, n_blocks, splits, rows_per_split = split_grid(
+      d_in, d_out, cfg.block_m, cfg.block_n, cfg.programs)
   block_k = max(16, min(cfg.block_k, next_pow2(rank)))
-  n_blocks = cdiv(d_out, block_n)
-  splits = max(1, min(cdiv(d_in, block_m), cdiv(cfg.programs, n_blocks)))
-  rows_per_split = cdiv(cdiv(d_in, splits), block_m) * block_m
-  splits = cdiv(d_in, rows_per_split)  # no program starts past the end
   body = functools.partial(
       _kernel, rank=rank, rows_per_split=rows_per_split, block_m=block_m, block_n=block_n,
       block_k=block_k, check_m=splits * rows_per_split != d_in, check_n=d_out % block_n != 0)

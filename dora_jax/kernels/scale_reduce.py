@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dora_jax._checks import check_float
-from dora_jax.kernels._common import cdiv, next_pow2, resolve_interpret
+from dora_jax.kernels._common import next_pow2, resolve_interpret, split_grid
 from dora_jax.kernels.dual_matmul import _load_1d, _load_2d, _store_2d
 
 _F32 = jnp.float32
@@ -90,12 +90,8 @@ def scale_reduce(dy: jax.Array, pre: jax.Array, g: jax.Array, *,
                      "[T, N], [T, N] and [N]")
   cfg = config or ScaleReduceConfig()
   tokens, n = dy.shape
-  block_n = max(16, min(cfg.block_n, next_pow2(n)))
-  block_t = max(16, min(cfg.block_t, next_pow2(tokens)))
-  n_blocks = cdiv(n, block_n)
-  splits = max(1, min(cdiv(tokens, block_t), cdiv(cfg.programs, n_blocks)))
-  rows_per_split = cdiv(cdiv(tokens, splits), block_t) * block_t
-  splits = cdiv(tokens, rows_per_split)  # no program starts past the end
+  block_t, block_n, n_blocks, splits, rows_per_split = split_grid(
+      tokens, n, cfg.block_t, cfg.block_n, cfg.programs)
   kernel = functools.partial(
       _kernel, rows_per_split=rows_per_split, block_t=block_t, block_n=block_n,
       check_t=splits * rows_per_split != tokens, check_n=n % block_n != 0)
@@ -207,14 +203,10 @@ def scale_reduce_lowrank(dy: jax.Array, v: jax.Array, g: jax.Array, lora_b: jax.
   if rank > LOWRANK_MAX_RANK:
     raise ValueError(f"scale_reduce_lowrank: rank {rank} is above {LOWRANK_MAX_RANK}")
   cfg = config or LOWRANK_CONFIG
-  block_n = max(16, min(cfg.block_n, next_pow2(n)))
-  block_t = max(16, min(cfg.block_t, next_pow2(tokens)))
+  grid = split_grid(tokens, n, cfg.block_t, cfg.block_n, cfg.programs)
+  block_t, block_n, n_blocks, splits, rows_per_split = grid
   block_r = max(16, next_pow2(rank))
-  n_blocks = cdiv(n, block_n)
-  splits = max(1, min(cdiv(tokens, block_t), cdiv(cfg.programs, n_blocks)))
-  rows_per_split = cdiv(cdiv(tokens, splits), block_t) * block_t
-  splits = cdiv(tokens, rows_per_split)
-  padded_t = splits * rows_per_split
+  padded_t = grid.padded_rows
   kernel = functools.partial(
       _kernel_lowrank, rows_per_split=rows_per_split, padded_t=padded_t, block_t=block_t,
       block_n=block_n, block_r=block_r, check_t=padded_t != tokens, check_n=n % block_n != 0,

@@ -20,7 +20,17 @@ def gpu_available() -> bool:
   return jax.default_backend() == "gpu"
 
 
+# Files whose tests share an expensive module fixture (an 8-device subprocess,
+# a PyTorch subprocess): under pytest-xdist (`-n N`, `--dist loadgroup` set in
+# pyproject.toml) each runs on one worker, so the fixture runs once.
+_ONE_WORKER_FILES = ("test_sharding.py", "test_peft_compat.py", "test_llama.py",
+                     "test_embed_conv.py")
+
+
 def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.path.name in _ONE_WORKER_FILES:
+      item.add_marker(pytest.mark.xdist_group(item.path.stem))
   if gpu_available():
     return
   skip = pytest.mark.skip(reason="needs an NVIDIA GPU")

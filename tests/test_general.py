@@ -9,6 +9,7 @@ traced training step forms no ``[d_in, d_out]`` matmul output.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import pytest
 
 from dora_jax import general
 from reference import f64, rel_err
-from test_memory import _sub_jaxprs
+from test_memory import dot_output_shapes
 
 # (equation, input shape, kernel shape): gemma's q/kv/gating einsums, the
 # attention output (two contracted axes), a block-diagonal (batched) kernel,
@@ -150,22 +151,9 @@ def test_dot_general_equals_einsum(fresh_key):
 def _kernel_sized_dots(closed, kernel_shape):
   """Every dot_general output (recursively) that holds a whole kernel-shaped value:
   all of the kernel's dimensions among its own, and at least its size."""
-  from collections import Counter
   want, size = Counter(kernel_shape), math.prod(kernel_shape)
-  found = []
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        for out in eqn.outvars:
-          shape = tuple(out.aval.shape)
-          if math.prod(shape) >= size and not want - Counter(shape):
-            found.append(shape)
-      for sub in _sub_jaxprs(eqn):
-        visit(sub)
-
-  visit(closed.jaxpr)
-  return found
+  return [shape for shape in dot_output_shapes(closed)
+          if math.prod(shape) >= size and not want - Counter(shape)]
 
 
 def test_frozen_kernel_cotangent_skipped_and_no_dense_matmul():

@@ -316,8 +316,9 @@ def _labels_for(layout: WeightLayout) -> _Labels:
 def weight_sq_norm(kernel: jax.Array, layout: WeightLayout) -> jax.Array:
   """``‖W_j‖²`` over the contracted axes, ``[*B, *O]`` float32 (float64 for float64).
 
-  The magnitude's init is its square root; frozen, it can be cached and passed
-  as ``base_sq_norm``.
+  Frozen, it can be cached and passed as ``base_sq_norm``. Initialise the
+  magnitude with :func:`init_magnitude` (its square root, compiled so that it
+  matches the norm bit for bit), not with an eager ``sqrt`` of this.
   """
   layout._check_kernel(kernel)
   check_float("kernel", kernel)

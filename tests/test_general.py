@@ -18,7 +18,7 @@ import pytest
 
 from dora_jax import general
 from reference import f64, rel_err
-from test_memory import dot_output_shapes
+from test_memory import dot_equations, dot_output_shapes
 
 # (equation, input shape, kernel shape): gemma's q/kv/gating einsums, the
 # attention output (two contracted axes), a block-diagonal (batched) kernel,
@@ -312,15 +312,4 @@ def test_exact_gradient_float32_and_one_more_kernel_read(fresh_key):
 
 
 def _dot_operand_shapes(closed):
-  from test_memory import _sub_jaxprs
-  found = []
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        found.append({tuple(v.aval.shape) for v in eqn.invars})
-      for sub in _sub_jaxprs(eqn):
-        visit(sub)
-
-  visit(closed.jaxpr)
-  return found
+  return [{tuple(v.aval.shape) for v in eqn.invars} for eqn in dot_equations(closed)]

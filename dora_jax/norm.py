@@ -15,7 +15,7 @@ Two numerical hazards of that sum are handled per column:
 * Cancellation. Where the update nearly cancels its column
   (``W_j ≈ −s(ab)_j``) the three terms are each about ``‖W_j‖²`` while their
   sum is far smaller, and the sum keeps only the terms' absolute rounding
-  error (``‖W+s·a·b‖/‖W‖ = 10⁻³`` leaves about two correct digits in
+  error (at ``‖W+s·a·b‖/‖W‖ = 10⁻³`` about one correct digit is left in
   float32). Each column's sum is compared with the sum of its summands'
   magnitudes (:func:`cancelled_columns`); the flagged columns, rare in
   practice, are recomputed from ``W_j + s(ab)_j`` itself
@@ -52,13 +52,13 @@ NORM_EPS = 1e-12
 #: A column counts as cancelled when its squared norm from the three terms is
 #: below this fraction of the sum of its summands' magnitudes (``bound``).
 #: The sum's rounding error is about ``γ·bound``; γ measured on the CPU ranges
-#: from 2·2⁻²⁴ (rank ≥ 3) to 21·2⁻²⁴ (rank 1, d_in = 2048, where a
+#: from about 3·2⁻²⁴ (rank ≥ 3) to 21·2⁻²⁴ (rank 1, d_in = 2048, where a
 #: vector-matrix product accumulates sequentially) and grows like √d_in. An
 #: unflagged column's relative error is at most ``γ / (2·CANCEL_RATIO)``: about
-#: 2e-5 at the worst γ measured, 1e-4 at γ ≈ 100·2⁻²⁴. Columns flagged here have
-#: ``‖W + s·a·b‖ ≲ 0.35·‖W‖`` with an update as large as the column and
-#: pointing against it; ordinary fine-tuning (``s·‖ab_j‖ ≪ ‖W_j‖``) never
-#: comes near.
+#: 2e-5 at the worst γ measured, 1e-4 at γ ≈ 100·2⁻²⁴. An update that cancels
+#: its column (``s·‖ab_j‖ ≈ ‖W_j‖``, opposite directions) is flagged from
+#: ``‖W_j + s(ab)_j‖ ≈ 0.35·‖W_j‖`` down; ordinary fine-tuning
+#: (``s·‖ab_j‖ ≪ ‖W_j‖``) never comes near.
 CANCEL_RATIO = 2.0**-5
 
 #: Columns recomputed per round by :func:`refine_cancelled` (a static size:
@@ -432,14 +432,23 @@ def _factored_norm(kernel, lora_a, lora_b, scale, base_sq_norm, *, chunk: int, m
 
   combined = _combine(terms, scale, _overflow_limit(acc))
   sq = combined.sq
-  # What refinement costs when nothing cancels: the flags are a [d_out]
-  # comparison fused with the combine above; nothing reads W or any
-  # [T, d_out] array again. "columns" off the GPU runs its while_loop zero
-  # times (the predicate is a [d_out] reduction); on a GPU, whose runtime
-  # would read that predicate on the host, its one static round gathers
-  # REFINE_COLUMNS columns of W ([d_in, K], K/d_out of W) and b. "kernel"
-  # launches programs that each read their tile's flags and return, writing
-  # nothing (sq is updated in place).
+  # Refinement. Cancelling columns are rare and their number is known only on
+  # the device, so the work must be decided there without a host round trip
+  # (XLA's GPU runtime copies a lax.cond or while_loop predicate to the host,
+  # a stall per call), and must cost nothing when no column cancels:
+  # * "columns" (XLA, any platform and layout): a static-size set of the K
+  #   most cancelled columns is gathered ([d_in, K] of W, [r, K] of b) and
+  #   formed densely. Off the GPU the rounds run in a while_loop, zero times
+  #   when nothing cancels (its predicate is a [d_out] reduction), as many
+  #   as needed otherwise. On a GPU one round always runs (K/d_out of W, no
+  #   control flow); columns beyond K keep the factored value there, so a
+  #   GPU prefers:
+  # * "kernel" (GPU, arrays not split across devices): one Pallas launch over
+  #   column tiles; a tile without a flagged column reads its flags and
+  #   returns, writing nothing (sq is aliased), a tile with one recomputes
+  #   its columns over all of d_in. Exact for any number of flagged columns.
+  # Beyond that nothing reads W again, and there is no [T, d_out] operand here
+  # at all; the flags are a [d_out] comparison fused with the combine.
   if mode == "columns":
     inv_c = 1.0 / combined.c
 

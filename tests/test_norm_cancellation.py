@@ -71,7 +71,8 @@ def column_errors(norm, expected):
 
 
 def _norm(refine, chunk_size=None):
-  return jax.jit(lambda *v: dora_jax.factored_norm(*v, refine=refine, chunk_size=chunk_size))
+  options = {"chunk_size": chunk_size} | ({} if refine == "auto" else {"refine": refine})
+  return jax.jit(lambda *v: dora_jax.factored_norm(*v, **options))
 
 
 @pytest.mark.parametrize("refine", REFINES)
@@ -284,7 +285,7 @@ def test_gradients_follow_the_factored_terms(fresh_key):
   factored sum's gradient, which matches float64."""
   scale = 0.7
   w, a, b = cancelling_layer(fresh_key(), 40, 27, 3, scale)
-  flagged = cancellation_ratio(w, a, b, scale) < 0.2
+  flagged = cancellation_ratio(w, a, b, scale) < 0.5  # all the refinement may touch
   cot = jnp.asarray(np.where(flagged, 0.0, 1.0 + np.arange(27) / 27), jnp.float32)
 
   def grads(refine):

@@ -198,8 +198,9 @@ def _combine(terms, scale, limit: float) -> _Combined:
   summand is at most ``limit`` (overflowed products compare as inf, so they
   fail the test): there the arithmetic is the plain
   ``‖W‖² + 2s·X + s·(s·Y)`` bit for bit (division by 1 is exact). Elsewhere
-  ``c`` is the largest summand's square root, which brings every scaled
-  summand to at most 2 (``|X| ≤ ‖W‖·‖ab‖``): the norm ``c·√sq`` stays finite
+  ``c`` is the square root of the largest summand magnitude (``‖W‖²``,
+  ``2|s|·Σ|bU|``, ``s²·Σ|b·Gb|``, each formed without overflow), which
+  brings every scaled summand to at most 1: the norm ``c·√sq`` stays finite
   whenever it fits the dtype and ``‖W_j‖²`` itself does. A summand scaled
   below the smallest normal number is then under 2⁻¹²⁶ of the largest,
   negligible.

@@ -2,11 +2,13 @@
 
 Interpret mode on the CPU (Triton on a GPU); the all-float32 path is checked
 against float64 through ``factored_norm(refine="kernel")`` in
-``test_norm_cancellation.py``. Shapes are not multiples of the blocks, so the row, column and rank masks and the partial tiles all run;
-flagged columns sit in some tiles and none in the last ones, so the tiles
-that return at once (writing nothing: ``sq`` is aliased) are exercised too. Tolerances: float32 reassociation between
-the kernel's tile sums and the twin's dense sum (2e-6 of the column's sum of
-squared magnitudes), and the untouched columns bit for bit.
+``test_norm_cancellation.py``. Shapes are not multiples of the blocks, so the
+row, column and rank masks and the partial tiles all run; flagged columns sit
+in some tiles and none in the last ones, so the tiles that return at once
+(writing nothing: ``sq`` is aliased) are exercised too. Tolerances: float32
+reassociation between the kernel's tile sums and the twin's dense sum (2e-6
+of the column's sum of squared magnitudes), and the untouched columns bit for
+bit.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The factored norm's cancelled columns recomputed on the GPU, only where flagged (Pallas, Triton lowering).
+"""Cancelled columns of the factored norm, recomputed only where flagged (Pallas, Triton).
 
 :func:`dora_jax.factored_norm` sums three terms per column; where the update
 nearly cancels its column (``W_j ≈ −s(ab)_j``) that sum loses float32

@@ -196,9 +196,9 @@ class _Frame:
 
 @dataclasses.dataclass
 class _Run:
-  """What one outermost intercepted call saw."""
+  """What one outermost intercepted call saw (a jit cache hit runs none: the
+  interception keys the caches, so a hit was checked when it was traced)."""
 
-  events: int = 0
   adapted: list = dataclasses.field(default_factory=list)
   candidates: dict = dataclasses.field(default_factory=dict)
   matched: dict = dataclasses.field(default_factory=dict)
@@ -270,11 +270,11 @@ class Interception:
       return self._dense(module, path, args, kwargs)
     frame = _Frame(module, path, matched)
     root = not self.frames
+    if root and not hasattr(type(module), context.method_name):
+      return next_fun(*args, **kwargs)  # Flax's own calls (e.g. an abstract setup check)
     if root:
       self._run = _Run()
       _patches.acquire()
-    else:
-      self._run.events += 1
     if matched:
       self._run.matched.setdefault(path or "<root>", type(module).__name__)
     self.frames.append(frame)
@@ -334,7 +334,6 @@ class Interception:
 
   def on_einsum(self, original, args, kwargs):
     frame = self.frames[-1]
-    self._run.events += 1
     if len(args) != 3 or not isinstance(args[0], str):
       return original(*args, **kwargs)
     spec, x, w = args
@@ -354,7 +353,6 @@ class Interception:
 
   def on_dot_general(self, original, signature, args, kwargs):
     frame = self.frames[-1]
-    self._run.events += 1
     try:
       bound = signature.bind(*args, **kwargs)
     except TypeError:
@@ -377,8 +375,8 @@ class Interception:
 
   def _check(self, root: nn.Module, run: _Run) -> None:
     """No silent no-op: a run that could create or use adapters but adapted nothing raises."""
-    if run.adapted or run.events == 0:
-      return  # adapted, or served from a jit cache traced under this same interception
+    if run.adapted:
+      return
     mutable = root.is_mutable_collection(ADAPTER_COLLECTION)
     given = bool(root.variables.get(ADAPTER_COLLECTION))
     if not (mutable or given):

@@ -204,6 +204,14 @@ class _Run:
   matched: dict = dataclasses.field(default_factory=dict)
 
 
+def _is_entry_point(module: nn.Module, method_name: str) -> bool:
+  """Whether a call can be the model's outermost one: a method of the module's class,
+  not a lazy ``setup``, an attribute lookup or a Flax internal (e.g. its setup check)."""
+  if method_name == "setup" or (method_name.startswith("__") and method_name != "__call__"):
+    return False
+  return hasattr(type(module), method_name)
+
+
 def _matcher(targets) -> tuple[Callable[[str, nn.Module], bool], re.Pattern | None]:
   if callable(targets) and not isinstance(targets, (str, re.Pattern)):
     return targets, None
@@ -270,8 +278,8 @@ class Interception:
       return self._dense(module, path, args, kwargs)
     frame = _Frame(module, path, matched)
     root = not self.frames
-    if root and not hasattr(type(module), context.method_name):
-      return next_fun(*args, **kwargs)  # Flax's own calls (e.g. an abstract setup check)
+    if root and not _is_entry_point(module, context.method_name):
+      return next_fun(*args, **kwargs)
     if root:
       self._run = _Run()
       _patches.acquire()

@@ -130,11 +130,38 @@ def _forward(x, kernel, lora_a, lora_b, magnitude, norm, base_sq_norm, x_dropped
   One compiled program, so an eager call rounds the norm as a jitted model does.
   """
   if x_dropped is None:
-    return op.dora(x, kernel, lora_a, lora_b, magnitude, scale, norm, base_sq_norm)
+    return _materialized(op.dora(x, kernel, lora_a, lora_b, magnitude, scale, norm,
+                                 base_sq_norm))
   y = op.dora(x_dropped, kernel, lora_a, lora_b, magnitude, scale, norm, base_sq_norm)
   rest = op.base(x - x_dropped, kernel)
   acc = jnp.promote_types(y.dtype, jnp.float32)
-  return (y.astype(acc) + rest.astype(acc)).astype(y.dtype)
+  return _materialized((y.astype(acc) + rest.astype(acc)).astype(y.dtype))
+
+
+@jax.custom_vjp
+def _materialized(y):
+  """``y``, written out before its consumers use it (forward only).
+
+  XLA fuses the DoRA epilogue ``g ⊙ (base + s·h·b)`` into the layer's
+  consumers (a residual add and an RMSNorm, say), which can change how those
+  consumers' reductions are compiled and round: Gemma3's attention output
+  (two contracted axes) came out 3.8e-6 off the base at init that way, although
+  the layer's own output was bit-exact. Materialising ``y``, as the base op's
+  output is, keeps the rest of the model compiled as in the base model. The
+  cotangent passes through unchanged (no barrier in the backward).
+  """
+  return lax.optimization_barrier(y)
+
+
+def _materialized_fwd(y):
+  return lax.optimization_barrier(y), None
+
+
+def _materialized_bwd(_, dy):
+  return (dy,)
+
+
+_materialized.defvjp(_materialized_fwd, _materialized_bwd)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -21,10 +21,6 @@ import optax
 import pytest
 from jax import lax
 
-import _general_standin
-
-_general_standin.install()
-
 from adapter_helpers import np_rng  # noqa: E402
 from dora_jax.linen import (cache_base_norms, intercept_dora, merge_params)  # noqa: E402
 from reference import f64, rel_err  # noqa: E402

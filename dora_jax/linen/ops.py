@@ -34,16 +34,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dora_jax import _adapter
+from dora_jax import _adapter, general
 from dora_jax.dense import lora_scale
 from dora_jax.linen._common import (ADAPTER_COLLECTION, ADAPTER_NAMES, CACHE_COLLECTION,
                                     check_settings)
 from dora_jax.linen.dense import dropped_input
-
-
-def _general():
-  from dora_jax import general
-  return general
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +90,6 @@ class WeightOp(NamedTuple):
 
   def layout(self, x_shape, kernel_shape):
     """The weight's :class:`dora_jax.general.WeightLayout` in this op."""
-    general = _general()
     if self.kind == "einsum":
       return general.einsum_layout(self.spec, x_shape, kernel_shape)
     return general.dot_general_layout(self.dimension_numbers, x_shape, kernel_shape)
@@ -109,7 +103,6 @@ class WeightOp(NamedTuple):
                            preferred_element_type=self.preferred_element_type)
 
   def dora(self, x, kernel, lora_a, lora_b, magnitude, scale, norm, base_sq_norm):
-    general = _general()
     kw = dict(precision=self.precision, preferred_element_type=self.preferred_element_type,
               norm=norm, base_sq_norm=base_sq_norm)
     if self.kind == "einsum":
@@ -164,14 +157,9 @@ def _materialized_bwd(_, dy):
 _materialized.defvjp(_materialized_fwd, _materialized_bwd)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _init_magnitude(kernel, layout, dtype):
-  return jnp.sqrt(_general().weight_sq_norm(kernel, layout)).astype(dtype)
-
-
 @functools.partial(jax.jit, static_argnums=(1,))
 def _base_sq_norm(kernel, layout):
-  return _general().weight_sq_norm(kernel, layout)
+  return general.weight_sq_norm(kernel, layout)
 
 
 def base_sq_norm(kernel: jax.Array, layout) -> jax.Array:
@@ -188,7 +176,7 @@ def _cached_norm(kernel, lora_a, lora_b, scale, layout, cache, stamp, base_sq):
   valid = jnp.all(new_stamp == stamp)
   a, b = lax.stop_gradient(lora_a), lax.stop_gradient(lora_b)
   norm = lax.cond(valid, lambda: lax.stop_gradient(cache).astype(jnp.float32),
-                  lambda: _general().weight_norm(kernel, a, b, scale, layout,
+                  lambda: general.weight_norm(kernel, a, b, scale, layout,
                                                  base_sq_norm=base_sq).astype(jnp.float32))
   return norm, norm, new_stamp
 
@@ -219,7 +207,7 @@ def _adapters(module: nn.Module, name: str, layout, kernel, settings: Settings,
   group = {
       "lora_a": _adapter.init_lora_a(scope.make_rng("params"), a_shape, layout.d_in, dtype),
       "lora_b": jnp.zeros(b_shape, dtype),
-      "magnitude": _init_magnitude(kernel, layout, dtype),
+      "magnitude": general.init_magnitude(kernel, layout, dtype),
   }
   scope.put_variable(ADAPTER_COLLECTION, name, group)
   return group

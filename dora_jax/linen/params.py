@@ -21,17 +21,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from dora_jax import _adapter
+from dora_jax import _adapter, general
 from dora_jax.conv import conv_merge_kernel
 from dora_jax.dense import lora_scale, merge_kernel
 from dora_jax.linen import ops
 from dora_jax.linen._common import (ADAPTER_COLLECTION, CACHE_COLLECTION, adapter_groups,
                                     dict_at, fresh_copy, join, node_at)
-
-
-def _general():
-  from dora_jax import general
-  return general
 
 
 def _collection(variables: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -52,16 +47,16 @@ def _shapes(layout, rank: int) -> tuple[tuple[int, ...], ...]:
 
 def _candidate_layouts(shape, a_shape, b_shape, m_shape) -> list:
   """Every :class:`WeightLayout` of a ``shape`` kernel under which the adapters have these shapes."""
-  general = _general()
   n = len(shape)
   found = []
   for roles in itertools.product("cbo", repeat=n):
-    layout = general.WeightLayout(
-        tuple(int(d) for d in shape),
-        contracted=tuple(i for i in range(n) if roles[i] == "c"),
-        batch=tuple(i for i in range(n) if roles[i] == "b"),
-        output=tuple(i for i in range(n) if roles[i] == "o"))
-    if not layout.contracted:
+    try:
+      layout = general.WeightLayout(
+          tuple(int(d) for d in shape),
+          contracted=tuple(i for i in range(n) if roles[i] == "c"),
+          batch=tuple(i for i in range(n) if roles[i] == "b"),
+          output=tuple(i for i in range(n) if roles[i] == "o"))
+    except ValueError:  # not a layout (e.g. nothing contracted)
       continue
     rank = a_shape[-1] if a_shape else 0
     if _shapes(layout, rank) == (tuple(a_shape), tuple(b_shape), tuple(m_shape)):
@@ -140,13 +135,11 @@ def merge_params(params: Mapping[str, Any], adapters: Mapping[str, Any], *, alph
   wrapped = "params" in params and isinstance(params["params"], Mapping)
   tree = fresh_copy(params["params"] if wrapped else params)
   ad = fresh_copy(_collection(adapters, ADAPTER_COLLECTION))
-  general = None
   for path, group, holder, name, op_level in _targets(tree, ad, "merge_params"):
     a, b, m = group["lora_a"], group["lora_b"], group["magnitude"]
     scale = lora_scale(alpha, int(a.shape[-1]), rslora=rslora)
     w = holder[name]
     if op_level:
-      general = general or _general()
       layout = weight_layout(join(path), w, group, layouts, "merge_params")
       holder[name] = general.merge_weight(w, a, b, m, scale, layout)
     elif name == "kernel" and w.ndim >= 3:

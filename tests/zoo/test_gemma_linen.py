@@ -27,10 +27,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from gemma import gm  # noqa: E402
 
-import _general_standin  # noqa: E402
-
-_general_standin.install()
-
 from dora_jax.linen import intercept_dora, merge_params  # noqa: E402
 from reference import f64, rel_err  # noqa: E402
 

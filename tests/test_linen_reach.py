@@ -428,3 +428,19 @@ def test_dropout_and_cached_norm_op_level(fresh_key):
   with intercept_dora(".*", rank=RANK, alpha=ALPHA):
     assert rel_err(y3, model.apply({**variables, **moved}, x)) < 1e-6
   assert dora.layouts["kernel"].output == (0, 2)
+
+
+def test_training_step_has_no_kernel_sized_product(fresh_key):
+  """The intercepted native-layout einsum's training step (gradients of the ``dora``
+  collection) forms nothing kernel-sized: no ``W + s·a·b`` and no kernel cotangent."""
+  from test_memory import dot_output_shapes
+
+  model = nn.Einsum((4, 16, 8), "BTD,NDH->BTNH", use_bias=False)
+  x = jnp.ones((1, 3, 16))
+  variables = model.init(fresh_key(), x)
+  with intercept_dora(".*", rank=RANK, alpha=ALPHA):
+    _, adapters = model.apply(variables, x, rngs={"params": fresh_key()}, mutable=["dora"])
+    closed = jax.make_jaxpr(jax.grad(lambda ad: jnp.sum(model.apply({**variables, "dora": ad},
+                                                                    x) ** 2)))(adapters["dora"])
+  shapes = dot_output_shapes(closed)
+  assert shapes and all(math.prod(s) < 4 * 16 * 8 for s in shapes), shapes

@@ -2,7 +2,7 @@
 
 Each test module guards its imports with a module-level ``pytest.importorskip``,
 so the main environment (without the zoo packages) skips them. With
-``DORA_JAX_REQUIRE_ZOO=1`` (the zoo CI stage) a skip at collection becomes a
+``DORA_JAX_ZOO_REQUIRED=1`` (the zoo CI stage) a skip at collection becomes a
 failure: a missing or broken zoo package must not pass silently.
 """
 
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-REQUIRE_ENV = "DORA_JAX_REQUIRE_ZOO"
+REQUIRE_ENV = "DORA_JAX_ZOO_REQUIRED"
 
 
 @pytest.hookimpl(hookwrapper=True)

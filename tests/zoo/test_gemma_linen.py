@@ -18,7 +18,7 @@ import math
 
 import pytest
 
-pytest.importorskip("gemma")  # tests/zoo/conftest.py: DORA_JAX_REQUIRE_ZOO=1 makes this fail
+pytest.importorskip("gemma")  # tests/zoo/conftest.py: DORA_JAX_ZOO_REQUIRED=1 makes this fail
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -21,9 +21,10 @@ import optax
 import pytest
 from jax import lax
 
-from adapter_helpers import np_rng  # noqa: E402
-from dora_jax.linen import (cache_base_norms, intercept_dora, merge_params)  # noqa: E402
-from reference import f64, rel_err  # noqa: E402
+from adapter_helpers import np_rng
+from dora_jax.linen import cache_base_norms, intercept_dora, merge_params
+from layout_reference import merged_weight64, perturb
+from reference import f64, rel_err
 
 RANK, ALPHA = 2, 3.0
 SCALE = ALPHA / RANK
@@ -89,34 +90,6 @@ def _rand_like(rng, tree, scale=0.3):
   return jax.tree.map(lambda v: jnp.asarray(scale * rng.standard_normal(v.shape), v.dtype), tree)
 
 
-def _perturb(rng, adapters):
-  """Non-zero ``lora_b`` and a magnitude away from ``‖W‖`` (so ``g ≠ 1``)."""
-  def one(path, v):
-    name = path[-1].key
-    if name == "lora_b":
-      return jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
-    if name == "magnitude":
-      return jnp.asarray(np.asarray(v) * (1 + 0.2 * rng.standard_normal(v.shape)), v.dtype)
-    return v
-  return jax.tree_util.tree_map_with_path(one, adapters)
-
-
-def _merged_weight64(w, a, b, m, roles):
-  """``g ⊙ (W + s·a·b)`` in float64 and ``w``'s layout, through the ``[*B, d_in, d_out]`` view."""
-  c, bt, o = roles
-  w = f64(w)
-  sizes = [[w.shape[i] for i in axes] for axes in (bt, c, o)]
-  nb, ni, no = (math.prod(s) for s in sizes)
-  perm = bt + c + o
-  w2 = np.transpose(w, perm).reshape(nb, ni, no)
-  a2 = f64(a).reshape(nb, ni, -1)
-  b2 = f64(b).reshape(nb, -1, no)
-  v = w2 + SCALE * a2 @ b2
-  g = f64(m).reshape(nb, no) / np.sqrt(np.sum(v * v, axis=1))
-  eff = (g[:, None, :] * v).reshape(*sizes[0], *sizes[1], *sizes[2])
-  return np.transpose(eff, np.argsort(perm))
-
-
 def _op64(op, x, w):
   kind, arg = op
   if kind == "es":
@@ -167,15 +140,15 @@ def test_linen_layouts(case, fresh_key):
     y0_jit = jax.jit(module.apply)({**variables, **adapters}, x)
     np.testing.assert_array_equal(np.asarray(y0_jit), np.asarray(y_base_jit))
 
-    tuned = {"dora": _perturb(rng, adapters["dora"])}
+    tuned = {"dora": perturb(rng, adapters["dora"])}
     y = module.apply({**variables, **tuned}, x)
     target = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
     losses, _ = _train(module, variables, adapters["dora"], x, target)
   # the float64 reference: the merged weight through the layer's own contraction, + bias
   (path, roles), = expected.items()
   group = tuned["dora"][path]
-  w_eff = _merged_weight64(variables["params"]["kernel"], group["lora_a"], group["lora_b"],
-                           group["magnitude"], roles)
+  w_eff = merged_weight64(variables["params"]["kernel"], group["lora_a"], group["lora_b"],
+                          group["magnitude"], SCALE, roles)
   ref = _op64(op, x, w_eff)
   if "bias" in variables["params"]:
     ref = ref + (f64(y_base) - _op64(op, x, f64(variables["params"]["kernel"])))
@@ -204,15 +177,15 @@ def test_custom_module_two_params_dot_general_and_einsum(fresh_key):
     lw, lv = dora.layouts["inner/w"], dora.layouts["inner/v"]
     assert (lw.contracted, lw.output, lv.contracted, lv.output) == ((1,), (0,), (0,), (1,))
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(y_base))
-    tuned = {"dora": _perturb(rng, adapters["dora"])}
+    tuned = {"dora": perturb(rng, adapters["dora"])}
     y = model.apply({**variables, **tuned}, x)
     target = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
     losses, _ = _train(model, variables, adapters["dora"], x, target)
   p, g = variables["params"]["inner"], tuned["dora"]["inner"]
-  w_eff = _merged_weight64(p["w"], *(g["w"][k] for k in ("lora_a", "lora_b", "magnitude")),
-                           ((1,), (), (0,)))
-  v_eff = _merged_weight64(p["v"], *(g["v"][k] for k in ("lora_a", "lora_b", "magnitude")),
-                           ((0,), (), (1,)))
+  w_eff = merged_weight64(p["w"], *(g["w"][k] for k in ("lora_a", "lora_b", "magnitude")),
+                          SCALE, ((1,), (), (0,)))
+  v_eff = merged_weight64(p["v"], *(g["v"][k] for k in ("lora_a", "lora_b", "magnitude")),
+                          SCALE, ((0,), (), (1,)))
   ref = np.einsum("...o,oe->...e", np.tanh(np.einsum("...i,oi->...o", f64(x), w_eff)), v_eff)
   assert rel_err(y, ref) < TOL
   assert losses[-1] < losses[0], losses
@@ -261,7 +234,7 @@ def test_nn_jit_cache_never_serves_another_interception(fresh_key):
   with intercept_dora("q|out", rank=RANK, alpha=ALPHA) as dora:
     _, adapters = model.apply(variables, x, rngs={"params": fresh_key()}, mutable=["dora"])
   assert dora.adapted == ["out", "q/kernel"]
-  tuned = {**variables, "dora": _perturb(rng, adapters["dora"])}
+  tuned = {**variables, "dora": perturb(rng, adapters["dora"])}
   y_outside = model.apply(tuned, x)            # traced outside: the adapters are ignored
   np.testing.assert_array_equal(np.asarray(y_outside), np.asarray(model.apply(variables, x)))
   with intercept_dora("q|out", rank=RANK, alpha=ALPHA):
@@ -346,7 +319,7 @@ def test_square_weight_needs_its_layout_to_merge(fresh_key):
   variables = model.init(fresh_key(), x)
   with intercept_dora(".*", rank=RANK, alpha=ALPHA) as dora:
     _, adapters = model.apply(variables, x, rngs={"params": fresh_key()}, mutable=["dora"])
-    tuned = {"dora": _perturb(rng, adapters["dora"])}
+    tuned = {"dora": perturb(rng, adapters["dora"])}
     y = model.apply({**variables, **tuned}, x)
   with pytest.raises(ValueError, match=r"fit 2 layouts .*layouts=dora.layouts"):
     merge_params(variables, tuned, alpha=ALPHA)
@@ -363,7 +336,7 @@ def test_cache_base_norms_op_level_same_step_fewer_kernel_reads(fresh_key):
   variables = {"params": _rand_like(rng, model.init(fresh_key(), x)["params"])}
   with intercept_dora("inner", rank=RANK, alpha=ALPHA) as dora:
     _, adapters = model.apply(variables, x, rngs={"params": fresh_key()}, mutable=["dora"])
-    tuned = _perturb(rng, adapters["dora"])
+    tuned = perturb(rng, adapters["dora"])
     cached = cache_base_norms({**variables, "dora": tuned}, layouts=dora.layouts)
     np.testing.assert_allclose(cached["dora_cache"]["inner"]["kernel"]["base_sq_norm"],
                                np.sum(f64(variables["params"]["inner"]["kernel"]) ** 2, axis=1),
@@ -411,7 +384,7 @@ def test_dropout_and_cached_norm_op_level(fresh_key):
   variables = {"params": _rand_like(rng, model.init(fresh_key(), x)["params"])}
   with intercept_dora(".*", rank=RANK, alpha=ALPHA) as dora:
     _, adapters = model.apply(variables, x, rngs={"params": fresh_key()}, mutable=["dora"])
-    tuned = {"dora": _perturb(rng, adapters["dora"])}
+    tuned = {"dora": perturb(rng, adapters["dora"])}
     y_ref = model.apply({**variables, **tuned}, x)
   for deterministic in (True, False):
     with intercept_dora(".*", rank=RANK, alpha=ALPHA, dropout=0.5,

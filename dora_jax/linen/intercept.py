@@ -104,7 +104,7 @@ _patches = _Patches()
 def _einsum_wrapper(original):
   def einsum(*args, **kwargs):
     session = _local.session
-    if session is None or _local.suspended or not session.frames:
+    if session is None or _local.suspended or not session._frames:
       return original(*args, **kwargs)
     return session.on_einsum(original, args, kwargs)
   einsum.__wrapped__ = original
@@ -116,7 +116,7 @@ def _dot_general_wrapper(original):
 
   def dot_general(*args, **kwargs):
     session = _local.session
-    if session is None or _local.suspended or not session.frames:
+    if session is None or _local.suspended or not session._frames:
       return original(*args, **kwargs)
     return session.on_dot_general(original, signature, args, kwargs)
   dot_general.__wrapped__ = original
@@ -204,6 +204,11 @@ class _Run:
   matched: dict = dataclasses.field(default_factory=dict)
 
 
+def _key(frame: _Frame, name: str) -> str:
+  """``"<module path>/<param>"`` (the param's name alone at the root)."""
+  return join((frame.path, name)) if frame.path else name
+
+
 def _is_entry_point(module: nn.Module, method_name: str) -> bool:
   """Whether a call can be the model's outermost one: a method of the module's class,
   not a lazy ``setup``, an attribute lookup or a Flax internal (e.g. its setup check)."""
@@ -239,7 +244,7 @@ class Interception:
     self._match, self._pattern = _matcher(targets)
     self.layouts: dict[str, Any] = {}
     self._adapted: set[str] = set()
-    self.frames: list[_Frame] = []
+    self._frames: list[_Frame] = []
     self._run: _Run | None = None
     try:
       hash(targets)
@@ -254,8 +259,7 @@ class Interception:
   def _wants(self, frame: _Frame, name: str) -> bool:
     if frame.matched:
       return True
-    return self._pattern is not None and self._pattern.fullmatch(
-        join((frame.path, name)) if frame.path else name) is not None
+    return self._pattern is not None and self._pattern.fullmatch(_key(frame, name)) is not None
 
   def _record(self, key: str, layout) -> None:
     old = self.layouts.get(key)
@@ -277,7 +281,7 @@ class Interception:
         and (matched or self._wants(_Frame(module, path, False), "kernel"))):
       return self._dense(module, path, args, kwargs)
     frame = _Frame(module, path, matched)
-    root = not self.frames
+    root = not self._frames
     if root and not _is_entry_point(module, context.method_name):
       return next_fun(*args, **kwargs)
     if root:
@@ -285,11 +289,11 @@ class Interception:
       _patches.acquire()
     if matched:
       self._run.matched.setdefault(path or "<root>", type(module).__name__)
-    self.frames.append(frame)
+    self._frames.append(frame)
     try:
       out = next_fun(*args, **kwargs)
     finally:
-      self.frames.pop()
+      self._frames.pop()
       if root:
         _patches.release()
     if root:
@@ -326,67 +330,68 @@ class Interception:
       lhs = find_param(frame.module, x)
       if lhs is not None and self._wants(frame, lhs):
         raise NotImplementedError(
-            f"intercept_dora: {join((frame.path, lhs)) if frame.path else lhs!r} enters {what} "
+            f"intercept_dora: {_key(frame, lhs)!r} enters {what} "
             "as the first operand; DoRA adapts a weight that is the second (rhs) operand")
       return None
-    key = join((frame.path, name)) if frame.path else name
+    key = _key(frame, name)
     self._run.candidates.setdefault(key, f"{what} in {type(frame.module).__name__}")
     return name if self._wants(frame, name) else None
 
   def _adapt(self, frame: _Frame, name: str, op: ops.WeightOp, x, w):
-    key = join((frame.path, name)) if frame.path else name
+    key = _key(frame, name)
     with _suspended():
       y, layout = ops.adapted_op(frame.module, name, op, x, w, self.settings, where=key)
     self._record(key, layout)
     return y
 
+  def _intercepted(self, original, args, kwargs, x, w, what: str, unsupported: list,
+                   make_op):
+    """DoRA in place of the call when ``w`` is a targeted weight, else the call itself."""
+    frame = self._frames[-1]
+    name = self._weight(frame, x, w, what)
+    if name is None:
+      return original(*args, **kwargs)
+    if unsupported:
+      raise NotImplementedError(f"intercept_dora: {_key(frame, name)!r}: {what} with "
+                                f"{', '.join(unsupported)} is not supported")
+    return self._adapt(frame, name, make_op(), x, w)
+
   def on_einsum(self, original, args, kwargs):
-    frame = self.frames[-1]
     if len(args) != 3 or not isinstance(args[0], str):
       return original(*args, **kwargs)
     spec, x, w = args
-    what = f"jnp.einsum('{spec}')"
-    name = self._weight(frame, x, w, what)
-    if name is None:
-      return original(*args, **kwargs)
-    key = join((frame.path, name)) if frame.path else name
-    unsupported = sorted(k for k, v in kwargs.items()
-                         if k not in _EINSUM_KWARGS and v is not None)
-    if unsupported or "->" not in spec:
-      why = (f"keyword arguments {unsupported}" if unsupported
-             else "an implicit output (no '->')")
-      raise NotImplementedError(f"intercept_dora: {key!r}: {what} with {why} is not supported")
-    op = ops.WeightOp.einsum(spec, kwargs.get("precision"), kwargs.get("preferred_element_type"))
-    return self._adapt(frame, name, op, x, w)
+    unsupported = [f"{k}=" for k, v in sorted(kwargs.items())
+                   if k not in _EINSUM_KWARGS and v is not None]
+    if "->" not in spec:
+      unsupported.append("an implicit output (no '->')")
+    return self._intercepted(
+        original, args, kwargs, x, w, f"jnp.einsum('{spec}')", unsupported,
+        lambda: ops.WeightOp.einsum(spec, kwargs.get("precision"),
+                                    kwargs.get("preferred_element_type")))
 
   def on_dot_general(self, original, signature, args, kwargs):
-    frame = self.frames[-1]
     try:
-      bound = signature.bind(*args, **kwargs)
+      call = signature.bind(*args, **kwargs).arguments
     except TypeError:
       return original(*args, **kwargs)
-    call = bound.arguments
     names = list(signature.parameters)
     x, w, dims = (call.get(n) for n in names[:3])
-    what = f"lax.dot_general({dims})"
-    name = self._weight(frame, x, w, what)
-    if name is None:
-      return original(*args, **kwargs)
-    key = join((frame.path, name)) if frame.path else name
-    extra = sorted(k for k, v in call.items()
-                   if k not in names[:3] + ["precision", "preferred_element_type"]
-                   and v is not None)
-    if extra:
-      raise NotImplementedError(f"intercept_dora: {key!r}: {what} with {extra} is not supported")
-    op = ops.WeightOp.dot_general(dims, call.get("precision"), call.get("preferred_element_type"))
-    return self._adapt(frame, name, op, x, w)
+    unsupported = [f"{k}=" for k, v in call.items()
+                   if k not in (*names[:3], "precision", "preferred_element_type")
+                   and v is not None]
+    return self._intercepted(
+        original, args, kwargs, x, w, f"lax.dot_general({dims})", unsupported,
+        lambda: ops.WeightOp.dot_general(dims, call.get("precision"),
+                                         call.get("preferred_element_type")))
 
   def _check(self, root: nn.Module, run: _Run) -> None:
     """No silent no-op: a run that could create or use adapters but adapted nothing raises."""
     if run.adapted:
       return
     mutable = root.is_mutable_collection(ADAPTER_COLLECTION)
-    given = bool(root.variables.get(ADAPTER_COLLECTION))
+    # given adapters, none used: a mismatch only if adaptable weights ran (a method
+    # without projections, e.g. a cache initialiser, legitimately adapts nothing)
+    given = bool(run.candidates) and bool(root.variables.get(ADAPTER_COLLECTION))
     if not (mutable or given):
       return
     lines = [f"intercept_dora: targets {self.targets!r} adapted nothing in "
@@ -431,8 +436,9 @@ def intercept_dora(targets, *, rank: int, alpha: float, rslora: bool = False,
   ``params`` rng): PEFT's init (``lora_a`` Kaiming-uniform, ``lora_b = 0``,
   ``m = ‖W‖``), so the adapted model reproduces the base bit for bit.
 
-  Raises (at the end of the outermost call) when a call that creates or is
-  given adapters adapts nothing, listing the weights that could be adapted.
+  Raises (at the end of the outermost call) when a call that creates adapters
+  (or is given some and runs adaptable weights) adapts nothing, listing the
+  weights that could be adapted.
   Jitted functions (``jax.jit``, ``nn.jit``) traced outside the context, or
   under another configuration, are retraced inside it (the configuration is a
   ``jax.make_user_context`` value), and traces made inside are not reused

@@ -14,7 +14,6 @@ interception boundary.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 
@@ -28,6 +27,7 @@ import optax  # noqa: E402
 from gemma import gm  # noqa: E402
 
 from dora_jax.linen import intercept_dora, merge_params  # noqa: E402
+from layout_reference import merged_weight64, perturb  # noqa: E402
 from reference import f64, rel_err  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
@@ -62,40 +62,15 @@ def gemma3():
   with intercept_dora(TARGETS, rank=RANK, alpha=ALPHA) as dora:
     out, adapters = model.apply({"params": params}, tokens, rngs={"params": jax.random.key(1)},
                                 mutable=["dora"])
-  tuned = {"dora": _perturb(rng, adapters["dora"])}
+  tuned = {"dora": perturb(rng, adapters["dora"])}
   return dict(model=model, params=params, tokens=tokens, base=base, init_logits=out.logits,
               adapters=adapters, tuned=tuned, dora=dora, rng=rng)
-
-
-def _perturb(rng, adapters):
-  def one(path, v):
-    if path[-1].key == "lora_b":
-      return jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
-    if path[-1].key == "magnitude":
-      return jnp.asarray(np.asarray(v) * (1 + 0.2 * rng.standard_normal(v.shape)), v.dtype)
-    return v
-  return jax.tree_util.tree_map_with_path(one, adapters)
 
 
 def _at(tree, path):
   for key in path.split("/"):
     tree = tree[key]
   return tree
-
-
-def _merged_weight64(w, group, roles):
-  """``g ⊙ (W + s·a·b)`` in float64 through the weight's ``[*B, d_in, d_out]`` view."""
-  c, bt, o = roles
-  w = f64(w)
-  sizes = [[w.shape[i] for i in axes] for axes in (bt, c, o)]
-  nb, ni, no = (math.prod(s) for s in sizes)
-  perm = bt + c + o
-  w2 = np.transpose(w, perm).reshape(nb, ni, no)
-  v = w2 + SCALE * f64(group["lora_a"]).reshape(nb, ni, -1) @ f64(group["lora_b"]).reshape(
-      nb, -1, no)
-  g = f64(group["magnitude"]).reshape(nb, no) / np.sqrt(np.sum(v * v, axis=1))
-  eff = (g[:, None, :] * v).reshape(*sizes[0], *sizes[1], *sizes[2])
-  return np.transpose(eff, np.argsort(perm))
 
 
 def test_every_projection_adapted_and_init_is_exact(gemma3):
@@ -130,7 +105,9 @@ def test_each_adapted_layer_matches_float64_reference(gemma3):
   assert sorted(seen) == EXPECTED
   for key, (eqn, x, y) in sorted(seen.items()):
     roles = ROLES[key.split("/", 1)[1]]
-    w_eff = _merged_weight64(_at(params, key), _at(tuned["dora"], key), roles)
+    group = _at(tuned["dora"], key)
+    w_eff = merged_weight64(_at(params, key), group["lora_a"], group["lora_b"],
+                            group["magnitude"], SCALE, roles)
     ref = np.einsum(eqn, f64(x), w_eff)
     assert rel_err(y, ref) < 1e-5, key
 

@@ -417,3 +417,35 @@ def test_training_step_has_no_kernel_sized_product(fresh_key):
                                                                     x) ** 2)))(adapters["dora"])
   shapes = dot_output_shapes(closed)
   assert shapes and all(math.prod(s) < 4 * 16 * 8 for s in shapes), shapes
+
+
+class _ScanLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    y = nn.Einsum((4, 8, 2), "btd,ndh->btnh", use_bias=False, name="e")(x)
+    return x + y.reshape(x.shape), None
+
+
+def test_layers_under_nn_scan(fresh_key):
+  """Layers stacked by nn.scan (``dora`` scanned with ``params``): adapters per layer,
+  exact init, merge and cache_base_norms on the stacked weight (stacking axis = batch)."""
+  model = nn.scan(_ScanLayer, variable_axes={"params": 0, "dora": 0},
+                  split_rngs={"params": True}, length=3)(name="layers")
+  rng = np_rng(fresh_key())
+  x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+  run = lambda v: model.apply(v, x, None)[0]
+  variables = {"params": _rand_like(rng, model.init(fresh_key(), x, None)["params"])}
+  y_base = jax.jit(run)(variables)
+  with intercept_dora(r"e", rank=RANK, alpha=ALPHA) as dora:
+    _, adapters = model.apply(variables, x, None, rngs={"params": fresh_key()}, mutable=["dora"])
+    assert dora.adapted == ["e/kernel"]
+    assert jnp.shape(adapters["dora"]["e"]["kernel"]["lora_b"]) == (3, RANK, 4, 2)
+    np.testing.assert_array_equal(np.asarray(jax.jit(run)({**variables, **adapters})),
+                                  np.asarray(y_base))
+    tuned = {"dora": perturb(rng, adapters["dora"])}
+    y = run({**variables, **tuned})
+    cached = cache_base_norms({**variables, **tuned}, layouts=dora.layouts)
+    np.testing.assert_array_equal(np.asarray(run(cached)), np.asarray(y))
+  assert rel_err(y, y_base) > 1e-2
+  merged = merge_params(variables, tuned, alpha=ALPHA, layouts=dora.layouts)
+  assert rel_err(run(merged), y) < TOL

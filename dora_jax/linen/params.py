@@ -9,8 +9,9 @@ collection at path ``P`` adapts, in ``params``:
 * or the param at ``P`` itself (weights adapted at the op level by
   :func:`dora_jax.linen.intercept_dora`), in its
   :class:`dora_jax.general.WeightLayout`. The layout comes from ``layouts``
-  (``Interception.layouts``) or, when absent, from the shapes of the weight and
-  its adapters where they allow exactly one layout.
+  (``Interception.layouts``; a weight stacked by ``nn.scan`` gets the stacking
+  axes as batch axes) or, when absent, from the shapes of the weight and its
+  adapters where they allow exactly one layout.
 """
 
 from __future__ import annotations
@@ -64,12 +65,24 @@ def _candidate_layouts(shape, a_shape, b_shape, m_shape) -> list:
   return found
 
 
+def _stacked(layout, shape: tuple[int, ...]):
+  """``layout`` for a weight stacked on leading axes (``nn.scan`` over layers: the
+  recorded layout is one layer's); the stacking axes become batch axes."""
+  lead = len(shape) - len(layout.shape)
+  if lead <= 0 or shape[lead:] != tuple(layout.shape):
+    return layout
+  shift = lambda axes: tuple(i + lead for i in axes)
+  return general.WeightLayout(shape, contracted=shift(layout.contracted),
+                              batch=(*range(lead), *shift(layout.batch)),
+                              output=shift(layout.output))
+
+
 def weight_layout(path: str, kernel, group: Mapping[str, Any], layouts: Mapping[str, Any] | None,
                   what: str):
   """The layout of the op-level weight ``kernel`` at ``path`` (``ValueError`` when unknown)."""
   shapes = [tuple(jnp.shape(group[k])) for k in ("lora_a", "lora_b", "magnitude")]
   if layouts is not None and path in layouts:
-    layout = layouts[path]
+    layout = _stacked(layouts[path], tuple(jnp.shape(kernel)))
     if tuple(layout.shape) != tuple(jnp.shape(kernel)) or _shapes(
         layout, shapes[0][-1]) != tuple(shapes):
       raise ValueError(f"{what}: layouts[{path!r}] = {layout} does not fit the weight "

@@ -449,3 +449,18 @@ def test_layers_under_nn_scan(fresh_key):
   assert rel_err(y, y_base) > 1e-2
   merged = merge_params(variables, tuned, alpha=ALPHA, layouts=dora.layouts)
   assert rel_err(run(merged), y) < TOL
+
+
+def test_a_weight_changed_before_its_einsum_is_refused(fresh_key):
+  """``jnp.einsum(spec, x, 2 * w)`` in a targeted module: not the param, so no silent skip."""
+  class Scaled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param("w", nn.initializers.normal(), (3, 8, 4))
+      return jnp.einsum("btd,ndh->btnh", x, 2.0 * w)
+
+  x = jnp.ones((2, 3, 8))
+  with intercept_dora(".*", rank=1, alpha=1.0):
+    with pytest.raises(NotImplementedError, match=r"'w': the second operand of "
+                       r"jnp.einsum\('btd,ndh->btnh'\) has its shape \(3, 8, 4\)"):
+      Scaled().init(fresh_key(), x)

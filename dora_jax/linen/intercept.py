@@ -332,6 +332,14 @@ class Interception:
         raise NotImplementedError(
             f"intercept_dora: {_key(frame, lhs)!r} enters {what} "
             "as the first operand; DoRA adapts a weight that is the second (rhs) operand")
+      alike = [n for n, v in _own_params(frame.module).items()
+               if tuple(v.shape) == tuple(jnp.shape(w)) and self._wants(frame, n)]
+      if alike:
+        raise NotImplementedError(
+            f"intercept_dora: {_key(frame, alike[0])!r}: the second operand of {what} has its "
+            f"shape {tuple(jnp.shape(w))} but is neither the param nor a dtype cast of it "
+            "(computed from it, e.g. scaled, or cast outside jax.jit); DoRA adapts the param "
+            "as it enters the contraction")
       return None
     key = _key(frame, name)
     self._run.candidates.setdefault(key, f"{what} in {type(frame.module).__name__}")

@@ -94,18 +94,19 @@ class _Parts(NamedTuple):
 
 
 def _parts(shape, axes, itemsize: int, budget: int, min_parts: int) -> _Parts:
-  """How to split a weight along one of ``axes``: fewest parts of at most
-  ``budget`` bytes (and at least ``min_parts`` where the axis allows)."""
+  """How to split a weight along one of ``axes``: the fewest parts of at most
+  ``budget`` bytes (one index of the axis at least) and at least ``min_parts``
+  where the axis allows."""
   total = math.prod(shape) * itemsize
   best = None
   for ax in axes:
     n = shape[ax]
-    pieces = min(n, max(min_parts, -(-total // budget)))
-    size = -(-n // pieces)
-    if size > 128 and n >= 256:  # whole GEMM tiles (rounding down keeps the bound)
+    size = min(max(1, budget // (total // n)), -(-n // min_parts))
+    if size > 128:  # whole GEMM tiles
       size = size // 128 * 128
+    size = -(-n // -(-n // size))  # the same number of parts, evened out
     count, rest = divmod(n, size)
-    key = (count + (rest > 0), -n)
+    key = (count + (rest > 0), ax)  # fewest parts, then the outermost axis
     if best is None or key < best[0]:
       best = (key, _Parts(ax, size, count, rest))
   return best[1]

@@ -404,3 +404,37 @@ def test_bad_input_is_named(fresh_key):
   with pytest.raises(TypeError, match="quantized weight is frozen"):
     jax.grad(lambda k: jnp.sum(quantized.quantized_einsum("bd,df->bf", x, k)),
              allow_int=True)(qk)
+
+
+def test_exact_gradient_through_the_quantized_norm(fresh_key):
+  """detach_norm=False over a quantized weight: the exact gradient of DoRA over Ŵ
+  (float64 autodiff of the undetached dense formula), the norm's aᵀŴ transposed
+  part by part; the traced step still forms no kernel-sized float value."""
+  from test_general import _undetached_reference
+  spec = NATIVE[0]
+  x, qk, a, b, m, layout = _layer(fresh_key, "nf4", NATIVE)
+  p = dict(x=x, a=a, b=b, m=m)
+  with jax.enable_x64(True):
+    p64 = {k: jnp.asarray(f64(v)) for k, v in dict(p, w=qk.dequantize()).items()}
+    shape = jax.eval_shape(lambda: _undetached_reference(spec, layout, p64, SCALE)).shape
+    cot = np.random.default_rng(2).normal(size=shape)
+    expected = jax.jit(jax.grad(lambda q: jnp.sum(
+        _undetached_reference(spec, layout, dict(q, w=p64["w"]), SCALE) * jnp.asarray(cot))))(
+            {k: p64[k] for k in p})
+
+  def loss(q):
+    y = general.dora_einsum(spec, q["x"], qk, q["a"], q["b"], q["m"], SCALE, detach_norm=False)
+    return jnp.sum(y * cot.astype(np.float32))
+
+  got = jax.jit(jax.grad(loss))(p)
+  for name in p:
+    assert rel_err(got[name], expected[name]) < 1e-5, (name, rel_err(got[name], expected[name]))
+  spec, x_shape, k_shape, qtype = MEM_CASES[0]
+  sd = jax.ShapeDtypeStruct
+  big = jax.eval_shape(lambda w: quantize_kernel(w, qtype), sd(k_shape, jnp.bfloat16))
+  lay = general.einsum_layout(spec, x_shape, k_shape)
+  args = [sd(x_shape, jnp.bfloat16)] + [sd(s, jnp.float32) for s in lay.adapter_shapes(16)]
+  closed = jax.make_jaxpr(jax.grad(lambda x, a, b, m: jnp.sum(general.dora_einsum(
+      spec, x, big, a, b, m, 2.0, detach_norm=False).astype(jnp.float32)),
+      argnums=(0, 1, 2, 3)))(*args)
+  assert _kernel_sized(closed, k_shape) == []

@@ -81,7 +81,7 @@ def memory_table(shapes: dict, qtypes, block_size: int | None) -> list[dict]:
   return rows
 
 
-def make_steps(qtypes, qk_by_type):
+def make_steps(qtypes):
   """``{impl: step(p, frozen, x, cot) -> (loss, (grads of p, dx))}``."""
   import qwix
 
@@ -126,7 +126,7 @@ def run_shape(d_in, d_out, tokens, rank, qtypes, block_size, timing, key):
   sets = [(jax.random.normal(jax.random.fold_in(k[3], i), (tokens, d_in)).astype(dtype),
            jax.random.normal(jax.random.fold_in(k[4], i), (tokens, d_out)).astype(dtype))
           for i in range(3)]
-  steps = make_steps(qtypes, qks)
+  steps = make_steps(qtypes)
   rows = []
   for impl, fn in steps.items():
     kind, _, q = impl.partition("_")

@@ -2,17 +2,13 @@
 
 :func:`quantize_kernel` turns a float kernel (any :class:`WeightLayout`: a
 Dense ``[d_in, d_out]``, gemma's ``[N, D, H]``, ...) into a
-:class:`QuantizedKernel`:
+:class:`QuantizedKernel` of one of these types (float32 scales):
 
-======== =============================================== ==========================
-qtype    codes                                           scale (float32)
-======== =============================================== ==========================
-``nf4``  NormalFloat-4 indices, two per byte             per block of ``block_size``
-``int4`` symmetric 4-bit integers, two per byte          along the last contracted
-                                                         axis (``d_in``), per output
-``int8`` symmetric 8-bit integers                        per output (or per block)
-``fp8``  ``float8_e4m3fn``                               per output (or per block)
-======== =============================================== ==========================
+* ``nf4``: NormalFloat-4 indices, two per byte, one scale per block of
+  ``block_size`` (default 64) along the last contracted axis (``d_in``);
+* ``int4``: symmetric 4-bit integers, two per byte, blockwise likewise;
+* ``int8``: symmetric 8-bit integers, one scale per output (or per block);
+* ``fp8``: ``float8_e4m3fn``, one scale per output (or per block).
 
 The rounding is qwix's (:mod:`dora_jax._qwix_compat`); the codes are stored
 by this module (4-bit codes packed two per byte: qwix keeps them one per

@@ -7,11 +7,13 @@ Functional core (Flax layout: ``kernel [d_in, d_out]``, ``lora_a [d_in, r]``,
 * :func:`factored_norm` — ``‖W + s·a·b‖`` per column without the dense product.
 * :func:`merge_kernel` — ``g ⊙ (W + s·a·b)`` for serving.
 * :func:`lora_scale` — ``alpha / r`` (or ``alpha / √r`` with rsLoRA).
+* :func:`quantize_kernel` — a quantized frozen weight for QDoRA (:mod:`dora_jax.quantized`).
 """
 
 from dora_jax.backend import BACKENDS, ENV_VAR as BACKEND_ENV_VAR, default_backend
 from dora_jax.dense import dora_dense, dora_norm_scale, lora_scale, merge_kernel
 from dora_jax.norm import NORM_CHUNK_BYTES, NORM_EPS, column_sq_norm, dense_norm_reference, factored_norm
+from dora_jax.quantized import QuantizedKernel, quantize_kernel
 from dora_jax import linen, nnx
 from dora_jax import conv, embed  # registers DoRAConv/DoRAEmbed with apply_dora
 from dora_jax import sharding
@@ -26,6 +28,7 @@ __all__ = [
     "BACKEND_ENV_VAR",
     "NORM_CHUNK_BYTES",
     "NORM_EPS",
+    "QuantizedKernel",
     "column_sq_norm",
     "default_backend",
     "dense_norm_reference",
@@ -34,6 +37,7 @@ __all__ = [
     "factored_norm",
     "lora_scale",
     "merge_kernel",
+    "quantize_kernel",
     "apply_dora",
     "cache_base_norms",
     "freeze_scales",

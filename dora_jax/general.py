@@ -29,6 +29,12 @@ Where the op is a plain ``x·W`` on a ``[*C, *O]`` kernel (a free reshape to
 GPU kernels. With several contracted axes it does so only where a kernel
 backend runs: XLA on CPU rounds a multi-axis ``dot_general`` differently from
 its reshaped matrix product, which would break the exact init.
+
+The kernel may also be a :class:`QuantizedWeight` (QDoRA: a frozen weight
+stored quantized, :mod:`dora_jax.quantized`). Every product with it, the base
+term, the norm's ``aᵀW`` and the backward's ``dx``, then goes through the
+weight's own :meth:`QuantizedWeight.contract`, and ``‖W‖²`` is the one it
+cached: no float copy of the whole weight is formed.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import custom_vjp_primal_tree_values
 
 from dora_jax._checks import accumulation_dtype, check_float, check_scale
 from dora_jax.dense import _resolve, dora_dense
@@ -134,6 +141,57 @@ class WeightLayout:
   def _check_kernel(self, kernel) -> None:
     if tuple(np.shape(kernel)) != self.shape:
       raise ValueError(f"kernel must have shape {self.shape} (the layout's), got {np.shape(kernel)}")
+
+
+class QuantizedWeight:
+  """A frozen weight stored quantized that computes its own contractions (QDoRA's base).
+
+  The DoRA ops never ask it for the weight as one float array; they use:
+
+  * ``layout`` (:class:`WeightLayout` of the float weight ``Ŵ`` it stands for),
+    ``dtype`` (the float dtype ``Ŵ`` is computed in), ``shape``/``ndim`` (``Ŵ``'s);
+  * ``sq_norm``: ``‖Ŵ‖²`` over the contracted axes, ``[*B, *O]``, computed once;
+  * :meth:`contract`: ``einsum(spec, lhs, Ŵ)`` computed part by part.
+
+  :meth:`dequantize` (the whole ``Ŵ``) is for merging and export only.
+  :class:`dora_jax.quantized.QuantizedKernel` implements it.
+  """
+
+  layout: WeightLayout
+  dtype: Any
+  sq_norm: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.layout.shape
+
+  @property
+  def ndim(self) -> int:
+    return len(self.layout.shape)
+
+  def contract(self, spec: str, lhs: jax.Array, piece) -> jax.Array:
+    """``einsum(spec, lhs, Ŵ)`` as ``piece(lhs_part, Ŵ_part)`` over parts of ``Ŵ``.
+
+    ``spec`` names the weight's axes in its own order (explicit labels, no
+    ellipsis); ``piece`` computes that einsum on a part of ``Ŵ`` (and the
+    matching part of ``lhs`` where a split axis is contracted) and must
+    accumulate in float32 when parts are summed. Differentiable with respect to
+    ``lhs`` only.
+    """
+    raise NotImplementedError
+
+  def dequantize(self) -> jax.Array:
+    """``Ŵ`` as one float array in ``dtype`` (merge and export only)."""
+    raise NotImplementedError
+
+
+def _check_quantized(kernel, layout: WeightLayout) -> None:
+  if isinstance(kernel, QuantizedWeight) and kernel.layout != layout:
+    raise ValueError(
+        f"kernel was quantized for {kernel.layout} (contracted axes {kernel.layout.contracted}, "
+        f"batch {kernel.layout.batch}, output {kernel.layout.output}), but is used with "
+        f"{layout}: quantize it with the layout of this contraction "
+        "(einsum_layout / dot_general_layout)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +382,9 @@ def weight_sq_norm(kernel: jax.Array, layout: WeightLayout) -> jax.Array:
   """
   layout._check_kernel(kernel)
   check_float("kernel", kernel)
+  _check_quantized(kernel, layout)
+  if isinstance(kernel, QuantizedWeight):
+    return lax.stop_gradient(kernel.sq_norm)  # cached when the weight was quantized
   acc = accumulation_dtype(kernel)
   sq = jnp.sum(jnp.square(kernel.astype(acc)), axis=layout.contracted)
   # the remaining axes are (B, O) in kernel order; magnitude wants B first
@@ -438,6 +499,7 @@ def weight_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale,
   """
   layout._check_kernel(kernel)
   check_float("kernel", kernel)
+  _check_quantized(kernel, layout)
   _check_adapters(layout, lora_a, lora_b)
   check_scale(scale)
   acc = accumulation_dtype(kernel, lora_a, lora_b)
@@ -449,14 +511,23 @@ def weight_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale,
     raise ValueError(f"base_sq_norm must have shape {want}, got {tuple(np.shape(base_sq_norm))}")
   else:
     base_sq = lax.stop_gradient(base_sq_norm)  # a cache of the frozen kernel's
-  u = _cross(lora_a, kernel, labels, acc)
+  if isinstance(kernel, QuantizedWeight):
+    # aᵀŴ through the weight's own contraction, aᵀ as r extra tokens
+    u = kernel.contract(f"{labels.a},{labels.k}->{labels.lb}", lora_a,
+                        functools.partial(_cross, labels=labels, acc=acc))
+  else:
+    u = _cross(lora_a, kernel, labels, acc)
   scale = jnp.asarray(scale, acc)
   # as factored_norm: rescaled where a summand could overflow, and the columns
-  # whose update cancels them (W_j ≈ −s(ab)_j) recomputed from gathered columns
+  # whose update cancels them (W_j ≈ −s(ab)_j) recomputed from gathered columns.
+  # A quantized weight keeps the factored value there: gathering its columns
+  # means decoding it across the output axis, a pass over W on every GPU call.
   combined = _combine_terms(_terms(base_sq, u, lora_a, lora_b, layout, acc), scale,
                             _overflow_limit(acc))
-  sq = refine_cancelled(combined.sq, combined.bound, _exact_sq_columns(
-      kernel, lora_a, lora_b, layout, 1.0 / combined.c, combined.t, acc))
+  sq = combined.sq
+  if not isinstance(kernel, QuantizedWeight):
+    sq = refine_cancelled(sq, combined.bound, _exact_sq_columns(
+        kernel, lora_a, lora_b, layout, 1.0 / combined.c, combined.t, acc))
   norm = combined.c * jnp.sqrt(jnp.maximum(sq, 0.0))
   return norm.reshape(layout.adapter_shapes(1)[2])
 
@@ -474,14 +545,20 @@ def merge_weight(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                  magnitude: jax.Array, scale, layout: WeightLayout) -> jax.Array:
   """The merged kernel ``g ⊙ (W + s·a·b)`` in the kernel's shape and dtype.
 
+  For a :class:`QuantizedWeight` the result is the float kernel (``W`` its
+  dequantized weight, in its ``dtype``).
+
   ``op(x, W')`` equals :func:`dora_einsum` up to rounding; the composition runs
   in float32 (float64 for float64 inputs) and is cast back once.
   """
   layout._check_kernel(kernel)
+  _check_quantized(kernel, layout)
   _check_adapters(layout, lora_a, lora_b, magnitude)
   acc = accumulation_dtype(kernel, lora_a, lora_b, magnitude)
   labels = _labels_for(layout)
   norm = lax.stop_gradient(weight_norm(kernel, lora_a, lora_b, scale, layout))
+  if isinstance(kernel, QuantizedWeight):
+    kernel = kernel.dequantize()  # a merged model is a float model
   g = magnitude.astype(acc) / jnp.maximum(norm.astype(acc), NORM_EPS)
   delta = jnp.einsum(f"{labels.a},{labels.lb}->{labels.k}", lora_a.astype(acc),
                      lora_b.astype(acc), precision=_HIGHEST)
@@ -501,9 +578,26 @@ class _Op:
   spec: Any
   precision: Any
   preferred_element_type: Any
+  quantized: bool = False  # the kernel is a QuantizedWeight
 
   def base(self, x, kernel):
-    """The base op exactly as the model computes it."""
+    """The base op exactly as the model computes it (a quantized weight: by its parts)."""
+    if self.quantized:
+      lab = self.labels
+      return kernel.contract(f"{lab.x},{lab.k}->{lab.out}", x, self._float_base)
+    return self._float_base(x, kernel)
+
+  def base_transpose(self, dpre, kernel, x, acc):
+    """``dpre`` through the base op's transpose: a contraction with the weight as stored."""
+    if self.quantized:
+      lab = self.labels
+      spec = f"{lab.out},{lab.k}->{lab.x}"
+      return kernel.contract(spec, dpre, functools.partial(_contract, spec, acc=acc,
+                                                           precision=self.precision))
+    (dx,) = jax.linear_transpose(lambda x_: self.base(x_, kernel), x)(dpre)
+    return dx
+
+  def _float_base(self, x, kernel):
     if self.kind == "einsum":
       return jnp.einsum(self.spec, x, kernel, precision=self.precision,
                         preferred_element_type=self.preferred_element_type)
@@ -562,9 +656,14 @@ def _native_forward(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, norm):
 
 
 def _native_fwd(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, norm):
-  wants = tuple(v.perturbed for v in (x, kernel, lora_a, lora_b, magnitude, scale, norm))
+  wants = tuple(any(leaf.perturbed for leaf in jax.tree.leaves(v))
+                for v in (x, kernel, lora_a, lora_b, magnitude, scale, norm))
+  if op.quantized and wants[1]:
+    raise TypeError("kernel: a quantized weight is frozen and has no gradient; differentiate "
+                    "the adapters (and x) only")
   x, kernel, lora_a, lora_b, magnitude, scale, norm = (
-      v.value for v in (x, kernel, lora_a, lora_b, magnitude, scale, norm))
+      custom_vjp_primal_tree_values(v)
+      for v in (x, kernel, lora_a, lora_b, magnitude, scale, norm))
   y, (h, pre, g, inv_norm) = _native_forward(op, x, kernel, lora_a, lora_b, magnitude, scale,
                                              norm)
   if not (wants[4] or wants[6]):
@@ -612,7 +711,7 @@ def _native_bwd(op: _Op, res, dy):
   dx = dk = da = db = dm = ds = dn = None
   if want_x:
     # the base op's own transpose: a contraction of dpre with W as stored
-    (dx_base,) = jax.linear_transpose(lambda x_: op.base(x_, kernel), x)(dpre)
+    dx_base = op.base_transpose(dpre, kernel, x, acc)
     dx_lora = _contract(f"{lab.h},{lab.a}->{lab.x}", (scale * t).astype(cdt),
                         lora_a.astype(cdt), acc, op.precision)
     dx = (dx_base.astype(acc) + dx_lora).astype(x.dtype)
@@ -644,6 +743,8 @@ _native_core.defvjp(_native_fwd, _native_bwd, symbolic_zeros=True)
 
 def _routes_to_dense(op: _Op, x, kernel, lora_a, lora_b, magnitude, backend) -> bool:
   """Whether the op is a plain ``x·W`` that :func:`dora_dense` computes with the same bits."""
+  if op.quantized:
+    return False
   lab = op.labels
   layout = lab.layout(kernel.shape)
   free = "".join(l for l in lab.x if l not in lab.k)
@@ -666,6 +767,7 @@ def _dora_op(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, *, norm, base
   check_float("kernel", kernel)
   check_scale(scale)
   layout = op.labels.layout(kernel.shape)
+  _check_quantized(kernel, layout)
   rank = _check_adapters(layout, lora_a, lora_b, magnitude)
   want = layout.adapter_shapes(rank)[2]
   for name, value in (("norm", norm), ("base_sq_norm", base_sq_norm)):
@@ -715,7 +817,9 @@ def dora_einsum(spec: str, x: jax.Array, kernel: jax.Array, lora_a: jax.Array,
     x: the input.
     kernel: the frozen weight, as stored; its axes are contracted (``C``),
       batch (``B``) or output-only (``O``) as the equation says
-      (:func:`einsum_layout`).
+      (:func:`einsum_layout`). A :class:`QuantizedWeight` (QDoRA,
+      :func:`dora_jax.quantized.quantize_kernel` with this layout) runs every
+      product with it through its own contraction.
     lora_a: ``[*B, *C, r]``.
     lora_b: ``[*B, r, *O]``.
     magnitude: ``[*B, *O]``.
@@ -741,7 +845,8 @@ def dora_einsum(spec: str, x: jax.Array, kernel: jax.Array, lora_a: jax.Array,
     the kernel is differentiated, and no ``[d_in, d_out]`` temporary is formed.
   """
   labels = _einsum_labels(spec, np.ndim(x), np.ndim(kernel))
-  op = _Op(labels, "einsum", spec, precision, preferred_element_type)
+  op = _Op(labels, "einsum", spec, precision, preferred_element_type,
+           isinstance(kernel, QuantizedWeight))
   return _dora_op(op, x, kernel, lora_a, lora_b, magnitude, scale, norm=norm,
                   base_sq_norm=base_sq_norm, backend=backend, detach_norm=detach_norm)
 
@@ -758,10 +863,11 @@ def dora_dot_general(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b:
   """
   labels = _dot_general_labels(dimension_numbers, np.ndim(x), np.ndim(kernel))
   dn = tuple(tuple(tuple(int(a) for a in v) for v in pair) for pair in dimension_numbers)
-  op = _Op(labels, "dot_general", dn, precision, preferred_element_type)
+  op = _Op(labels, "dot_general", dn, precision, preferred_element_type,
+           isinstance(kernel, QuantizedWeight))
   return _dora_op(op, x, kernel, lora_a, lora_b, magnitude, scale, norm=norm,
                   base_sq_norm=base_sq_norm, backend=backend, detach_norm=detach_norm)
 
 
-__all__ = ["WeightLayout", "dora_dot_general", "dora_einsum", "dot_general_layout",
+__all__ = ["QuantizedWeight", "WeightLayout", "dora_dot_general", "dora_einsum", "dot_general_layout",
            "einsum_layout", "init_magnitude", "merge_weight", "weight_norm", "weight_sq_norm"]

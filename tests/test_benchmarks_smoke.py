@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,3 +72,22 @@ def test_overhead_breakdown_and_grad_accum_smoke(tmp_path):
     assert rows and all(v > 0 for r in rows for k, v in r.items() if k.endswith("ms"))
   accum = json.loads((tmp_path / "grad_accum.json").read_text())["rows"]
   assert all(r["max_rel_diff"] < 1e-2 for r in accum)  # norm once == norm per micro-batch
+
+
+def test_qdora_smoke(tmp_path):
+  """QDoRA vs bf16 DoRA vs qwix QLoRA, and the frozen-weight memory table."""
+  pytest.importorskip("qwix")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qdora.py"),
+                        "--out", str(tmp_path), "--smoke"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  data = json.loads((tmp_path / "qdora.json").read_text())
+  impls = {r["impl"] for r in data["rows"]}
+  assert impls == {"lora_bf16", "dora_bf16", "qdora_nf4", "qlora_nf4", "qdora_int8",
+                   "qlora_int8", "qdora_fp8", "qlora_fp8"}
+  assert all(r["ms"] > 0 and r["peak_mib"] > 0 for r in data["rows"])
+  # QDoRA computes DoRA over the dequantized weight (bf16 rounding apart)
+  assert all(r["rel_diff"] < 1e-2 for r in data["rows"] if r["impl"].startswith("qdora"))
+  per_param = {r["qtype"]: r["bytes_per_param"] for r in data["memory"]}
+  assert per_param["bf16"] == 2 and per_param["nf4"] < 0.6 and per_param["int8"] < 1.1

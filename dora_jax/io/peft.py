@@ -68,6 +68,7 @@ import numpy as np
 from flax import nnx
 
 from dora_jax import surgery
+from dora_jax._checks import check_float_dtype
 from dora_jax.io import atomic, naming, safetensors_format
 from dora_jax.io.naming import ModuleNameMap
 from dora_jax.nnx import WRAPPERS, DoRAEinsum, DoRALayer, DoRALinearGeneral, DoRADense
@@ -500,6 +501,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       mismatches (the message names the tensor and both shapes/dtypes), an
       adapted layer whose rank/alpha/rsLoRA differ from the config.
   """
+  target_dtype = None if dtype is None else check_float_dtype("dtype", dtype)
   directory = Path(directory)
   config = read_adapter_config(directory)
   weights_path = directory / WEIGHTS_NAME
@@ -544,7 +546,6 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         + (", ".join(sorted(by_name)) or "(none)"))
   lookup = _module_lookup(model)
 
-  target_dtype = None if dtype is None else jnp.dtype(dtype)
   plan = []  # (path, name, spec, layer-or-throwaway, {param: value})
   for name in sorted(modules):
     path = by_name[name]

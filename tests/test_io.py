@@ -8,8 +8,10 @@ scale changes the numbers. The cross-check against PyTorch PEFT itself is in
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -432,6 +434,133 @@ def test_failed_load_leaves_the_model_unchanged(saved):
 
 
 # -- crash safety ----------------------------------------------------------------
+#
+# A save replaces the adapter directory by a swap (dora_jax.io.atomic). The
+# file-system steps it takes go through atomic's _rename, _exchange, _rmtree,
+# fsync_tree and fsync_dir; the first test copies the directory's parent before
+# and after every one of them, i.e. every state a SIGKILL between two steps can
+# leave, and loads each copy. (tests/test_crash_safety.py kills real saving
+# processes at random instants.)
+
+_STEPS = ("_rename", "_exchange", "_rmtree", "fsync_tree", "fsync_dir")
+
+
+def _no_exchange(monkeypatch):
+  """The two-rename swap used where renameat2(RENAME_EXCHANGE) is unavailable."""
+  monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+  return sorted(p for p in os.listdir(parent)
+                if p.startswith(f".{name}{atomic.SIBLING_TAG}") and not p.endswith(atomic.LOCK_SUFFIX))
+
+
+def _which(model, old, new) -> str:
+  got, o, n = lora_flat(model), lora_flat(old), lora_flat(new)
+  if sorted(got) == sorted(o) and all(np.array_equal(got[k], o[k]) for k in got):
+    return "old"
+  if sorted(got) == sorted(n) and all(np.array_equal(got[k], n[k]) for k in got):
+    return "new"
+  return "mixture"
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("existing", [True, False], ids=["overwrite", "first-save"])
+def test_every_crash_state_of_a_save_loads_old_or_new(tmp_path, fresh_key, monkeypatch, exchange,
+                                                      existing):
+  old, new = adapted(fresh_key()), adapted(fresh_key(), targets=r"layers/\d+/mlp/up_proj|lm_head")
+  parent, snaps = tmp_path / "p", tmp_path / "snaps"
+  target = parent / "a"
+  if existing:
+    dora_jax.save_adapter(old, target)
+    (target / "README.md").write_text("kept")
+    (target / "runs").mkdir()
+    (target / "runs" / "log.txt").write_text("kept too")
+  if not exchange:
+    _no_exchange(monkeypatch)
+  count = iter(range(10_000))
+  for name in _STEPS:
+    def step(*args, _real=getattr(atomic, name), **kwargs):
+      shutil.copytree(parent, snaps / f"{next(count):03d}", symlinks=True)
+      out = _real(*args, **kwargs)
+      shutil.copytree(parent, snaps / f"{next(count):03d}", symlinks=True)
+      return out
+    monkeypatch.setattr(atomic, name, step)
+  dora_jax.save_adapter(new, target)
+  monkeypatch.undo()
+  states = sorted(os.listdir(snaps))
+  assert len(states) >= 12
+  seen = collections.Counter()
+  for state in states:
+    copy = snaps / state / "a"
+    fresh = ToyLM(seed=0)
+    try:
+      dora_jax.load_adapter(fresh, copy)
+      seen[_which(fresh, old, new)] += 1
+    except AdapterFormatError as err:
+      assert not existing and "missing" in str(err), (state, err)  # a first save: nothing yet
+      assert not dora_jax.surgery.dora_layers(fresh)
+      seen["none"] += 1
+      continue
+    # The load finished what the crash interrupted: no leftovers, other files back in place.
+    assert _leftovers(snaps / state, "a") == [], state
+    if existing:
+      assert (copy / "README.md").read_text() == "kept", state
+      assert (copy / "runs" / "log.txt").read_text() == "kept too", state
+  assert seen["mixture"] == 0, seen
+  assert seen["new"] >= 2 and (seen["old"] if existing else seen["none"]) >= 2, seen
+  fresh = ToyLM(seed=0)
+  dora_jax.load_adapter(fresh, target)
+  assert _which(fresh, old, new) == "new" and _leftovers(parent, "a") == []
+  if existing:
+    assert sorted(os.listdir(target)) == sorted(peft_io.ADAPTER_FILES + ("README.md", "runs"))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("step", _STEPS)
+def test_a_failing_step_leaves_old_or_new_and_the_next_save_recovers(tmp_path, fresh_key,
+                                                                      monkeypatch, exchange, step):
+  old, new, newer = adapted(fresh_key()), adapted(fresh_key()), adapted(fresh_key())
+  target = tmp_path / "a"
+  dora_jax.save_adapter(old, target)
+  (target / "notes.txt").write_text("mine")
+  if not exchange:
+    _no_exchange(monkeypatch)
+  if step == "_exchange" and not exchange:
+    pytest.skip("the two-rename swap does not exchange")
+  real = getattr(atomic, step)
+  calls = {"n": 0}
+
+  def failing(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == fail_at:
+      raise Crash(f"{step} call {fail_at}")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(atomic, step, failing)
+  fail_at, outcomes = 1, set()
+  while True:
+    calls["n"] = 0
+    try:
+      dora_jax.save_adapter(new, target)
+      break  # every call of this step has been made to fail once
+    except Crash:
+      pass
+    fresh = ToyLM(seed=0)
+    monkeypatch.setattr(atomic, step, real)
+    dora_jax.load_adapter(fresh, target)
+    outcomes.add(_which(fresh, old, new))
+    assert (target / "notes.txt").read_text() == "mine"
+    dora_jax.save_adapter(old, target)  # back to the old adapter for the next failure point
+    monkeypatch.setattr(atomic, step, failing)
+    fail_at += 1
+  monkeypatch.setattr(atomic, step, real)
+  assert fail_at > 1 and "mixture" not in outcomes, outcomes
+  dora_jax.save_adapter(newer, target)
+  fresh = ToyLM(seed=0)
+  dora_jax.load_adapter(fresh, target)
+  assert _which(fresh, old, newer) == "new"
+  assert _leftovers(tmp_path, "a") == [] and (target / "notes.txt").read_text() == "mine"
 
 
 class Crash(RuntimeError):
@@ -449,43 +578,6 @@ def _crash_on(monkeypatch, name, call):
     return real(*args, **kwargs)
 
   monkeypatch.setattr(atomic, name, wrapper)
-
-
-_STEPS = [("_write_temp", 1), ("_write_temp", 2), ("_replace", 1), ("_replace", 2),
-          ("fsync_dir", 1), ("fsync_dir", 2)]
-
-
-# Overwriting an adapter fsyncs the directory once more (after removing the old config).
-@pytest.mark.parametrize("existing,where", [(False, w) for w in _STEPS]
-                         + [(True, w) for w in _STEPS + [("fsync_dir", 3)]])
-def test_interrupted_save_leaves_old_adapter_or_none(tmp_path, fresh_key, monkeypatch, where,
-                                                     existing):
-  old = adapted(fresh_key())
-  new = adapted(fresh_key())
-  if existing:
-    dora_jax.save_adapter(old, tmp_path)
-  _crash_on(monkeypatch, *where)
-  with pytest.raises(Crash):
-    dora_jax.save_adapter(new, tmp_path)
-  monkeypatch.undo()
-  assert not [p for p in os.listdir(tmp_path) if p.startswith(atomic.TEMP_PREFIX)]
-  fresh = ToyLM(seed=0)
-  try:
-    dora_jax.load_adapter(fresh, tmp_path)
-  except AdapterFormatError:
-    # "None": nothing loads, and the model was left alone.
-    assert not (existing and where[0] == "_write_temp"), "the old adapter should survive"
-    assert not dora_jax.surgery.dora_layers(fresh)
-    return
-  # Whatever loads is one complete adapter: the old one, or the new one when the
-  # crash came after the commit (the last rename), never a mixture.
-  got = lora_flat(fresh)
-  old_flat, new_flat = lora_flat(old), lora_flat(new)
-  is_old = all(np.array_equal(got[k], old_flat[k]) for k in got)
-  is_new = all(np.array_equal(got[k], new_flat[k]) for k in got)
-  assert is_old != is_new
-  assert is_old or where == ("fsync_dir", 3 if existing else 2)
-  assert existing or is_new, "an interrupted first save must leave nothing loadable"
 
 
 def test_write_file_replaces_atomically(tmp_path, monkeypatch):

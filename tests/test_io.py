@@ -61,7 +61,8 @@ def rewrite(directory: Path, *, tensors=None, config=None, link=False):
   tensors = old_t if tensors is None else tensors
   config = old_c if config is None else config
   (directory / peft_io.CONFIG_NAME).write_text(json.dumps(config))
-  (directory / peft_io.WEIGHTS_NAME).write_bytes(safetensors_format.encode(tensors, {"format": "pt"}))
+  (directory / peft_io.WEIGHTS_NAME).write_bytes(
+      safetensors_format.encode(tensors, {"format": "pt"}, with_checksum=False))
 
 
 # -- round trips ---------------------------------------------------------------
@@ -336,6 +337,96 @@ def test_corrupt_header(saved):
   path.write_bytes(bytes(data))
   with pytest.raises(AdapterFormatError, match="not JSON|not a valid"):
     _load_fresh(d)
+
+
+def _flip_and_load(d, path, data, offset, bit):
+  corrupt = bytearray(data)
+  corrupt[offset] ^= 1 << bit
+  path.write_bytes(bytes(corrupt))
+  try:
+    _load_fresh(d)
+  except AdapterFormatError as err:
+    return str(err)
+  finally:
+    path.write_bytes(data)
+  return None
+
+
+def test_bit_flips_in_the_weights_file_are_refused(saved, fresh_key):
+  model, d = saved
+  path = d / peft_io.WEIGHTS_NAME
+  data = path.read_bytes()
+  header_end = 8 + int.from_bytes(data[:8], "little")
+  rng = np.random.default_rng(int(jax.random.randint(fresh_key(), (), 0, 2**30)))
+  # The tensor data: what the format cannot check; the stored checksum catches it.
+  for offset in rng.integers(header_end, len(data), size=40):
+    err = _flip_and_load(d, path, data, int(offset), int(rng.integers(8)))
+    assert err is not None, f"a flipped bit at data byte {offset} loaded"
+    assert str(path) in err and "checksum" in err, err
+  # The header (length, JSON, metadata): refused too, by the parser or the checksum.
+  for offset in rng.integers(0, header_end, size=40):
+    err = _flip_and_load(d, path, data, int(offset), int(rng.integers(8)))
+    assert err is not None, f"a flipped bit at header byte {offset} loaded"
+  fresh = _load_fresh(d)  # the intact file still loads
+  assert_same_adapters(fresh, model)
+
+
+def test_files_without_a_checksum_load(saved):
+  """Files written by PEFT (safetensors' writer) carry no checksum: loaded as before."""
+  model, d = saved
+  rewrite(d)
+  _, metadata = safetensors_format.read(d / peft_io.WEIGHTS_NAME)
+  assert metadata == {"format": "pt"}
+  assert_same_adapters(_load_fresh(d), model)
+
+
+def test_checksum_lives_in_the_metadata_where_other_readers_ignore_it(tmp_path, fresh_key):
+  safetensors = pytest.importorskip("safetensors")
+  model = adapted(fresh_key())
+  dora_jax.save_adapter(model, tmp_path)
+  path = tmp_path / peft_io.WEIGHTS_NAME
+  with safetensors.safe_open(str(path), "np") as f:
+    stored = f.metadata()
+  assert len(stored[safetensors_format.CHECKSUM_KEY]) == 64 and stored["format"] == "pt"
+  tensors, metadata = safetensors_format.read(path)  # verified, and not handed back
+  assert safetensors_format.CHECKSUM_KEY not in metadata
+  again = safetensors_format.encode(tensors, {**metadata, safetensors_format.CHECKSUM_KEY: "0" * 64})
+  assert safetensors_format.decode(again)[1] == metadata  # a stale value passed in is recomputed
+  plain = safetensors_format.encode(tensors, metadata, with_checksum=False)
+  header = json.loads(plain[8:8 + int.from_bytes(plain[:8], "little")])
+  assert header["__metadata__"] == metadata
+
+
+def test_paths_that_are_not_directories(tmp_path, fresh_key):
+  model = adapted(fresh_key())
+  file = tmp_path / "adapter.txt"
+  file.write_text("not an adapter")
+  with pytest.raises(NotADirectoryError, match="adapter.txt: exists and is not a directory"):
+    dora_jax.save_adapter(model, file)
+  with pytest.raises(NotADirectoryError, match="is not a directory"):
+    dora_jax.save_adapter(model, file / "inside")
+  with pytest.raises(NotADirectoryError, match="adapter.txt: exists and is not a directory"):
+    dora_jax.save_adapter_state(model, file, overwrite=True)
+  with pytest.raises(AdapterFormatError, match="adapter.txt: not a directory"):
+    dora_jax.load_adapter(ToyLM(seed=0), file)
+  with pytest.raises(NotADirectoryError, match="adapter.txt: not a directory"):
+    dora_jax.restore_adapter_state(model, file)
+  assert file.read_text() == "not an adapter"
+  assert sorted(os.listdir(tmp_path)) == ["adapter.txt"]
+
+
+def test_save_through_a_symlink_and_from_inside_the_directory(tmp_path, fresh_key, monkeypatch):
+  first, second, third = (adapted(fresh_key()) for _ in range(3))
+  real, link = tmp_path / "real", tmp_path / "link"
+  dora_jax.save_adapter(first, real)
+  link.symlink_to(real, target_is_directory=True)
+  dora_jax.save_adapter(second, link)  # the real directory is replaced; the link stays a link
+  assert link.is_symlink() and os.path.realpath(link) == os.fspath(real)
+  assert_same_adapters(_load_fresh(real), second)
+  monkeypatch.chdir(real)
+  dora_jax.save_adapter(third, ".")
+  assert os.getcwd() == os.fspath(real) and os.path.isfile(peft_io.CONFIG_NAME)
+  assert_same_adapters(_load_fresh("."), third)
 
 
 def test_extra_unknown_tensor(saved):
@@ -614,6 +705,43 @@ def test_checkpoint_mismatches_are_clear(tmp_path, fresh_key):
     dora_jax.restore_adapter_state(model, tmp_path / "ckpt", opt)
   with pytest.raises(FileNotFoundError):
     dora_jax.restore_adapter_state(model, tmp_path / "nothing")
+
+
+def test_corrupt_checkpoint_metadata_names_the_file(tmp_path, fresh_key):
+  model = adapted(fresh_key(), dropout=0.1)
+  dora_jax.save_adapter_state(model, tmp_path / "ckpt")
+  json_files = sorted(p for p in (tmp_path / "ckpt").rglob("*")
+                      if p.name in ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+                      or p.parent.name == "array_metadatas")
+  assert len(json_files) >= 6
+  rng = np.random.default_rng(int(jax.random.randint(fresh_key(), (), 0, 2**30)))
+  target = adapted(fresh_key(), dropout=0.1)
+  for path in json_files:
+    data = path.read_bytes()
+    corrupt = bytearray(data)
+    corrupt[int(rng.integers(len(data)))] = 0xFF  # never valid UTF-8
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError) as info:
+      dora_jax.restore_adapter_state(target, tmp_path / "ckpt")
+    assert not isinstance(info.value, UnicodeDecodeError)
+    assert str(path) in str(info.value) and "corrupt checkpoint metadata" in str(info.value)
+    path.write_bytes(data)
+  dora_jax.restore_adapter_state(target, tmp_path / "ckpt")
+  assert_same_adapters(target, model)
+
+
+def test_checkpoint_overwrite_replaces_the_whole_directory(tmp_path, fresh_key):
+  model, other = adapted(fresh_key()), adapted(fresh_key())
+  opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.LoRAParam)
+  dora_jax.save_adapter_state(model, tmp_path / "ckpt", opt)
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    dora_jax.save_adapter_state(other, tmp_path / "ckpt")
+  dora_jax.save_adapter_state(other, tmp_path / "ckpt", overwrite=True)  # no optimizer now
+  assert not (tmp_path / "ckpt" / "optimizer").exists()
+  target = adapted(fresh_key())
+  dora_jax.restore_adapter_state(target, tmp_path / "ckpt")
+  assert_same_adapters(target, other)
+  assert sorted(p for p in os.listdir(tmp_path) if p != ".ckpt" + atomic.LOCK_SUFFIX) == ["ckpt"]
 
 
 # One optax transformation for every trainer: nnx.jit keys its cache on the optimizer's

@@ -234,3 +234,38 @@ def test_load_adapter_refuses_non_float_dtype_at_the_call(tmp_path, dtype, fresh
   assert not dora_jax.surgery.dora_layers(fresh)
   dora_jax.load_adapter(fresh, tmp_path / "a", dtype=jnp.bfloat16)
   assert fresh.layers[0].lora_b[...].dtype == jnp.bfloat16
+
+
+# -- sharding helpers ---------------------------------------------------------------
+
+
+def test_make_mesh_refuses_repeated_or_string_axis_names():
+  import jax
+  from dora_jax import sharding as dsh
+
+  one = jax.devices()[:1]
+  with pytest.raises(ValueError, match=r"distinct.*'tp' repeated"):
+    dsh.make_mesh((1, 1), ("tp", "tp"), devices=one)
+  with pytest.raises(TypeError, match=r"string 'tp'.*\('tp',\)"):
+    dsh.make_mesh((1,), "tp", devices=one)
+  with pytest.raises(TypeError, match="non-empty strings"):
+    dsh.make_mesh((1,), (None,), devices=one)
+  with pytest.raises(ValueError, match="2 axes but axis_names"):
+    dsh.make_mesh((1, 1), ("tp",), devices=one)
+  mesh = dsh.make_mesh((1, 1), ("fsdp", "tp"), devices=one)
+  assert mesh.axis_names == ("fsdp", "tp")
+
+
+def test_adapter_partition_specs_refuses_a_bare_string():
+  from jax.sharding import PartitionSpec as P
+  from dora_jax import sharding as dsh
+
+  with pytest.raises(TypeError, match=r"string 'tp'.*P\('tp'\)"):
+    dsh.adapter_partition_specs("tp")
+  with pytest.raises(TypeError, match="entries must be None"):
+    dsh.adapter_partition_specs((None, 3))
+  with pytest.raises(TypeError, match="kernel_spec must be"):
+    dsh.adapter_partition_specs(7)
+  specs = dsh.adapter_partition_specs(P(("fsdp", "dp"), "tp"))
+  assert specs == {"lora_a": P(("fsdp", "dp"), None), "lora_b": P(None, "tp"), "magnitude": P("tp")}
+  assert dsh.adapter_partition_specs(P(None, P.UNCONSTRAINED))["magnitude"] == P(P.UNCONSTRAINED)

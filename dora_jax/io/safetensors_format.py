@@ -17,8 +17,8 @@ problem, so a truncated or corrupt file is never half-read.
 The format has no checksum of its own, so a flipped bit in the tensor data
 would load silently. :func:`encode` therefore stores one in the metadata,
 where other readers (``safetensors``, PEFT) ignore it: ``"dora_jax.sha256"``,
-the SHA-256 of the tensor index (every entry's name, dtype, shape and
-offsets, as canonical JSON) followed by the data buffer. :func:`decode`
+the SHA-256 of the header (every tensor's name, dtype, shape and offsets, and
+the other metadata, as canonical JSON) followed by the data buffer. :func:`decode`
 verifies it when present; files without it (written by PEFT, ``safetensors``)
 are read as before.
 """
@@ -57,7 +57,7 @@ _NAMES = {dt: name for name, dt in DTYPES.items()}
 
 #: Refuse headers above this size (the reference implementation's limit).
 MAX_HEADER_BYTES = 100_000_000
-#: Metadata key of the checksum of the tensor index and data (see the module docstring).
+#: Metadata key of the checksum of the header and the data (see the module docstring).
 CHECKSUM_KEY = "dora_jax.sha256"
 
 
@@ -75,9 +75,11 @@ def dtype_name(dtype) -> str:
   return name
 
 
-def checksum(index: Mapping[str, object], data) -> str:
-  """The hex SHA-256 of a tensor index (``{name: {dtype, shape, data_offsets}}``) and the data."""
-  digest = hashlib.sha256(json.dumps(index, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+def checksum(index: Mapping[str, object], metadata: Mapping[str, str], data) -> str:
+  """The hex SHA-256 of a header (``index``: ``{name: {dtype, shape, data_offsets}}``, and
+  ``metadata`` without the checksum) and the data buffer."""
+  header = {**index, "__metadata__": dict(metadata)}
+  digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8"))
   digest.update(data)
   return digest.hexdigest()
 
@@ -110,7 +112,7 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
     offset += len(data)
   body = b"".join(chunks)
   if with_checksum:
-    metadata[CHECKSUM_KEY] = checksum(header, body)
+    metadata[CHECKSUM_KEY] = checksum(header, metadata, body)
   if metadata:
     header = {"__metadata__": metadata, **header}
   head = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -182,9 +184,9 @@ def decode(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray],
                  "(truncated?)")
     raise fail(f"{len(buffer) - position} trailing bytes after the last tensor")
   expected_sum = metadata.pop(CHECKSUM_KEY, None)
-  if expected_sum is not None and checksum(header, buffer) != expected_sum:
-    raise SafetensorsError(f"{source}: corrupt file: the tensor data does not match the "
-                           f"checksum stored with it ({CHECKSUM_KEY})")
+  if expected_sum is not None and checksum(header, metadata, buffer) != expected_sum:
+    raise SafetensorsError(f"{source}: corrupt file: the tensor data or header does not match "
+                           f"the checksum stored with it ({CHECKSUM_KEY})")
   for begin, end, name in spans:
     kind, shape = header[name]["dtype"], header[name]["shape"]
     arr = np.frombuffer(buffer[begin:end], dtype=DTYPES[kind]).reshape(shape)

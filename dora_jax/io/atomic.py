@@ -472,6 +472,9 @@ def read_files(directory: str | os.PathLike, names: Collection[str]) -> dict[str
   when a swap removed a file before it was opened).
   """
   target = resolve(directory)
+  if os.open not in os.supports_dir_fd:  # pragma: no cover - e.g. Windows
+    return {name: (target / name).read_bytes() if (target / name).is_file() else None
+            for name in names}
   for _ in range(5):
     fd = os.open(target, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:

@@ -607,6 +607,26 @@ def test_every_crash_state_of_a_save_loads_old_or_new(tmp_path, fresh_key, monke
     assert sorted(os.listdir(target)) == sorted(peft_io.ADAPTER_FILES + ("README.md", "runs"))
 
 
+class Crash(RuntimeError):
+  pass
+
+
+def _crash_on(monkeypatch, name, call):
+  """Make call number ``call`` of ``atomic.<name>`` raise; returns the counter (``"at": 0``
+  disarms it, ``"n": 0`` restarts the count)."""
+  real = getattr(atomic, name)
+  trap = {"n": 0, "at": call}
+
+  def wrapper(*args, **kwargs):
+    trap["n"] += 1
+    if trap["n"] == trap["at"]:
+      raise Crash(f"simulated crash in {name} call {trap['at']}")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(atomic, name, wrapper)
+  return trap
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 @pytest.mark.parametrize("step", _STEPS)
 def test_a_failing_step_leaves_old_or_new_and_the_next_save_recovers(tmp_path, fresh_key,
@@ -619,56 +639,28 @@ def test_a_failing_step_leaves_old_or_new_and_the_next_save_recovers(tmp_path, f
     _no_exchange(monkeypatch)
   if step == "_exchange" and not exchange:
     pytest.skip("the two-rename swap does not exchange")
-  real = getattr(atomic, step)
-  calls = {"n": 0}
-
-  def failing(*args, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == fail_at:
-      raise Crash(f"{step} call {fail_at}")
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(atomic, step, failing)
-  fail_at, outcomes = 1, set()
+  trap, outcomes, failed_at = _crash_on(monkeypatch, step, 1), set(), 0
   while True:
-    calls["n"] = 0
+    trap["n"] = 0
     try:
       dora_jax.save_adapter(new, target)
       break  # every call of this step has been made to fail once
     except Crash:
       pass
+    trap["at"], failed_at = 0, trap["at"]
     fresh = ToyLM(seed=0)
-    monkeypatch.setattr(atomic, step, real)
     dora_jax.load_adapter(fresh, target)
     outcomes.add(_which(fresh, old, new))
     assert (target / "notes.txt").read_text() == "mine"
     dora_jax.save_adapter(old, target)  # back to the old adapter for the next failure point
-    monkeypatch.setattr(atomic, step, failing)
-    fail_at += 1
-  monkeypatch.setattr(atomic, step, real)
-  assert fail_at > 1 and "mixture" not in outcomes, outcomes
+    trap["n"], trap["at"] = 0, failed_at + 1
+  trap["at"] = 0
+  assert failed_at >= 1 and "mixture" not in outcomes, outcomes
   dora_jax.save_adapter(newer, target)
   fresh = ToyLM(seed=0)
   dora_jax.load_adapter(fresh, target)
   assert _which(fresh, old, newer) == "new"
   assert _leftovers(tmp_path, "a") == [] and (target / "notes.txt").read_text() == "mine"
-
-
-class Crash(RuntimeError):
-  pass
-
-
-def _crash_on(monkeypatch, name, call):
-  real = getattr(atomic, name)
-  count = {"n": 0}
-
-  def wrapper(*args, **kwargs):
-    count["n"] += 1
-    if count["n"] == call:
-      raise Crash(f"simulated crash in {name} call {call}")
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(atomic, name, wrapper)
 
 
 def test_write_file_replaces_atomically(tmp_path, monkeypatch):

@@ -13,18 +13,20 @@ line, answering on stdout:
   With ``KILL_AFTER`` >= 0 this process SIGKILLs the child that many seconds
   after the fork (unless it has ended: only a child not yet reaped is killed).
   Answers ``pid PID`` at once; the child prints ``done PID VERSION SECONDS``
-  after each save; ``exit PID STATUS`` follows when it is reaped (``STATUS`` as
+  after each save (``SECONDS`` since the fork, the clock of ``KILL_AFTER``); ``exit PID STATUS`` follows when it is reaped (``STATUS`` as
   ``os.waitstatus_to_exitcode``: ``-9`` when killed).
 * ``quit``.
 
 Forking a warm process makes a killed save cost milliseconds instead of a
-fresh interpreter with JAX. The parent has used no tensorstore (Orbax aborts a
-forked child if its parent has), and JAX runs synchronously
-(``jax_cpu_enable_async_dispatch`` off) with nothing in flight at the fork.
+fresh interpreter with JAX. The models' adapters are numpy arrays, so a child
+runs no JAX computation (its parent's XLA threads do not exist in it); the
+parent has used no tensorstore (Orbax aborts a forked child if its parent
+has), and ran its last JAX computation before the first fork.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -34,6 +36,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
 import dora_jax
@@ -57,17 +60,25 @@ class Tiny(nnx.Module):
     return self.lm_head(x)
 
 
-def build(version: int | None = None) -> nnx.Module:
-  """The adapted model; ``version`` sets random adapters (``None``: the init ones)."""
+def build(version: int | None = None, *, host: bool = False) -> nnx.Module:
+  """The adapted model; ``version`` sets random adapters (``None``: the init ones).
+
+  With ``host`` the adapters are numpy arrays, so that saving them runs no JAX
+  computation (what a forked child must avoid: the XLA threads of its parent
+  are not there).
+  """
   model = Tiny()
   dora_jax.apply_dora(model, targets=TARGETS, rank=4, alpha=8, rngs=nnx.Rngs(1))
-  if version is not None:
-    key = jax.random.key(1000 + version)
-    for _, layer in dora_jax.surgery.dora_layers(model):
+  key = jax.random.key(1000 + (version or 0))
+  for _, layer in dora_jax.surgery.dora_layers(model):
+    if version is not None:
       key, ka, kb, km = jax.random.split(key, 4)
       layer.lora_a[...] = jax.random.normal(ka, layer.lora_a.shape) / 4
       layer.lora_b[...] = 0.3 * jax.random.normal(kb, layer.lora_b.shape)
       layer.magnitude[...] = layer.magnitude[...] * (1 + 0.2 * jax.random.normal(km, layer.magnitude.shape))
+    if host:
+      for var in (layer.lora_a, layer.lora_b, layer.magnitude):
+        var.set_value(np.asarray(var.get_value()))
   return model
 
 
@@ -80,25 +91,31 @@ def _save(kind: str, model, target: str) -> None:
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def _say(line: str) -> None:
+  """One line on stdout in one write (a child killed mid-line must not leave half of it)."""
+  os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 def _child(kind: str, models, versions: list[int], target: str, exchange: bool,
-           repeat: int) -> None:
+           repeat: int, forked: float) -> None:
   if not exchange:
     atomic._exchange = lambda a, b: False
   for i in range(repeat):
     version = versions[i % len(versions)]
-    start = time.perf_counter()
-    _save(kind, models[version], target)
-    print(f"done {os.getpid()} {version} {time.perf_counter() - start:.6f}", flush=True)
+    with jax.transfer_guard("disallow"):  # a JAX computation here would be an error, not a hang
+      _save(kind, models[version], target)
+    _say(f"done {os.getpid()} {version} {time.perf_counter() - forked:.6f}")
 
 
 def main() -> None:
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
-  models = [build(v) for v in range(VERSIONS)]
+  models = [build(v, host=True) for v in range(VERSIONS)]
+  gc.collect()  # the JAX arrays replaced by numpy ones are freed now, not in a child
   scratch = Path(sys.argv[1])
   for i in range(2):  # compile the save's reshapes once, before any fork
     dora_jax.save_adapter(models[i], scratch / "warm")
-  print("ready", flush=True)
+  _say("ready")
   running: set[int] = set()
   deadlines: dict[int, float] = {}
   while True:
@@ -107,7 +124,7 @@ def main() -> None:
       if done:
         running.discard(pid)
         deadlines.pop(pid, None)
-        print(f"exit {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
+        _say(f"exit {pid} {os.waitstatus_to_exitcode(status)}")
     now = time.perf_counter()
     for pid, when in list(deadlines.items()):
       if when <= now:  # still running and not reaped: the pid is this child's
@@ -120,21 +137,21 @@ def main() -> None:
     if not line or line.strip() == "quit":
       return
     _, kind, versions, target, exchange, repeat, kill_after = line.split()
+    start = time.perf_counter()
     pid = os.fork()
     if pid == 0:
       code = 0
       try:
         _child(kind, models, [int(v) for v in versions.split(",")], target, exchange == "1",
-               int(repeat))
+               int(repeat), start)
       except BaseException as err:  # reported, then the child ends without cleanup
-        print(f"error {os.getpid()} {type(err).__name__}: {err}", flush=True)
+        _say(f"error {os.getpid()} {type(err).__name__}: " + " ".join(str(err).split()))
         code = 1
       os._exit(code)
-    start = time.perf_counter()
     running.add(pid)
     if float(kill_after) >= 0:
       deadlines[pid] = start + float(kill_after)
-    print(f"pid {pid}", flush=True)
+    _say(f"pid {pid}")
 
 
 if __name__ == "__main__":

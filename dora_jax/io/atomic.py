@@ -9,8 +9,8 @@ Directories. :func:`replace_directory` (and :func:`write_directory` on top of
 it) replaces a whole directory ``D`` so that ``D`` holds the old complete
 version or the new complete one at every instant, whatever kills the process:
 
-1. under an exclusive lock on ``.D.dora-lock`` (a file beside ``D``, kept), a
-   leftover of an earlier interrupted replace is recovered (below);
+1. under an exclusive lock (see below), a leftover of an earlier interrupted
+   replace is recovered;
 2. the new version is written beside ``D`` as ``.D.dora-tmp-<token>``; every
    file and directory in it is fsync'ed, then it is renamed
    ``.D.dora-new-<token>`` (complete; the parent is fsync'ed);
@@ -30,9 +30,12 @@ sibling holds after an exchange does not matter: the managed entries in ``D``
 are always one complete version, and only unmanaged ones are carried over.
 
 Readers (:func:`reading`) take the lock shared, so a load never overlaps a
-swap; writers hold it for the whole save, so concurrent saves of one
-directory run one after the other (the last one wins). The lock is advisory
-(``flock``) and only taken where the platform has it.
+swap; writers hold it exclusively for the whole save, so concurrent saves of
+one directory run one after the other (the last one wins). The lock is an
+advisory ``flock`` on ``.D.dora-lock`` beside ``D``; the last holder removes
+the file, so it exists only while the directory is in use (or after a holder
+was killed, until the next use). Where the platform has no ``flock``, or the
+file cannot be created or opened, no lock is taken.
 """
 
 from __future__ import annotations
@@ -251,34 +254,66 @@ def _siblings(target: Path) -> tuple[list[Path], list[tuple[str, str, Path]]]:
   return tmp, sorted(done, key=lambda t: t[1])
 
 
+def _acquire(path: Path, exclusive: bool, blocking: bool) -> int | None:
+  """An fd of the lock file ``path`` holding the lock, or ``None`` (busy, or no lock possible).
+
+  The file is created if needed. A holder removes it when it is the last one
+  (:func:`_release`), so after taking the lock the file is checked to still be
+  the one at ``path``; if it was removed meanwhile, the current one is taken.
+  """
+  flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+  while True:
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # no write access beside the directory: an existing lock file, or none
+      try:
+        fd = os.open(path, os.O_RDONLY)
+      except OSError:
+        return None
+    try:
+      fcntl.flock(fd, flags)
+    except OSError:  # busy (non-blocking), or a file system without flock
+      os.close(fd)
+      return None
+    try:
+      here = os.stat(path)
+      mine = os.fstat(fd)
+      if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+        return fd
+    except FileNotFoundError:
+      pass
+    os.close(fd)
+
+
+def _release(path: Path, fd: int) -> None:
+  """Release the lock; the last holder (the one that can take it exclusively) removes the file."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    here, mine = os.stat(path), os.fstat(fd)
+    if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+      os.unlink(path)
+  except OSError:  # others hold it (they remove it), or it is gone already
+    pass
+  finally:
+    os.close(fd)
+
+
 @contextlib.contextmanager
-def _locked(target: Path, *, exclusive: bool, create: bool, blocking: bool = True
-            ) -> Iterator[bool]:
-  """Hold the lock of ``target``; yields whether it is held (``False``: no lock file, or busy)."""
+def _locked(target: Path, *, exclusive: bool, blocking: bool = True) -> Iterator[bool]:
+  """Hold the lock of ``target`` (``.NAME.dora-lock`` beside it, present only while held);
+  yields whether it is held (``False``: busy with ``blocking=False``, or no lock possible)."""
   if fcntl is None:  # pragma: no cover
     yield False
     return
   path = _lock_path(target)
-  try:
-    fd = os.open(path, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o666)
-  except OSError:
-    if create:
-      raise
+  fd = _acquire(path, exclusive, blocking)
+  if fd is None:
     yield False
     return
   try:
-    flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    try:
-      fcntl.flock(fd, flags if blocking else flags | fcntl.LOCK_NB)
-    except BlockingIOError:
-      yield False
-      return
-    except OSError:  # pragma: no cover - e.g. a file system without flock
-      yield False
-      return
     yield True
   finally:
-    os.close(fd)
+    _release(path, fd)
 
 
 def _carry(source: Path, target: Path, managed: Collection[str] | None) -> None:
@@ -381,7 +416,7 @@ def replace_directory(directory: str | os.PathLike, *, managed: Collection[str] 
   """
   target = resolve(directory)
   _prepare_target(target)
-  with _locked(target, exclusive=True, create=True):
+  with _locked(target, exclusive=True):
     recover(target, managed=managed)
     if not overwrite and os.path.lexists(target):
       raise FileExistsError(f"{target}: exists (pass overwrite=True to replace it)")
@@ -452,7 +487,7 @@ def reading(directory: str | os.PathLike, *, managed: Collection[str] | None
   if tmp or done:
     missing = not os.path.lexists(target)
     try:
-      with _locked(target, exclusive=True, create=missing, blocking=missing) as held:
+      with _locked(target, exclusive=True, blocking=missing) as held:
         if held:
           recover(target, managed=managed)
     except OSError as err:
@@ -460,7 +495,7 @@ def reading(directory: str | os.PathLike, *, managed: Collection[str] | None
         raise FileNotFoundError(
             f"{target}: missing; an interrupted save left {done[-1][2] if done else tmp[0]}, "
             f"which could not be moved into place ({err})") from err
-  with _locked(target, exclusive=False, create=False):
+  with _locked(target, exclusive=False):
     yield target
 
 

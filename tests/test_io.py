@@ -663,6 +663,24 @@ def test_a_failing_step_leaves_old_or_new_and_the_next_save_recovers(tmp_path, f
   assert _leftovers(tmp_path, "a") == [] and (target / "notes.txt").read_text() == "mine"
 
 
+def test_a_save_waits_for_a_load_in_progress(tmp_path, fresh_key):
+  import threading
+
+  old, new = adapted(fresh_key()), adapted(fresh_key())
+  target = tmp_path / "a"
+  dora_jax.save_adapter(old, target)
+  with atomic.reading(target, managed=peft_io.ADAPTER_FILES):  # what a load holds
+    writer = threading.Thread(target=dora_jax.save_adapter, args=(new, target))
+    writer.start()
+    writer.join(0.5)
+    assert writer.is_alive(), "the save did not wait for the load"
+    assert _which(_load_fresh(target), old, new) == "old"  # loads share the lock
+  writer.join(30)
+  assert not writer.is_alive()
+  assert _which(_load_fresh(target), old, new) == "new"
+  assert _leftovers(tmp_path, "a") == []  # nor a lock file, once nobody holds it
+
+
 def test_write_file_replaces_atomically(tmp_path, monkeypatch):
   path = tmp_path / "f.bin"
   atomic.write_file(path, b"old")

@@ -448,9 +448,10 @@ def write_directory(directory: str | os.PathLike, files: Mapping[str, bytes]) ->
 
   After any interruption ``directory`` holds either its previous files or the
   new ones, never a mixture (see :func:`replace_directory`); its other entries
-  are kept. A ``directory`` that is a mount point cannot be swapped: the files
-  are then written in place by :func:`write_files` (old set, new set, or no
-  loadable set after a crash), with a logged warning.
+  are kept. A ``directory`` that is a mount point, or whose parent is not
+  writable, cannot be swapped: the files are then written in place by
+  :func:`write_files` (old set, new set, or no loadable set after a crash),
+  with a logged warning.
 
   Returns:
     ``directory`` resolved (absolute, symlinks followed).
@@ -476,7 +477,7 @@ def write_directory(directory: str | os.PathLike, files: Mapping[str, bytes]) ->
 def reading(directory: str | os.PathLike, *, managed: Collection[str] | None
             ) -> Iterator[Path]:
   """Context for reading ``directory``: an interrupted replace is recovered first, and the
-  lock is held shared (where a lock file exists) so no swap happens meanwhile.
+  lock is held shared (where it can be taken) so no swap happens meanwhile.
 
   Yields ``directory`` resolved. Recovery needs write access to the parent;
   without it (or while a writer holds the lock) a present ``directory`` is read

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dora_jax._checks import precision_name
+from dora_jax._checks import check_real_scalar, precision_name
 from dora_jax.dense import dora_dense
 from dora_jax.norm import column_sq_norm, factored_norm
 
@@ -39,10 +39,17 @@ def check_rank(rank: Any, d_in: int, d_out: int, where: str = "") -> None:
 
 
 def check_dropout(rate: Any) -> float:
-  """Return ``rate`` as a float in ``[0, 1)`` or raise ``ValueError``."""
-  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+  """Return ``rate`` (any real scalar, see :func:`check_real_scalar`) as a float in ``[0, 1)``.
+
+  Raises ``ValueError`` otherwise.
+  """
+  try:
+    value = check_real_scalar("dropout", rate)
+  except (TypeError, ValueError):
+    value = math.nan
+  if not 0.0 <= value < 1.0:
     raise ValueError(f"dropout must be a float in [0, 1), got {rate!r}")
-  return float(rate)
+  return value
 
 
 def init_lora_a(key: jax.Array, shape: tuple[int, ...], d_in: int, dtype) -> jax.Array:

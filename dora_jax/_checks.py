@@ -8,9 +8,11 @@ broadcasting into a silently wrong result.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
@@ -76,19 +78,67 @@ def check_vector(name: str, value, d_out: int) -> None:
   check_float(name, value)
 
 
-def check_scale(scale) -> None:
-  """``scale`` must be a real scalar: a Python number or a 0-d array."""
-  if isinstance(scale, bool):
-    raise TypeError("scale must be a real number, got a bool")
-  if isinstance(scale, numbers.Real):
+def _is_traced(value) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _check_scalar_kind(name: str, value) -> None:
+  """Raise unless ``value`` is a real scalar: a number, a numpy scalar or a 0-d int/float array."""
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a real number, got a bool ({value!r})")
+  if isinstance(value, numbers.Real):
     return
-  if not hasattr(scale, "shape") or not hasattr(scale, "dtype"):
-    raise TypeError(f"scale must be a real scalar, got {type(scale).__name__}")
-  if _shape(scale) != ():
-    raise ValueError(f"scale must be a scalar (shape ()), got shape {_shape(scale)}")
-  dtype = _dtype(scale)
+  if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r:.60})")
+  if _shape(value) != ():
+    raise ValueError(f"{name} must be a scalar (shape ()), got shape {_shape(value)}")
+  dtype = _dtype(value)
   if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-    raise TypeError(f"scale must be a real scalar, got dtype {dtype}")
+    raise TypeError(f"{name} must be a real scalar, got dtype {dtype}")
+
+
+def check_real_scalar(name: str, value) -> float:
+  """``value`` as a finite Python float, or an error naming ``name``.
+
+  Accepts any real scalar: a Python ``int``/``float``, a numpy scalar
+  (``np.float32(16)``, ``np.int64(8)``), or a 0-d numpy/JAX array of an integer
+  or floating dtype (bfloat16 included). Refuses bools, complex numbers,
+  strings, arrays with more than one element, traced values (the number is
+  needed on the host) and NaN/±inf.
+
+  Raises:
+    TypeError: not a real scalar (or traced); ValueError: not 0-d, or not finite.
+  """
+  _check_scalar_kind(name, value)
+  if _is_traced(value):
+    raise TypeError(f"{name} must be a concrete number, got a traced value (pass a Python "
+                    "number, not an argument of a jitted function)")
+  try:
+    number = float(value)
+  except OverflowError:
+    raise ValueError(f"{name} must be finite, got {value!r:.60} (too large for a float)") from None
+  if not math.isfinite(number):
+    raise ValueError(f"{name} must be finite, got {number}")
+  return number
+
+
+def check_scale(scale) -> None:
+  """``scale`` must be a real scalar: a number or a 0-d array; finite unless traced."""
+  _check_scalar_kind("scale", scale)
+  if not _is_traced(scale):
+    check_real_scalar("scale", scale)
+
+
+def check_float_dtype(name: str, dtype) -> np.dtype:
+  """``dtype`` as a ``numpy.dtype`` if it is a floating dtype, else ``TypeError`` naming ``name``."""
+  try:
+    dt = None if dtype is None else jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"{name} must be a floating dtype (float16, bfloat16, float32 or float64), "
+                    f"got {dt if dt is not None else repr(dtype)}")
+  return dt
 
 
 def check_input(x, d_in: int) -> None:

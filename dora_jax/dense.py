@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from dora_jax import backend as backend_lib
-from dora_jax._checks import (accumulation_dtype, check_dora_args, check_scale,
-                              check_vector, check_weights, precision_name)
+from dora_jax._checks import (accumulation_dtype, check_dora_args, check_real_scalar,
+                              check_scale, check_vector, check_weights, precision_name)
 from dora_jax.compose import Wants, backward_xla, forward_xla
 from dora_jax.norm import NORM_EPS, factored_norm
 
@@ -38,9 +38,7 @@ def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
   """The LoRA scale ``s``: ``alpha / rank``, or ``alpha / √rank`` with rsLoRA (PEFT's rules)."""
   if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
     raise ValueError(f"rank must be a positive int, got {rank!r}")
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-    raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-  return float(alpha) / (math.sqrt(rank) if rslora else rank)
+  return check_real_scalar("alpha", alpha) / (math.sqrt(rank) if rslora else rank)
 
 
 class _Config(NamedTuple):

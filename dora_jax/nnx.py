@@ -48,6 +48,7 @@ from flax import nnx
 from jax import lax
 
 from dora_jax import _adapter
+from dora_jax._checks import check_float_dtype
 from dora_jax.dense import lora_scale, merge_kernel
 from dora_jax.norm import factored_norm
 
@@ -134,7 +135,7 @@ class DoRALayer(nnx.Module):
     self.dtype = base.dtype
     self.precision = base.precision
     self.preferred_element_type = base.preferred_element_type
-    self.param_dtype = jnp.dtype(param_dtype)
+    self.param_dtype = check_float_dtype("param_dtype", param_dtype)
 
     kernel2d = self._kernel2d()
     self.lora_a = DoRAParam(_adapter.init_lora_a(

@@ -68,9 +68,31 @@ AxisEntry = str | tuple[str, ...] | None
 ADAPTER_NAMES = ("lora_a", "lora_b", "magnitude")
 
 
+def _spec_entries(spec: PartitionSpec | Sequence[AxisEntry] | None) -> tuple[AxisEntry, ...]:
+  """The entries of a kernel spec, each ``None``, an axis name or a tuple of names."""
+  if spec is None:
+    return ()
+  if isinstance(spec, (str, bytes)):
+    raise TypeError(f"kernel_spec must be a PartitionSpec or a sequence of axis entries, got the "
+                    f"string {spec!r} (for one sharded dimension write P({spec!r}) or "
+                    f"P(None, {spec!r}))")
+  try:
+    entries = tuple(spec)
+  except TypeError:
+    raise TypeError(f"kernel_spec must be a PartitionSpec, a sequence of axis entries or None, "
+                    f"got {type(spec).__name__}") from None
+  for entry in entries:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    if (entry is not None and entry is not PartitionSpec.UNCONSTRAINED
+        and not all(isinstance(n, str) for n in names)):
+      raise TypeError(f"kernel_spec entries must be None, an axis name or a tuple of axis "
+                      f"names, got {entry!r} in {spec!r}")
+  return entries
+
+
 def _entries(spec: PartitionSpec | Sequence[AxisEntry] | None, ndim: int) -> tuple[AxisEntry, ...]:
   """``spec`` as a tuple of exactly ``ndim`` entries (trailing ``None`` padding)."""
-  entries = () if spec is None else tuple(spec)
+  entries = _spec_entries(spec)
   if len(entries) > ndim:
     raise ValueError(f"kernel spec {spec} has more entries than the kernel's {ndim} dims")
   return entries + (None,) * (ndim - len(entries))
@@ -103,7 +125,7 @@ def adapter_partition_specs(kernel_spec: PartitionSpec | Sequence[AxisEntry] | N
   """
   if in_ndim < 1:
     raise ValueError(f"in_ndim must be >= 1, got {in_ndim}")
-  given = 0 if kernel_spec is None else len(tuple(kernel_spec))
+  given = len(_spec_entries(kernel_spec))
   if out_ndim is None:
     out_ndim = max(given - in_ndim, 1)
   if out_ndim < 1:
@@ -193,9 +215,26 @@ def check_mesh(mesh: Mesh) -> None:
 
 def make_mesh(shape: Sequence[int], axis_names: Sequence[str], *,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """``jax.make_mesh`` with ``AxisType.Auto`` axes (GSPMD), e.g. ``((4, 2), ("fsdp", "tp"))``."""
-  return jax.make_mesh(tuple(shape), tuple(axis_names),
-                       axis_types=(AxisType.Auto,) * len(axis_names), devices=devices)
+  """``jax.make_mesh`` with ``AxisType.Auto`` axes (GSPMD), e.g. ``((4, 2), ("fsdp", "tp"))``.
+
+  Raises:
+    TypeError: ``axis_names`` is a bare string or holds non-strings.
+    ValueError: repeated axis names, or ``shape`` and ``axis_names`` of different lengths.
+  """
+  if isinstance(axis_names, (str, bytes)):
+    raise TypeError(f"axis_names must be a sequence of names, got the string {axis_names!r} "
+                    f"(for one axis write ({axis_names!r},))")
+  names = tuple(axis_names)
+  if not all(isinstance(n, str) and n for n in names):
+    raise TypeError(f"axis_names must be non-empty strings, got {names!r}")
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ValueError(f"axis_names must be distinct, got {names!r} ({', '.join(map(repr, repeated))} "
+                     "repeated)")
+  shape = tuple(shape)
+  if len(shape) != len(names):
+    raise ValueError(f"shape {shape} has {len(shape)} axes but axis_names {names!r} has {len(names)}")
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
 def state_shardings(node: Any, mesh: Mesh):

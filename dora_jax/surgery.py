@@ -32,6 +32,7 @@ from flax import nnx
 from flax.nnx import graphlib
 
 from dora_jax import _adapter
+from dora_jax._checks import check_float_dtype, check_real_scalar
 from dora_jax.nnx import WRAPPERS, DoRALayer
 
 #: ``targets``: a regular expression (full match against the path) or a predicate.
@@ -165,6 +166,8 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
   if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
     raise ValueError(f"rank must be a positive int, got {rank!r}")
   _adapter.check_dropout(dropout)
+  alpha = check_real_scalar("alpha", alpha)
+  param_dtype = check_float_dtype("param_dtype", param_dtype)
   match = _matcher(targets)
   selected: dict[int, tuple[str, nnx.Module]] = {}
   already, unsupported = [], []

@@ -458,3 +458,97 @@ def test_cli_errors(ckpt_dir, capsys):
   err = capsys.readouterr().err
   assert "layers/0/kernel" in err and "(8, 6)" in err and "(8, 7)" in err
   assert not os.path.exists(os.path.join(out, cli.PLOT_NAME))
+
+
+def _cli_error(capsys, argv) -> str:
+  """Run the CLI in-process; it must exit 2 with exactly one ``error:`` line."""
+  assert cli.main([str(a) for a in argv]) == 2
+  captured = capsys.readouterr()
+  lines = captured.err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+  assert "Traceback" not in captured.err
+  return lines[0]
+
+
+def test_cli_unreadable_safetensors(ckpt_dir, capsys, fresh_key):
+  tmp, _, _, _ = ckpt_dir
+  out = tmp / "out"
+  good = (tmp / "step_200.safetensors").read_bytes()
+  rng = np.random.default_rng(int(jax.random.randint(fresh_key(), (), 0, 2**30)))
+  cases = {"truncated": good[: len(good) // 2], "random": rng.bytes(4096), "empty": b"",
+           "short": good[:5]}
+  for name, data in cases.items():
+    path = tmp / f"{name}.safetensors"
+    path.write_bytes(data)
+    err = _cli_error(capsys, [tmp / "base", path, "--out", out])
+    assert str(path) in err, err
+  assert not out.exists()
+
+
+def test_cli_invalid_layers_regex(ckpt_dir, capsys):
+  tmp, _, _, _ = ckpt_dir
+  err = _cli_error(capsys, [tmp / "base", tmp / "step_100", "--layers", "layers/(0", "--out", tmp / "o"])
+  assert "--layers" in err and "not a valid regular expression" in err and "layers/(0" in err
+  with pytest.raises(ValueError, match="layers: 'a\\[' is not a valid regular expression"):
+    analysis.compare({"k": np.ones((2, 2), np.float32)}, {"k": np.ones((2, 2), np.float32)}, layers="a[")
+
+
+def test_cli_out_is_an_existing_file(ckpt_dir, capsys):
+  tmp, _, _, _ = ckpt_dir
+  out = tmp / "results.txt"
+  out.write_text("keep me")
+  err = _cli_error(capsys, [tmp / "base", tmp / "step_100", "--out", out])
+  assert str(out) in err and "not a directory" in err
+  assert out.read_text() == "keep me"
+
+
+def test_cli_without_matplotlib(ckpt_dir, capsys, monkeypatch):
+  tmp, _, _, _ = ckpt_dir
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+  err = _cli_error(capsys, [tmp / "base", tmp / "step_100", "--out", tmp / "o"])
+  assert "matplotlib" in err and "pip install" in err
+  assert not (tmp / "o").exists()
+
+
+@pytest.mark.parametrize("how", ["all", "one"])
+def test_non_finite_tuned_kernel_is_an_error(ckpt_dir, capsys, how, fresh_key):
+  tmp, base, _, _ = ckpt_dir
+  tuned = analysis.flatten_params(base)
+  kernel = tuned["layers/1/kernel"] + 0.1 * np.asarray(
+      jax.random.normal(fresh_key(), tuned["layers/1/kernel"].shape))
+  if how == "all":
+    kernel = np.full_like(kernel, np.nan)
+  else:
+    kernel[3, 2] = np.inf
+  tuned["layers/1/kernel"] = kernel
+  _save_safetensors(tmp / "nan.safetensors", tuned)
+  err = _cli_error(capsys, [tmp / "base", tmp / "nan.safetensors", "--out", tmp / "o"])
+  assert "layers/1/kernel" in err and "non-finite" in err and "'nan'" in err
+  with pytest.raises(ValueError, match="non-finite"):
+    analysis.compare(base, tuned, layers="layers/1")
+  bad_base = dict(tuned)
+  with pytest.raises(ValueError, match=r"the base: layers/1/kernel has \d+ non-finite"):
+    analysis.compare(bad_base, analysis.flatten_params(base), layers="layers/1")
+
+
+def test_integer_tensor_is_reported_as_such(ckpt_dir, capsys):
+  tmp, base, _, _ = ckpt_dir
+  tuned = analysis.flatten_params(base)
+  tuned["layers/0/kernel"] = np.round(tuned["layers/0/kernel"] * 100).astype(np.int32)
+  _save_safetensors(tmp / "int.safetensors", tuned)
+  err = _cli_error(capsys, [tmp / "base", tmp / "int.safetensors", "--out", tmp / "o"])
+  assert "layers/0/kernel (int32, shape (8, 6))" in err and "lacks" not in err
+  # An integer tensor in the base, selected by name, is named instead of "no layer matches" alone.
+  with pytest.raises(ValueError, match=r"matching but not 2-D floating point: layers/0/kernel \(int32"):
+    analysis.compare(tuned, base, layers="layers/0/kernel")
+
+
+def test_safetensors_loader_reads_bfloat16(tmp_path):
+  from dora_jax.io import safetensors_format
+
+  kernel = jnp.asarray(np.linspace(-1, 1, 12).reshape(4, 3), jnp.bfloat16)
+  (tmp_path / "bf.safetensors").write_bytes(
+      safetensors_format.encode({"layers.0.kernel": np.asarray(kernel)}))
+  loaded = checkpoints.load(tmp_path / "bf.safetensors")
+  assert loaded["layers/0/kernel"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(loaded["layers/0/kernel"], np.asarray(kernel))

@@ -8,8 +8,10 @@ scale changes the numbers. The cross-check against PyTorch PEFT itself is in
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -59,7 +61,8 @@ def rewrite(directory: Path, *, tensors=None, config=None, link=False):
   tensors = old_t if tensors is None else tensors
   config = old_c if config is None else config
   (directory / peft_io.CONFIG_NAME).write_text(json.dumps(config))
-  (directory / peft_io.WEIGHTS_NAME).write_bytes(safetensors_format.encode(tensors, {"format": "pt"}))
+  (directory / peft_io.WEIGHTS_NAME).write_bytes(
+      safetensors_format.encode(tensors, {"format": "pt"}, with_checksum=False))
 
 
 # -- round trips ---------------------------------------------------------------
@@ -336,6 +339,96 @@ def test_corrupt_header(saved):
     _load_fresh(d)
 
 
+def _flip_and_load(d, path, data, offset, bit):
+  corrupt = bytearray(data)
+  corrupt[offset] ^= 1 << bit
+  path.write_bytes(bytes(corrupt))
+  try:
+    _load_fresh(d)
+  except AdapterFormatError as err:
+    return str(err)
+  finally:
+    path.write_bytes(data)
+  return None
+
+
+def test_bit_flips_in_the_weights_file_are_refused(saved, fresh_key):
+  model, d = saved
+  path = d / peft_io.WEIGHTS_NAME
+  data = path.read_bytes()
+  header_end = 8 + int.from_bytes(data[:8], "little")
+  rng = np.random.default_rng(int(jax.random.randint(fresh_key(), (), 0, 2**30)))
+  # The tensor data: what the format cannot check; the stored checksum catches it.
+  for offset in rng.integers(header_end, len(data), size=40):
+    err = _flip_and_load(d, path, data, int(offset), int(rng.integers(8)))
+    assert err is not None, f"a flipped bit at data byte {offset} loaded"
+    assert str(path) in err and "checksum" in err, err
+  # The header (length, JSON, metadata): refused too, by the parser or the checksum.
+  for offset in rng.integers(0, header_end, size=40):
+    err = _flip_and_load(d, path, data, int(offset), int(rng.integers(8)))
+    assert err is not None, f"a flipped bit at header byte {offset} loaded"
+  fresh = _load_fresh(d)  # the intact file still loads
+  assert_same_adapters(fresh, model)
+
+
+def test_files_without_a_checksum_load(saved):
+  """Files written by PEFT (safetensors' writer) carry no checksum: loaded as before."""
+  model, d = saved
+  rewrite(d)
+  _, metadata = safetensors_format.read(d / peft_io.WEIGHTS_NAME)
+  assert metadata == {"format": "pt"}
+  assert_same_adapters(_load_fresh(d), model)
+
+
+def test_checksum_lives_in_the_metadata_where_other_readers_ignore_it(tmp_path, fresh_key):
+  safetensors = pytest.importorskip("safetensors")
+  model = adapted(fresh_key())
+  dora_jax.save_adapter(model, tmp_path)
+  path = tmp_path / peft_io.WEIGHTS_NAME
+  with safetensors.safe_open(str(path), "np") as f:
+    stored = f.metadata()
+  assert len(stored[safetensors_format.CHECKSUM_KEY]) == 64 and stored["format"] == "pt"
+  tensors, metadata = safetensors_format.read(path)  # verified, and not handed back
+  assert safetensors_format.CHECKSUM_KEY not in metadata
+  again = safetensors_format.encode(tensors, {**metadata, safetensors_format.CHECKSUM_KEY: "0" * 64})
+  assert safetensors_format.decode(again)[1] == metadata  # a stale value passed in is recomputed
+  plain = safetensors_format.encode(tensors, metadata, with_checksum=False)
+  header = json.loads(plain[8:8 + int.from_bytes(plain[:8], "little")])
+  assert header["__metadata__"] == metadata
+
+
+def test_paths_that_are_not_directories(tmp_path, fresh_key):
+  model = adapted(fresh_key())
+  file = tmp_path / "adapter.txt"
+  file.write_text("not an adapter")
+  with pytest.raises(NotADirectoryError, match="adapter.txt: exists and is not a directory"):
+    dora_jax.save_adapter(model, file)
+  with pytest.raises(NotADirectoryError, match="is not a directory"):
+    dora_jax.save_adapter(model, file / "inside")
+  with pytest.raises(NotADirectoryError, match="adapter.txt: exists and is not a directory"):
+    dora_jax.save_adapter_state(model, file, overwrite=True)
+  with pytest.raises(AdapterFormatError, match="adapter.txt: not a directory"):
+    dora_jax.load_adapter(ToyLM(seed=0), file)
+  with pytest.raises(NotADirectoryError, match="adapter.txt: not a directory"):
+    dora_jax.restore_adapter_state(model, file)
+  assert file.read_text() == "not an adapter"
+  assert sorted(os.listdir(tmp_path)) == ["adapter.txt"]
+
+
+def test_save_through_a_symlink_and_from_inside_the_directory(tmp_path, fresh_key, monkeypatch):
+  first, second, third = (adapted(fresh_key()) for _ in range(3))
+  real, link = tmp_path / "real", tmp_path / "link"
+  dora_jax.save_adapter(first, real)
+  link.symlink_to(real, target_is_directory=True)
+  dora_jax.save_adapter(second, link)  # the real directory is replaced; the link stays a link
+  assert link.is_symlink() and os.path.realpath(link) == os.fspath(real)
+  assert_same_adapters(_load_fresh(real), second)
+  monkeypatch.chdir(real)
+  dora_jax.save_adapter(third, ".")
+  assert os.getcwd() == os.fspath(real) and os.path.isfile(peft_io.CONFIG_NAME)
+  assert_same_adapters(_load_fresh("."), third)
+
+
 def test_extra_unknown_tensor(saved):
   _, d = saved
   tensors, _ = safetensors_format.read(d / "adapter_model.safetensors")
@@ -432,6 +525,86 @@ def test_failed_load_leaves_the_model_unchanged(saved):
 
 
 # -- crash safety ----------------------------------------------------------------
+#
+# A save replaces the adapter directory by a swap (dora_jax.io.atomic). The
+# file-system steps it takes go through atomic's _rename, _exchange, _rmtree,
+# fsync_tree and fsync_dir; the first test copies the directory's parent before
+# and after every one of them, i.e. every state a SIGKILL between two steps can
+# leave, and loads each copy. (tests/test_crash_safety.py kills real saving
+# processes at random instants.)
+
+_STEPS = ("_rename", "_exchange", "_rmtree", "fsync_tree", "fsync_dir")
+
+
+def _no_exchange(monkeypatch):
+  """The two-rename swap used where renameat2(RENAME_EXCHANGE) is unavailable."""
+  monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+  """Siblings of ``parent/name`` left by a save (staged versions, the lock file)."""
+  return sorted(p for p in os.listdir(parent) if p.startswith(f".{name}{atomic.SIBLING_TAG}"))
+
+
+def _which(model, old, new) -> str:
+  got, o, n = lora_flat(model), lora_flat(old), lora_flat(new)
+  if sorted(got) == sorted(o) and all(np.array_equal(got[k], o[k]) for k in got):
+    return "old"
+  if sorted(got) == sorted(n) and all(np.array_equal(got[k], n[k]) for k in got):
+    return "new"
+  return "mixture"
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("existing", [True, False], ids=["overwrite", "first-save"])
+def test_every_crash_state_of_a_save_loads_old_or_new(tmp_path, fresh_key, monkeypatch, exchange,
+                                                      existing):
+  old, new = adapted(fresh_key()), adapted(fresh_key(), targets=r"layers/\d+/mlp/up_proj|lm_head")
+  parent, snaps = tmp_path / "p", tmp_path / "snaps"
+  target = parent / "a"
+  if existing:
+    dora_jax.save_adapter(old, target)
+    (target / "README.md").write_text("kept")
+    (target / "runs").mkdir()
+    (target / "runs" / "log.txt").write_text("kept too")
+  if not exchange:
+    _no_exchange(monkeypatch)
+  count = iter(range(10_000))
+  for name in _STEPS:
+    def step(*args, _real=getattr(atomic, name), **kwargs):
+      shutil.copytree(parent, snaps / f"{next(count):03d}", symlinks=True)
+      out = _real(*args, **kwargs)
+      shutil.copytree(parent, snaps / f"{next(count):03d}", symlinks=True)
+      return out
+    monkeypatch.setattr(atomic, name, step)
+  dora_jax.save_adapter(new, target)
+  monkeypatch.undo()
+  states = sorted(os.listdir(snaps))
+  assert len(states) >= 12
+  seen = collections.Counter()
+  for state in states:
+    copy = snaps / state / "a"
+    fresh = ToyLM(seed=0)
+    try:
+      dora_jax.load_adapter(fresh, copy)
+      seen[_which(fresh, old, new)] += 1
+    except AdapterFormatError as err:
+      assert not existing and "missing" in str(err), (state, err)  # a first save: nothing yet
+      assert not dora_jax.surgery.dora_layers(fresh)
+      seen["none"] += 1
+      continue
+    # The load finished what the crash interrupted: no leftovers, other files back in place.
+    assert _leftovers(snaps / state, "a") == [], state
+    if existing:
+      assert (copy / "README.md").read_text() == "kept", state
+      assert (copy / "runs" / "log.txt").read_text() == "kept too", state
+  assert seen["mixture"] == 0, seen
+  assert seen["new"] >= 2 and (seen["old"] if existing else seen["none"]) >= 2, seen
+  fresh = ToyLM(seed=0)
+  dora_jax.load_adapter(fresh, target)
+  assert _which(fresh, old, new) == "new" and _leftovers(parent, "a") == []
+  if existing:
+    assert sorted(os.listdir(target)) == sorted(peft_io.ADAPTER_FILES + ("README.md", "runs"))
 
 
 class Crash(RuntimeError):
@@ -439,53 +612,73 @@ class Crash(RuntimeError):
 
 
 def _crash_on(monkeypatch, name, call):
+  """Make call number ``call`` of ``atomic.<name>`` raise; returns the counter (``"at": 0``
+  disarms it, ``"n": 0`` restarts the count)."""
   real = getattr(atomic, name)
-  count = {"n": 0}
+  trap = {"n": 0, "at": call}
 
   def wrapper(*args, **kwargs):
-    count["n"] += 1
-    if count["n"] == call:
-      raise Crash(f"simulated crash in {name} call {call}")
+    trap["n"] += 1
+    if trap["n"] == trap["at"]:
+      raise Crash(f"simulated crash in {name} call {trap['at']}")
     return real(*args, **kwargs)
 
   monkeypatch.setattr(atomic, name, wrapper)
+  return trap
 
 
-_STEPS = [("_write_temp", 1), ("_write_temp", 2), ("_replace", 1), ("_replace", 2),
-          ("fsync_dir", 1), ("fsync_dir", 2)]
-
-
-# Overwriting an adapter fsyncs the directory once more (after removing the old config).
-@pytest.mark.parametrize("existing,where", [(False, w) for w in _STEPS]
-                         + [(True, w) for w in _STEPS + [("fsync_dir", 3)]])
-def test_interrupted_save_leaves_old_adapter_or_none(tmp_path, fresh_key, monkeypatch, where,
-                                                     existing):
-  old = adapted(fresh_key())
-  new = adapted(fresh_key())
-  if existing:
-    dora_jax.save_adapter(old, tmp_path)
-  _crash_on(monkeypatch, *where)
-  with pytest.raises(Crash):
-    dora_jax.save_adapter(new, tmp_path)
-  monkeypatch.undo()
-  assert not [p for p in os.listdir(tmp_path) if p.startswith(atomic.TEMP_PREFIX)]
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("step", _STEPS)
+def test_a_failing_step_leaves_old_or_new_and_the_next_save_recovers(tmp_path, fresh_key,
+                                                                      monkeypatch, exchange, step):
+  old, new, newer = adapted(fresh_key()), adapted(fresh_key()), adapted(fresh_key())
+  target = tmp_path / "a"
+  dora_jax.save_adapter(old, target)
+  (target / "notes.txt").write_text("mine")
+  if not exchange:
+    _no_exchange(monkeypatch)
+  if step == "_exchange" and not exchange:
+    pytest.skip("the two-rename swap does not exchange")
+  trap, outcomes, failed_at = _crash_on(monkeypatch, step, 1), set(), 0
+  while True:
+    trap["n"] = 0
+    try:
+      dora_jax.save_adapter(new, target)
+      break  # every call of this step has been made to fail once
+    except Crash:
+      pass
+    trap["at"], failed_at = 0, trap["at"]
+    fresh = ToyLM(seed=0)
+    dora_jax.load_adapter(fresh, target)
+    outcomes.add(_which(fresh, old, new))
+    assert (target / "notes.txt").read_text() == "mine"
+    dora_jax.save_adapter(old, target)  # back to the old adapter for the next failure point
+    trap["n"], trap["at"] = 0, failed_at + 1
+  trap["at"] = 0
+  assert failed_at >= 1 and "mixture" not in outcomes, outcomes
+  dora_jax.save_adapter(newer, target)
   fresh = ToyLM(seed=0)
-  try:
-    dora_jax.load_adapter(fresh, tmp_path)
-  except AdapterFormatError:
-    # "None": nothing loads, and the model was left alone.
-    assert not (existing and where[0] == "_write_temp"), "the old adapter should survive"
-    assert not dora_jax.surgery.dora_layers(fresh)
-    return
-  # Whatever loads is one complete adapter: the old one, or the new one when the
-  # crash came after the commit (the last rename), never a mixture.
-  got = lora_flat(fresh)
-  old_flat, new_flat = lora_flat(old), lora_flat(new)
-  is_old = all(np.array_equal(got[k], old_flat[k]) for k in got)
-  is_new = all(np.array_equal(got[k], new_flat[k]) for k in got)
-  assert is_old != is_new
-  assert is_old or where == ("fsync_dir", 3 if existing else 2)
-  assert existing or is_new, "an interrupted first save must leave nothing loadable"
+  dora_jax.load_adapter(fresh, target)
+  assert _which(fresh, old, newer) == "new"
+  assert _leftovers(tmp_path, "a") == [] and (target / "notes.txt").read_text() == "mine"
+
+
+def test_a_save_waits_for_a_load_in_progress(tmp_path, fresh_key):
+  import threading
+
+  old, new = adapted(fresh_key()), adapted(fresh_key())
+  target = tmp_path / "a"
+  dora_jax.save_adapter(old, target)
+  with atomic.reading(target, managed=peft_io.ADAPTER_FILES):  # what a load holds
+    writer = threading.Thread(target=dora_jax.save_adapter, args=(new, target))
+    writer.start()
+    writer.join(0.5)
+    assert writer.is_alive(), "the save did not wait for the load"
+    assert _which(_load_fresh(target), old, new) == "old"  # loads share the lock
+  writer.join(30)
+  assert not writer.is_alive()
+  assert _which(_load_fresh(target), old, new) == "new"
+  assert _leftovers(tmp_path, "a") == []  # nor a lock file, once nobody holds it
 
 
 def test_write_file_replaces_atomically(tmp_path, monkeypatch):
@@ -522,6 +715,43 @@ def test_checkpoint_mismatches_are_clear(tmp_path, fresh_key):
     dora_jax.restore_adapter_state(model, tmp_path / "ckpt", opt)
   with pytest.raises(FileNotFoundError):
     dora_jax.restore_adapter_state(model, tmp_path / "nothing")
+
+
+def test_corrupt_checkpoint_metadata_names_the_file(tmp_path, fresh_key):
+  model = adapted(fresh_key(), dropout=0.1)
+  dora_jax.save_adapter_state(model, tmp_path / "ckpt")
+  json_files = sorted(p for p in (tmp_path / "ckpt").rglob("*")
+                      if p.name in ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+                      or p.parent.name == "array_metadatas")
+  assert len(json_files) >= 6
+  rng = np.random.default_rng(int(jax.random.randint(fresh_key(), (), 0, 2**30)))
+  target = adapted(fresh_key(), dropout=0.1)
+  for path in json_files:
+    data = path.read_bytes()
+    corrupt = bytearray(data)
+    corrupt[int(rng.integers(len(data)))] = 0xFF  # never valid UTF-8
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError) as info:
+      dora_jax.restore_adapter_state(target, tmp_path / "ckpt")
+    assert not isinstance(info.value, UnicodeDecodeError)
+    assert str(path) in str(info.value) and "corrupt checkpoint metadata" in str(info.value)
+    path.write_bytes(data)
+  dora_jax.restore_adapter_state(target, tmp_path / "ckpt")
+  assert_same_adapters(target, model)
+
+
+def test_checkpoint_overwrite_replaces_the_whole_directory(tmp_path, fresh_key):
+  model, other = adapted(fresh_key()), adapted(fresh_key())
+  opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.LoRAParam)
+  dora_jax.save_adapter_state(model, tmp_path / "ckpt", opt)
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    dora_jax.save_adapter_state(other, tmp_path / "ckpt")
+  dora_jax.save_adapter_state(other, tmp_path / "ckpt", overwrite=True)  # no optimizer now
+  assert not (tmp_path / "ckpt" / "optimizer").exists()
+  target = adapted(fresh_key())
+  dora_jax.restore_adapter_state(target, tmp_path / "ckpt")
+  assert_same_adapters(target, other)
+  assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no staged versions, no lock file left
 
 
 # One optax transformation for every trainer: nnx.jit keys its cache on the optimizer's

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from dora_jax.analysis import checkpoints
-from dora_jax.analysis.compare import compare, format_table, rows_to_csv
+from dora_jax.analysis.compare import compare, format_table, layer_pattern, rows_to_csv
 
 PLOT_NAME = "delta_scatter.png"
 CSV_NAME = "delta_table.csv"
@@ -50,17 +51,25 @@ def run(args: argparse.Namespace) -> str:
     raise ValueError(f"--labels has {len(labels)} entries for {len(args.tuned)} tuned checkpoints")
   if len(set(labels)) != len(labels):
     labels = [os.fspath(p) for p in args.tuned]
-  for path in (args.base, *args.tuned):  # fail before loading anything large
+  # Everything that can be checked is checked before anything large is loaded.
+  try:
+    layers = layer_pattern(args.layers)
+  except ValueError as err:
+    raise ValueError(f"--layers: {str(err).partition(': ')[2]}") from None
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise ValueError(f"--out {args.out}: exists and is not a directory")
+  for path in (args.base, *args.tuned):
     if not os.path.exists(path):
       raise FileNotFoundError(f"checkpoint not found: {path}")
+  from dora_jax.analysis import plot  # matplotlib only when the CLI runs
+
+  plot.require_matplotlib()
   base = checkpoints.load(args.base)
   rows = []
   for label, path in zip(labels, args.tuned):
-    rows += compare(base, checkpoints.load(path), layers=args.layers, checkpoint=label,
+    rows += compare(base, checkpoints.load(path), layers=layers, checkpoint=label,
                     scale=args.scale, layout=args.layout)
   os.makedirs(args.out, exist_ok=True)
-  from dora_jax.analysis import plot  # matplotlib only once there is something to draw
-
   png = plot.scatter(rows, os.path.join(args.out, PLOT_NAME), title=args.title)
   with open(os.path.join(args.out, CSV_NAME), "w", encoding="utf-8") as f:
     f.write(rows_to_csv(rows))
@@ -71,8 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     print(run(args))
-  except (FileNotFoundError, ValueError) as err:
-    print(f"error: {err}", file=sys.stderr)
+  except (OSError, ValueError, TypeError, ImportError) as err:
+    # Bad input, an unreadable checkpoint or a missing dependency: one line, status 2.
+    message = re.sub(r"\s*\n\s*", " ", str(err)).strip() or type(err).__name__
+    print(f"error: {message}", file=sys.stderr)
     return 2
   return 0
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from dora_jax.analysis.compare import flatten_params
+from dora_jax.io import safetensors_format
 
 # Files of a saved pytree item (a CheckpointManager step directory has only
 # _CHECKPOINT_METADATA and one sub-directory per item).
@@ -51,11 +52,15 @@ def load_orbax(path: str | os.PathLike) -> dict[str, np.ndarray]:
                       "pip install 'dora_jax[analysis]'") from err
   directory = _orbax_dir(Path(path).absolute())
   checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(directory)
-  metadata = getattr(metadata, "item_metadata", metadata)
-  metadata = getattr(metadata, "tree", metadata)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-  tree = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  try:
+    metadata = checkpointer.metadata(directory)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    metadata = getattr(metadata, "tree", metadata)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    tree = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as err:  # orbax raises assorted types for corrupt or foreign directories
+    raise ValueError(f"{directory}: cannot read the Orbax checkpoint "
+                     f"({type(err).__name__}: {err})") from err
   return {k: np.asarray(v) for k, v in flatten_params(tree).items()}
 
 
@@ -63,13 +68,12 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Read a ``.safetensors`` file; tensor names have ``.`` replaced by ``/``.
 
   So ``layers.0.kernel`` and ``layers/0/kernel`` both become ``layers/0/kernel``.
+  Read by :mod:`dora_jax.io.safetensors_format` (bfloat16 included; a
+  truncated or corrupt file raises :class:`~dora_jax.io.SafetensorsError`, a
+  ``ValueError`` naming the file).
   """
-  try:
-    from safetensors.numpy import load_file
-  except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("reading .safetensors needs safetensors: "
-                      "pip install 'dora_jax[analysis]'") from err
-  return {name.replace(".", "/"): value for name, value in load_file(os.fspath(path)).items()}
+  tensors, _ = safetensors_format.read(path)
+  return {name.replace(".", "/"): value for name, value in tensors.items()}
 
 
 def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -77,7 +81,8 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   Raises:
     FileNotFoundError: ``path`` does not exist.
-    ValueError: ``path`` is neither an Orbax directory nor a ``.safetensors`` file.
+    ValueError: ``path`` is neither an Orbax directory nor a ``.safetensors`` file, or
+      it is unreadable (truncated, corrupt), naming the path.
   """
   p = Path(path)
   if not p.exists():

@@ -206,21 +206,29 @@ def compare(base_params: Any, tuned_params: Any, *, layers: str | re.Pattern | N
     One :class:`LayerRow` per matching layer, sorted by path.
 
   Raises:
-    ValueError: no layer matches ``layers`` (the message lists the available
-      names), a matching layer is missing from the tuned tree, a shape differs
-      (the message names the tensor and both shapes), or adapters need ``scale``.
+    ValueError: ``layers`` is not a valid regular expression, no layer matches
+      it (the message lists the available names), a matching layer is missing
+      from the tuned tree or is not a 2-D float tensor there (its dtype and
+      shape are named), a shape differs (the message names the tensor and both
+      shapes), a kernel holds NaN/inf, or adapters need ``scale``.
   """
   _check_layout(layout)
-  pattern = re.compile(layers) if isinstance(layers, str) else layers
+  pattern = layer_pattern(layers)
   base, tuned = flatten_params(base_params), flatten_params(tuned_params)
   available = layer_names(base)
   names = [p for p in available if pattern is None or pattern.search(p)]
   if not names:
+    others = [p for p in base if p not in available and pattern is not None and pattern.search(p)]
     raise ValueError(
         f"no layer matches {pattern.pattern if pattern else None!r}; "
         f"available 2-D tensors: {_listing(available)}"
+        + (f"; matching but not 2-D floating point: {_described(base, others)}" if others else "")
     )
   tuned_names = set(layer_names(tuned))
+  unfit = [p for p in names if p not in tuned_names and p in tuned]
+  if unfit:
+    raise ValueError(f"checkpoint {checkpoint!r} holds {_described(tuned, unfit)}: not 2-D "
+                     "floating point, as in the base")
   missing = [p for p in names if p not in tuned_names]
   if missing:
     raise ValueError(
@@ -232,11 +240,41 @@ def compare(base_params: Any, tuned_params: Any, *, layers: str | re.Pattern | N
     w0, _ = effective_kernel(base, path, scale=scale, layout=layout)
     w, source = effective_kernel(tuned, path, scale=scale, layout=layout)
     check_kernel_pair(w0, w, name=path)
+    for which, kernel in (("the base", w0), (f"checkpoint {checkpoint!r}", w)):
+      bad = int(np.size(kernel) - jnp.sum(jnp.isfinite(kernel)))
+      if bad:
+        raise ValueError(f"{which}: {path} has {bad} non-finite value(s) (NaN/inf) out of "
+                         f"{np.size(kernel)}; its ΔM and ΔD are undefined")
     cols = jax.tree.map(np.asarray, decompose(w0, w))
     rows.append(LayerRow(checkpoint=checkpoint, layer=path, shape=tuple(w0.shape), source=source,
                          delta_m=float(cols.delta_m), delta_d=float(cols.delta_d),
                          base_magnitude=float(np.mean(cols.base_magnitude)), columns=cols))
   return rows
+
+
+def layer_pattern(layers: str | re.Pattern | None) -> re.Pattern | None:
+  """``layers`` compiled; an invalid regular expression raises ``ValueError`` saying so."""
+  if layers is None or isinstance(layers, re.Pattern):
+    return layers
+  if not isinstance(layers, str):
+    raise TypeError(f"layers must be a regular expression (str or re.Pattern) or None, "
+                    f"got {type(layers).__name__}")
+  try:
+    return re.compile(layers)
+  except re.error as err:
+    raise ValueError(f"layers: {layers!r} is not a valid regular expression ({err})") from None
+
+
+def _described(flat: Mapping[str, Any], names: Sequence[str]) -> str:
+  """``name (dtype, shape)`` for each of ``names``."""
+  def one(name):
+    value = flat[name]
+    try:
+      dtype = jnp.result_type(value)
+    except TypeError:
+      dtype = type(value).__name__
+    return f"{name} ({dtype}, shape {tuple(np.shape(value))})"
+  return ", ".join(one(n) for n in sorted(names)[:_MAX_LISTED])
 
 
 def pearson(rows: Sequence[LayerRow]) -> float:

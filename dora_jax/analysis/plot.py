@@ -14,6 +14,15 @@ import numpy as np
 from dora_jax.analysis.compare import LayerRow, pearson
 
 
+def require_matplotlib() -> None:
+  """Raise ``ImportError`` with the install hint unless matplotlib can be imported."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError as err:
+    raise ImportError(f"the plot needs matplotlib, which is not installed: "
+                      f"pip install 'dora_jax[analysis]' ({err})") from None
+
+
 def _checkpoint_order(rows: Sequence[LayerRow]) -> list[str]:
   seen: dict[str, None] = {}
   for r in rows:
@@ -55,6 +64,7 @@ def scatter_panels(groups: Mapping[str, Sequence[LayerRow]], path: str | os.Path
   Returns:
     The path written.
   """
+  require_matplotlib()
   from matplotlib import colormaps
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure

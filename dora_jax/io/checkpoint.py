@@ -16,14 +16,23 @@ Restoring into a model built the same way (same base model, same
 :func:`dora_jax.apply_dora` calls, any random init) and an optimizer built with
 the same ``optax`` transformation continues training bit-identically.
 Base weights are not saved (they are frozen: reload them from where they came
-from). Orbax writes into a temporary directory and renames it when complete,
-so an interrupted save never leaves a checkpoint that restores.
+from).
+
+Crash safety: the checkpoint is written beside ``directory`` and swapped in by
+rename once complete and fsync'ed (:func:`dora_jax.io.atomic.replace_directory`),
+so after any interruption ``directory`` holds the previous checkpoint or the
+new one, complete (with ``overwrite=True`` too: the old one is deleted only
+after the new one is in place). An interrupted swap is finished by the next
+save or restore. Restores read under the directory's shared lock, so they never
+overlap a save of it. (A checkpoint saved by several JAX processes is written
+by Orbax directly, as before: Orbax's own temporary directory and rename.)
 
 Needs ``orbax-checkpoint`` (``pip install 'dora_jax[io]'``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,8 +43,11 @@ import numpy as np
 from flax import nnx
 
 from dora_jax import surgery
+from dora_jax.io import atomic
 
 _FORMAT = 1
+#: Orbax's JSON metadata files (checked before Orbax parses them).
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
 
 
 def _ocp():
@@ -97,8 +109,16 @@ def save_adapter_state(model: nnx.Module, directory: str | os.PathLike,
   args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
   args["dora_jax"] = ocp.args.JsonSave(meta)
   directory = Path(directory).absolute()
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    ckpt.save(directory, ocp.args.Composite(**args), force=overwrite)
+  if os.path.lexists(directory) and not directory.is_dir():
+    raise NotADirectoryError(f"{directory}: exists and is not a directory")
+  composite = ocp.args.Composite(**args)
+  if jax.process_count() > 1:  # every process writes its shards: Orbax coordinates
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      ckpt.save(directory, composite, force=overwrite)
+    return directory
+  with atomic.replace_directory(directory, managed=None, overwrite=overwrite) as staging:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      ckpt.save(staging, composite)
   return directory
 
 
@@ -137,17 +157,54 @@ def restore_adapter_state(model: nnx.Module, directory: str | os.PathLike,
   """
   ocp = _ocp()
   directory = Path(directory).absolute()
+  with atomic.reading(directory, managed=None):
+    _restore(ocp, model, directory, optimizer, include_rng)
+
+
+def _check_metadata_files(directory: Path) -> None:
+  """Every JSON metadata file Orbax keeps must be UTF-8 JSON; else an error naming the file.
+
+  (Orbax itself raises bare ``UnicodeDecodeError``/``JSONDecodeError``/``KeyError``
+  without a path for a corrupt one.)
+  """
+  for here, _, names in os.walk(directory):
+    for name in names:
+      path = Path(here) / name
+      if name not in _JSON_FILES and path.parent.name != "array_metadatas":
+        continue
+      try:
+        json.loads(path.read_bytes().decode("utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: corrupt checkpoint metadata, not UTF-8 JSON ({err})") from None
+
+
+def _orbax_call(directory: Path, what: str, fn, *args):
+  """``fn(*args)``; an Orbax failure becomes ``ValueError`` naming the checkpoint."""
+  try:
+    return fn(*args)
+  except Exception as err:  # orbax raises assorted types for corrupt or foreign directories
+    raise ValueError(f"{directory}: {what} ({type(err).__name__}: {err})") from err
+
+
+def _restore(ocp, model, directory: Path, optimizer, include_rng: bool) -> None:
+  if os.path.lexists(directory) and not directory.is_dir():
+    raise NotADirectoryError(f"{directory}: not a directory (a checkpoint is a directory)")
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+  _check_metadata_files(directory)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    try:
-      meta = ckpt.restore(directory, ocp.args.Composite(dora_jax=ocp.args.JsonRestore()))
-    except Exception as err:  # orbax raises assorted types for foreign directories
-      raise ValueError(f"{directory}: not a dora_jax adapter checkpoint ({err})") from err
+    meta = _orbax_call(directory, "not a dora_jax adapter checkpoint", ckpt.restore, directory,
+                       ocp.args.Composite(dora_jax=ocp.args.JsonRestore()))
   meta = meta["dora_jax"]
   if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
     raise ValueError(f"{directory}: unknown checkpoint format "
                      f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+  if (not isinstance(meta.get("layers"), dict)
+      or not all(isinstance(v, dict) for v in meta["layers"].values())
+      or not isinstance(meta.get("items"), list)
+      or not all(isinstance(v, str) for v in meta["items"])):
+    raise ValueError(f"{directory / 'dora_jax' / 'metadata'}: corrupt checkpoint metadata "
+                     "(expected 'layers' and 'items')")
   saved_layers = meta["layers"]
   have_layers = _layer_info(model)
   if saved_layers != have_layers:
@@ -169,7 +226,8 @@ def restore_adapter_state(model: nnx.Module, directory: str | os.PathLike,
       dora_jax=ocp.JsonCheckpointHandler(),
       **{name: ocp.StandardCheckpointHandler() for name in meta["items"]})
   with ocp.Checkpointer(handler) as ckpt:
-    item_meta = ckpt.metadata(directory)
+    item_meta = _orbax_call(directory, "cannot read the checkpoint's metadata", ckpt.metadata,
+                            directory)
     item_meta = getattr(item_meta, "item_metadata", item_meta)
     for name, target in targets.items():
       saved = item_meta[name]
@@ -178,8 +236,9 @@ def restore_adapter_state(model: nnx.Module, directory: str | os.PathLike,
     # uncommitted array stays uncommitted (a committed one would make every jitted
     # step recompile), a sharded one keeps its sharding.
     host = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), targets)
-    restored = ckpt.restore(directory, ocp.args.Composite(
-        **{name: ocp.args.StandardRestore(tree) for name, tree in host.items()}))
+    restored = _orbax_call(directory, "cannot read the checkpoint", ckpt.restore, directory,
+                           ocp.args.Composite(**{name: ocp.args.StandardRestore(tree)
+                                                 for name, tree in host.items()}))
   restored = {name: jax.tree.map(_place, targets[name], restored[name]) for name in targets}
 
   _update(model, nnx.LoRAParam, restored["adapter"])

@@ -68,6 +68,7 @@ import numpy as np
 from flax import nnx
 
 from dora_jax import surgery
+from dora_jax._checks import check_float_dtype
 from dora_jax.io import atomic, naming, safetensors_format
 from dora_jax.io.naming import ModuleNameMap
 from dora_jax.nnx import WRAPPERS, DoRAEinsum, DoRALayer, DoRALinearGeneral, DoRADense
@@ -81,6 +82,8 @@ LINEAR_WRAPPERS = (DoRADense, DoRALinearGeneral, DoRAEinsum)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+#: The files :func:`save_adapter` writes and replaces as one (other entries of the directory stay).
+ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME)
 PREFIX = "base_model.model."
 #: Suffixes of the tensors of one module -> the adapter parameter they hold.
 SUFFIXES = {
@@ -284,10 +287,11 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   ``base_model.model.<module>.…``) and ``adapter_config.json`` (``peft_type``
   ``LORA``, ``use_dora: true``, ``r``, ``lora_alpha``, ``rank_pattern``, ...).
   ``peft.PeftModel.from_pretrained(torch_model, directory)`` loads it; so does
-  :func:`load_adapter`. Existing files of the same names are replaced
-  crash-safely (see :mod:`dora_jax.io.atomic`): an interrupted save leaves the
-  previous adapter or none, never a mixture. Other files in the directory are
-  left alone.
+  :func:`load_adapter`. An existing adapter is replaced crash-safely: the new
+  files are written beside the directory and swapped in by rename (see
+  :mod:`dora_jax.io.atomic`), so after any interruption the directory holds
+  the previous adapter or the new one, complete. Other entries of the
+  directory are kept.
 
   Args:
     model: an NNX model with DoRA layers (after :func:`dora_jax.apply_dora`).
@@ -311,8 +315,7 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
               "dora_jax.version": __version__}
   weights = safetensors_format.encode(tensors, metadata)
   directory = Path(directory)
-  atomic.write_files(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes},
-                     commit=CONFIG_NAME)
+  atomic.write_directory(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes})
   return directory
 
 
@@ -326,11 +329,31 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     AdapterFormatError: missing or malformed file, not a DoRA LoRA adapter, or
       features dora_jax does not implement (bias adapters, ``fan_in_fan_out``, ...).
   """
-  path = Path(directory) / CONFIG_NAME
-  if not path.is_file():
-    raise AdapterFormatError(f"{path}: missing; not a (complete) PEFT adapter directory")
+  directory = Path(directory)
+  return _parse_config(_read_adapter_files(directory, (CONFIG_NAME,))[CONFIG_NAME],
+                       directory / CONFIG_NAME)
+
+
+def _read_adapter_files(directory: Path, names: tuple[str, ...]) -> dict[str, bytes | None]:
+  """The bytes of ``names`` from one version of an adapter directory (``None``: absent).
+
+  An interrupted save is recovered first (see :func:`dora_jax.io.atomic.reading`);
+  the config must be there.
+  """
+  if os.path.lexists(directory) and not directory.is_dir():
+    raise AdapterFormatError(f"{directory}: not a directory (an adapter is a directory holding "
+                             f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+  with atomic.reading(directory, managed=ADAPTER_FILES):
+    files = atomic.read_files(directory, names) if directory.is_dir() else {}
+  if files.get(CONFIG_NAME) is None:
+    raise AdapterFormatError(f"{directory / CONFIG_NAME}: missing; not a (complete) PEFT "
+                             "adapter directory")
+  return files
+
+
+def _parse_config(data: bytes, path: Path) -> dict[str, Any]:
   try:
-    config = json.loads(path.read_text("utf-8"))
+    config = json.loads(data.decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as err:
     raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
   _check_config(config, path)
@@ -500,20 +523,22 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       mismatches (the message names the tensor and both shapes/dtypes), an
       adapted layer whose rank/alpha/rsLoRA differ from the config.
   """
+  target_dtype = None if dtype is None else check_float_dtype("dtype", dtype)
   directory = Path(directory)
-  config = read_adapter_config(directory)
+  files = _read_adapter_files(directory, ADAPTER_FILES)
+  config = _parse_config(files[CONFIG_NAME], directory / CONFIG_NAME)
   weights_path = directory / WEIGHTS_NAME
-  if not weights_path.is_file():
+  if files[WEIGHTS_NAME] is None:
     extra = " (only adapter_model.bin, PyTorch pickle, which dora_jax does not read)" if (
         directory / "adapter_model.bin").exists() else ""
     raise AdapterFormatError(f"{weights_path}: missing{extra}")
   try:
-    tensors, metadata = safetensors_format.read(weights_path)
+    tensors, metadata = safetensors_format.decode(files[WEIGHTS_NAME], os.fspath(weights_path))
   except safetensors_format.SafetensorsError as err:
     raise AdapterFormatError(str(err)) from None
   expected_hash = metadata.get(CONFIG_HASH_KEY)
   if expected_hash is not None:
-    actual = hashlib.sha256((directory / CONFIG_NAME).read_bytes()).hexdigest()
+    actual = hashlib.sha256(files[CONFIG_NAME]).hexdigest()
     if actual != expected_hash:
       raise AdapterFormatError(
           f"{directory}: {CONFIG_NAME} is not the config {WEIGHTS_NAME} was saved with "
@@ -544,7 +569,6 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         + (", ".join(sorted(by_name)) or "(none)"))
   lookup = _module_lookup(model)
 
-  target_dtype = None if dtype is None else jnp.dtype(dtype)
   plan = []  # (path, name, spec, layer-or-throwaway, {param: value})
   for name in sorted(modules):
     path = by_name[name]

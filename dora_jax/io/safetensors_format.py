@@ -13,10 +13,19 @@ The reader validates everything it can (header length and JSON, dtype names,
 shapes against offsets, contiguous non-overlapping offsets covering the whole
 buffer, file size) and raises :class:`SafetensorsError` naming the file and the
 problem, so a truncated or corrupt file is never half-read.
+
+The format has no checksum of its own, so a flipped bit in the tensor data
+would load silently. :func:`encode` therefore stores one in the metadata,
+where other readers (``safetensors``, PEFT) ignore it: ``"dora_jax.sha256"``,
+the SHA-256 of the header (every tensor's name, dtype, shape and offsets, and
+the other metadata, as canonical JSON) followed by the data buffer. :func:`decode`
+verifies it when present; files without it (written by PEFT, ``safetensors``)
+are read as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -48,6 +57,8 @@ _NAMES = {dt: name for name, dt in DTYPES.items()}
 
 #: Refuse headers above this size (the reference implementation's limit).
 MAX_HEADER_BYTES = 100_000_000
+#: Metadata key of the checksum of the header and the data (see the module docstring).
+CHECKSUM_KEY = "dora_jax.sha256"
 
 
 class SafetensorsError(ValueError):
@@ -64,18 +75,30 @@ def dtype_name(dtype) -> str:
   return name
 
 
-def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+def checksum(index: Mapping[str, object], metadata: Mapping[str, str], data) -> str:
+  """The hex SHA-256 of a header (``index``: ``{name: {dtype, shape, data_offsets}}``, and
+  ``metadata`` without the checksum) and the data buffer."""
+  header = {**index, "__metadata__": dict(metadata)}
+  digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+  digest.update(data)
+  return digest.hexdigest()
+
+
+def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None, *,
+           with_checksum: bool = True) -> bytes:
   """The bytes of a safetensors file holding ``tensors`` (any shapes) and ``metadata``.
 
   Tensors are laid out in name order; the header is padded with spaces to a
-  multiple of 8 bytes, as the reference writer does.
+  multiple of 8 bytes, as the reference writer does. With ``with_checksum``
+  (the default) the metadata also holds :data:`CHECKSUM_KEY` (computed here: a
+  value passed in ``metadata`` is dropped).
   """
   header: dict[str, object] = {}
-  if metadata:
-    bad = {k: v for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
-    if bad:
-      raise TypeError(f"safetensors metadata must map str to str, got {bad!r}")
-    header["__metadata__"] = dict(metadata)
+  metadata = dict(metadata or {})
+  bad = {k: v for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+  if bad:
+    raise TypeError(f"safetensors metadata must map str to str, got {bad!r}")
+  metadata.pop(CHECKSUM_KEY, None)  # always recomputed
   chunks, offset = [], 0
   for name in sorted(tensors):
     if name == "__metadata__" or not isinstance(name, str) or not name:
@@ -87,15 +110,21 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
                     "data_offsets": [offset, offset + len(data)]}
     chunks.append(data)
     offset += len(data)
+  body = b"".join(chunks)
+  if with_checksum:
+    metadata[CHECKSUM_KEY] = checksum(header, metadata, body)
+  if metadata:
+    header = {"__metadata__": metadata, **header}
   head = json.dumps(header, separators=(",", ":")).encode("utf-8")
   head += b" " * (-len(head) % 8)
-  return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+  return struct.pack("<Q", len(head)) + head + body
 
 
 def decode(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """``(tensors, metadata)`` from the bytes of a safetensors file, fully validated.
 
-  The arrays are copies (writable, independent of ``data``).
+  The arrays are copies (writable, independent of ``data``). A checksum
+  (:data:`CHECKSUM_KEY`) is verified and not returned in the metadata.
 
   Raises:
     SafetensorsError: naming ``source`` and what is wrong.
@@ -154,6 +183,10 @@ def decode(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray],
       raise fail(f"the tensors need {position} data bytes but the file holds {len(buffer)} "
                  "(truncated?)")
     raise fail(f"{len(buffer) - position} trailing bytes after the last tensor")
+  expected_sum = metadata.pop(CHECKSUM_KEY, None)
+  if expected_sum is not None and checksum(header, metadata, buffer) != expected_sum:
+    raise SafetensorsError(f"{source}: corrupt file: the tensor data or header does not match "
+                           f"the checksum stored with it ({CHECKSUM_KEY})")
   for begin, end, name in spans:
     kind, shape = header[name]["dtype"], header[name]["shape"]
     arr = np.frombuffer(buffer[begin:end], dtype=DTYPES[kind]).reshape(shape)

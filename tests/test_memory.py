@@ -9,6 +9,8 @@ dense product.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr)
 import jax.numpy as jnp
@@ -28,25 +30,25 @@ def _sub_jaxprs(eqn):
         yield item
 
 
-def dense_shaped_dots(closed_jaxpr, d_in: int, d_out: int) -> list[str]:
-  """Every dot_general (recursively) whose output has ``d_in·d_out`` or more elements."""
+def dot_output_shapes(closed_jaxpr) -> list[tuple[int, ...]]:
+  """The output shape of every dot_general in ``closed_jaxpr``, recursively."""
   found = []
 
   def visit(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "dot_general":
-        for out in eqn.outvars:
-          shape = tuple(out.aval.shape)
-          size = 1
-          for s in shape:
-            size *= s
-          if size >= d_in * d_out and {d_in, d_out} <= set(shape):
-            found.append(f"{eqn.primitive.name} -> {shape}")
+        found.extend(tuple(out.aval.shape) for out in eqn.outvars)
       for sub in _sub_jaxprs(eqn):
         visit(sub)
 
   visit(closed_jaxpr.jaxpr)
   return found
+
+
+def dense_shaped_dots(closed_jaxpr, d_in: int, d_out: int) -> list[str]:
+  """Every dot_general (recursively) whose output has ``d_in·d_out`` or more elements."""
+  return [f"dot_general -> {shape}" for shape in dot_output_shapes(closed_jaxpr)
+          if math.prod(shape) >= d_in * d_out and {d_in, d_out} <= set(shape)]
 
 
 def _train_step(norm_fn):

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import pathlib
 import itertools
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 _counter = itertools.count()
-
-# TEMPORARY: until dora_jax/general.py (the op-level core) lands, a jnp stand-in.
-if not (pathlib.Path(__file__).parents[1] / "dora_jax" / "general.py").exists():
-  import _general_standin
-  sys.modules["dora_jax.general"] = _general_standin
 
 # On GPUs, float32 matmuls default to TF32 (~1e-3 relative); the float32 tests
 # pin full-precision results, so they run with "highest" matmul precision.

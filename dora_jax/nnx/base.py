@@ -70,67 +70,73 @@ def check_config(rank: Any, dropout: Any, layout: general.WeightLayout, where: s
 
 
 # -- numerics on one site (compiled once per shape/layout) -----------------------
+#
+# Rule: a site is computed either by dora_dense on its [d_in, d_out] view
+# (``native=False``: Dense, Embed, Conv) or by the native-layout ops of
+# dora_jax.general (``native=True``: LinearGeneral, Einsum, op-level sites). Its
+# magnitude init, norm, cached norms and merge use the same family, so that at
+# init m equals the norm the forward computes bit for bit (g = 1 exactly).
 
 
-def _norm_value(kernel, lora_a, lora_b, scale, layout, base_sq):
-  """``‖W + s·a·b‖`` as ``[*batch, d_out]`` float32 (the factored norm, native layout)."""
-  if layout.is_matrix:
-    k2, a2, b2 = (kernel.reshape(layout.d_in, layout.d_out),
-                  lora_a.reshape(layout.d_in, -1), lora_b.reshape(-1, layout.d_out))
-    norm = factored_norm(k2, a2, b2, scale, base_sq_norm=base_sq)
-  else:
+def _norm_value(kernel, lora_a, lora_b, scale, layout, base_sq, native):
+  """``‖W + s·a·b‖`` as ``[*batch, d_out]`` float32 (the factored norm)."""
+  if native:
     sq = None if base_sq is None else base_sq.reshape(*layout.batch_shape, *layout.out_shape)
     norm = general.weight_norm(kernel, lora_a, lora_b, scale, layout, base_sq_norm=sq)
+  else:
+    k2, a2, b2 = (kernel.reshape(layout.d_in, layout.d_out),
+                  lora_a.reshape(layout.d_in, -1), lora_b.reshape(-1, layout.d_out))
+    sq = None if base_sq is None else base_sq.reshape(layout.d_out)
+    norm = factored_norm(k2, a2, b2, scale, base_sq_norm=sq)
   return norm.astype(jnp.float32).reshape(*layout.batch_shape, layout.d_out)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "layout"))
+@functools.partial(jax.jit, static_argnames=("scale", "layout", "native"))
 def norm_and_stamp(kernel, lora_a, lora_b, base_sq=None, *, scale: float,
-                   layout: general.WeightLayout):
+                   layout: general.WeightLayout, native: bool):
   """``(norm [*batch, d_out] float32, stamp uint32 [3])`` of the current adapters."""
-  norm = _norm_value(kernel, lora_a, lora_b, scale, layout, base_sq)
+  norm = _norm_value(kernel, lora_a, lora_b, scale, layout, base_sq, native)
   return norm, _adapter.fingerprint(lora_a, lora_b, jnp.asarray(scale, jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("layout",))
-def base_sq_norm(kernel, *, layout: general.WeightLayout) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("layout", "native"))
+def base_sq_norm(kernel, *, layout: general.WeightLayout, native: bool) -> jax.Array:
   """``‖W_j‖²`` of the frozen kernel, ``[*batch, d_out]`` float32."""
-  if layout.is_matrix:
-    sq = column_sq_norm(kernel.reshape(layout.d_in, layout.d_out))
-  else:
+  if native:
     sq = general.weight_sq_norm(kernel, layout)
+  else:
+    sq = column_sq_norm(kernel.reshape(layout.d_in, layout.d_out))
   return sq.astype(jnp.float32).reshape(*layout.batch_shape, layout.d_out)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "dtype"))
-def init_magnitude(kernel, *, layout: general.WeightLayout, dtype) -> jax.Array:
+def init_magnitude(kernel, *, layout: general.WeightLayout, dtype, native: bool) -> jax.Array:
   """``m = ‖W_j‖ [*batch, *out_shape]``: a compiled reduction, the one the forward's
   norm runs, so that at init ``m`` equals the norm bit for bit (``g = 1``)."""
-  if layout.is_matrix:
-    sq = column_sq_norm(kernel.reshape(layout.d_in, layout.d_out))
-  else:
-    sq = general.weight_sq_norm(kernel, layout)
-  return jnp.sqrt(sq).astype(dtype).reshape(*layout.batch_shape, *layout.out_shape)
+  if native:
+    return general.init_magnitude(kernel, layout, jnp.dtype(dtype))
+  m = _adapter.init_magnitude(kernel.reshape(layout.d_in, layout.d_out), dtype)
+  return m.reshape(*layout.batch_shape, *layout.out_shape)
 
 
 def init_adapters(kernel: jax.Array, layout: general.WeightLayout, rank: int, param_dtype,
-                  key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  key: jax.Array, *, native: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """PEFT's initial ``(lora_a, lora_b, magnitude)`` for ``kernel`` in ``layout``."""
   a_shape, b_shape, _ = layout.adapter_shapes(rank)
   lora_a = _adapter.init_lora_a(key, tuple(a_shape), layout.d_in, param_dtype)
   lora_b = jnp.zeros(tuple(b_shape), param_dtype)
-  return lora_a, lora_b, init_magnitude(kernel, layout=layout, dtype=jnp.dtype(param_dtype))
+  return lora_a, lora_b, init_magnitude(kernel, layout=layout, dtype=jnp.dtype(param_dtype),
+                                        native=native)
 
 
 def cached_norm(kernel, lora_a, lora_b, scale: float, layout: general.WeightLayout, cache,
-                stamp, base_sq=None):
+                stamp, base_sq=None, *, native: bool):
   """The norm ``[*batch, d_out]`` from ``cache`` while ``stamp`` matches the adapters.
 
   Returns ``(norm, new_cache, new_stamp)``; a stale cache is never used (the norm is
   recomputed inside a ``lax.cond``). The kernel is not stamped: refresh the cache
   after replacing base weights.
   """
-  if layout.is_matrix and base_sq is None:
+  if not native and base_sq is None:
     k2 = kernel.reshape(layout.d_in, layout.d_out)
     return _adapter.cached_norm(k2, lora_a.reshape(layout.d_in, -1),
                                 lora_b.reshape(-1, layout.d_out), scale, cache, stamp)
@@ -138,20 +144,19 @@ def cached_norm(kernel, lora_a, lora_b, scale: float, layout: general.WeightLayo
   valid = jnp.all(new_stamp == stamp)
   a, b = lax.stop_gradient(lora_a), lax.stop_gradient(lora_b)
   norm = lax.cond(valid, lambda: lax.stop_gradient(cache).astype(jnp.float32),
-                  lambda: _norm_value(kernel, a, b, scale, layout, base_sq))
+                  lambda: _norm_value(kernel, a, b, scale, layout, base_sq, native))
   return norm, norm, new_stamp
 
 
 def merged_kernel(kernel, lora_a, lora_b, magnitude, scale: float,
-                  layout: general.WeightLayout) -> jax.Array:
+                  layout: general.WeightLayout, *, native: bool) -> jax.Array:
   """``g ⊙ (W + s·a·b)`` in the kernel's shape and dtype."""
-  if layout.is_matrix:
-    k2 = kernel.reshape(layout.d_in, layout.d_out)
-    merged = merge_kernel(k2, lora_a.reshape(layout.d_in, -1),
-                          lora_b.reshape(-1, layout.d_out), magnitude.reshape(layout.d_out),
-                          scale)
-    return merged.reshape(kernel.shape)
-  return general.merge_weight(kernel, lora_a, lora_b, magnitude, scale, layout)
+  if native:
+    return general.merge_weight(kernel, lora_a, lora_b, magnitude, scale, layout)
+  k2 = kernel.reshape(layout.d_in, layout.d_out)
+  merged = merge_kernel(k2, lora_a.reshape(layout.d_in, -1), lora_b.reshape(-1, layout.d_out),
+                        magnitude.reshape(layout.d_out), scale)
+  return merged.reshape(kernel.shape)
 
 
 def views_2d(lora_a, lora_b, magnitude, layout: general.WeightLayout, rank: int, where: str):
@@ -221,6 +226,9 @@ class DoRALayer(nnx.Module, AdapterSite):
 
   #: Whether ``apply_dora(targets="all-linear")`` selects this wrapper's base type.
   all_linear = True
+  #: Whether the layer runs the native-layout ops of :mod:`dora_jax.general` (else
+  #: ``dora_dense`` on the ``[d_in, d_out]`` view); see the rule above.
+  native = True
 
   @classmethod
   def wraps_subclass(cls, base: nnx.Module, registered: type) -> bool:
@@ -270,7 +278,8 @@ class DoRALayer(nnx.Module, AdapterSite):
     self.precision = base.precision
     self.preferred_element_type = base.preferred_element_type
     self.param_dtype = jnp.dtype(param_dtype)
-    a, b, m = init_adapters(self.kernel[...], layout, rank, self.param_dtype, rngs.params())
+    a, b, m = init_adapters(self.kernel[...], layout, rank, self.param_dtype, rngs.params(),
+                            native=self.native)
     self.lora_a, self.lora_b, self.magnitude = DoRAParam(a), DoRAParam(b), DoRAParam(m)
     self._init_cache()
     self.dropout = (nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate > 0
@@ -304,20 +313,21 @@ class DoRALayer(nnx.Module, AdapterSite):
   def weight_norm(self) -> jax.Array:
     """``‖W + s·a·b‖`` per output column, ``[*batch, d_out]`` float32, computed now."""
     return norm_and_stamp(self.kernel[...], self.lora_a[...], self.lora_b[...],
-                          scale=self.scale, layout=self.layout)[0]
+                          scale=self.scale, layout=self.layout, native=self.native)[0]
 
   def refresh_cache(self) -> None:
     """Recompute the cached norm and its stamp from the current adapters (and the
     kernel's column norms, when they are cached)."""
     self.norm_cache[...], self.norm_stamp[...] = norm_and_stamp(
         self.kernel[...], self.lora_a[...], self.lora_b[...], scale=self.scale,
-        layout=self.layout)
+        layout=self.layout, native=self.native)
     if getattr(self, "base_sq_norm", None) is not None:
-      self.base_sq_norm[...] = base_sq_norm(self.kernel[...], layout=self.layout)
+      self.base_sq_norm[...] = base_sq_norm(self.kernel[...], layout=self.layout,
+                                            native=self.native)
 
   def cache_base_norm(self) -> None:
     """Store ``‖W_j‖² [*batch, d_out]`` of the frozen kernel; recompute after replacing it."""
-    value = base_sq_norm(self.kernel[...], layout=self.layout)
+    value = base_sq_norm(self.kernel[...], layout=self.layout, native=self.native)
     if getattr(self, "base_sq_norm", None) is None:
       self.base_sq_norm = DoRACache(value)
     else:
@@ -335,7 +345,7 @@ class DoRALayer(nnx.Module, AdapterSite):
       return None
     norm, new_cache, new_stamp = cached_norm(
         self.kernel[...], self.lora_a[...], self.lora_b[...], self.scale, self.layout,
-        self.norm_cache[...], self.norm_stamp[...], self._base_sq())
+        self.norm_cache[...], self.norm_stamp[...], self._base_sq(), native=self.native)
     if getattr(self.norm_cache, "_can_update", True):
       self.norm_cache[...] = new_cache
       self.norm_stamp[...] = new_stamp
@@ -374,7 +384,7 @@ class DoRALayer(nnx.Module, AdapterSite):
   def merged_kernel(self) -> jax.Array:
     """``g ⊙ (W + s·a·b)`` in the kernel's shape and dtype (see :func:`dora_jax.merge_kernel`)."""
     return merged_kernel(self.kernel[...], self.lora_a[...], self.lora_b[...],
-                         self.magnitude[...], self.scale, self.layout)
+                         self.magnitude[...], self.scale, self.layout, native=self.native)
 
   def _rebuild(self, kernel_value: jax.Array) -> nnx.Module:
     state = {"kernel": self.kernel.replace(kernel_value)}

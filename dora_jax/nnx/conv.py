@@ -30,6 +30,7 @@ class DoRAConv(DoRALayer):
   """
 
   #: ``apply_dora(targets="all-linear")`` does not select convs (as PEFT).
+  native = False  # the [d_in, d_out] view (factored_norm, merge_kernel)
   all_linear = False
 
   def __init__(self, base: nnx.Conv, *, rank: int, alpha: float, rslora: bool = False,

@@ -65,6 +65,8 @@ class DoRADense(DoRALayer):
     rngs: ``params`` stream for ``lora_a``, ``dropout`` stream for dropout.
   """
 
+  native = False  # dora_dense on kernel [d_in, d_out] (its fused GPU kernels)
+
   def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rslora: bool = False,
                dropout: float = 0.0, param_dtype=jnp.float32, rngs: nnx.Rngs,
                path: str = ""):

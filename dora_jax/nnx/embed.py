@@ -36,6 +36,7 @@ class DoRAEmbed(DoRALayer):
   """
 
   #: ``apply_dora(targets="all-linear")`` does not select embeddings (as PEFT).
+  native = False  # the [d_in, d_out] view (factored_norm, merge_kernel)
   all_linear = False
 
   def __init__(self, base: nnx.Embed, *, rank: int, alpha: float, rslora: bool = False,
@@ -56,7 +57,8 @@ class DoRAEmbed(DoRALayer):
     self.lora_b = DoRAParam(
         jax.random.normal(rngs.params(), (rank, self.d_out), jnp.float32).astype(self.param_dtype))
     self.magnitude = DoRAParam(
-        init_magnitude(self.embedding[...], layout=layout, dtype=self.param_dtype))
+        init_magnitude(self.embedding[...], layout=layout, dtype=self.param_dtype,
+                       native=False))
     self._init_cache()
     self.dropout = nnx.data(None)
 

@@ -167,7 +167,7 @@ def adapt(module: nnx.Module, specs: tuple[SiteSpec, ...], *, rank: int, alpha: 
   param_dtype = jnp.dtype(param_dtype)
   for spec in specs:
     a, b, m = _base.init_adapters(kernel_view(module, spec), spec.layout, rank, param_dtype,
-                                  rngs.params())
+                                  rngs.params(), native=True)
     setattr(module, spec.name("lora_a"), DoRAParam(a))
     setattr(module, spec.name("lora_b"), DoRAParam(b))
     setattr(module, spec.name("magnitude"), DoRAParam(m))
@@ -277,17 +277,17 @@ class OpSite(AdapterSite):
   def weight_norm(self) -> jax.Array:
     """``‖W + s·a·b‖ [*batch, d_out]`` float32 of the kernel as its op sees it."""
     return _base.norm_and_stamp(self.kernel_view(), self.lora_a[...], self.lora_b[...],
-                                scale=self.scale, layout=self.layout)[0]
+                                scale=self.scale, layout=self.layout, native=True)[0]
 
   def refresh_cache(self) -> None:
     self.norm_cache[...], self.norm_stamp[...] = _base.norm_and_stamp(
         self.kernel_view(), self.lora_a[...], self.lora_b[...], scale=self.scale,
-        layout=self.layout)
+        layout=self.layout, native=True)
     if self.base_sq_norm is not None:
-      self.base_sq_norm[...] = _base.base_sq_norm(self.kernel_view(), layout=self.layout)
+      self.base_sq_norm[...] = _base.base_sq_norm(self.kernel_view(), layout=self.layout, native=True)
 
   def cache_base_norm(self) -> None:
-    value = _base.base_sq_norm(self.kernel_view(), layout=self.layout)
+    value = _base.base_sq_norm(self.kernel_view(), layout=self.layout, native=True)
     if self.base_sq_norm is None:
       setattr(self.module, self.spec.name("base_sq_norm"), DoRACache(value))
     else:
@@ -303,7 +303,7 @@ class OpSite(AdapterSite):
     stored = self.kernel[...]
     view = kernel_view(self.module, self.spec, casts=False)
     merged = _base.merged_kernel(view, self.lora_a[...], self.lora_b[...],
-                                 self.magnitude[...], self.scale, self.layout)
+                                 self.magnitude[...], self.scale, self.layout, native=True)
     return _trace.invert_chain(merged, self.spec.chain, stored.shape).astype(stored.dtype)
 
   def describe(self) -> str:
@@ -332,7 +332,7 @@ def _norms(site: OpSite, kernel: jax.Array):
   if site.cache_norm:
     norm, new_cache, new_stamp = _base.cached_norm(
         kernel, site.lora_a[...], site.lora_b[...], site.scale, layout, site.norm_cache[...],
-        site.norm_stamp[...], sq)
+        site.norm_stamp[...], sq, native=True)
     if getattr(site.norm_cache, "_can_update", True):
       site.norm_cache[...] = new_cache
       site.norm_stamp[...] = new_stamp

@@ -25,6 +25,8 @@ from zoo_support import require
 
 mt = require("maxtext_support")
 qwix = require("qwix")
+
+pytestmark = pytest.mark.xdist_group("maxtext")
 import dora_jax.qwix  # noqa: E402
 
 from adapter_helpers import np_rng  # noqa: E402

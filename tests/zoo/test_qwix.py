@@ -10,7 +10,6 @@ merged params give the adapted logits (rel err < 1e-5).
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import types
 
@@ -24,6 +23,8 @@ from zoo_support import require
 
 qwix = require("qwix")
 gm = require("gemma.gm")
+
+pytestmark = pytest.mark.xdist_group("gemma")
 import flax.linen as nn  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
@@ -83,12 +84,20 @@ class _Arr:
 
 
 def _gemma():
-  cfg = dataclasses.replace(
-      gm.nn.Gemma3_270M.config, num_embed=256, embed_dim=64, hidden_dim=128, num_heads=4,
-      head_dim=16, num_kv_heads=1,
-      attention_types=gm.nn.config.make_attention_layers_types(
-          (gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL), num_layers=2),
-      sliding_window_size=8)
+  """A tiny Gemma3: gemma's ``Gemma3_270M`` architecture flags, small sizes, float32.
+
+  The config is spelled out rather than taken from ``gm.nn.Gemma3_270M`` (whose module
+  imports gemma's checkpoint code and, through it, TensorFlow)."""
+  c = gm.nn.config
+  cfg = c.TransformerConfig(
+      num_embed=256, embed_dim=64, hidden_dim=128, num_heads=4, head_dim=16, num_kv_heads=1,
+      final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True,
+      use_qk_norm=True,
+      attention_types=c.make_attention_layers_types(
+          (c.AttentionType.LOCAL_SLIDING, c.AttentionType.GLOBAL), num_layers=2),
+      query_pre_attn_norm=c.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM,
+      attn_logits_soft_cap=None, sliding_window_size=8, transpose_gating_einsum=True,
+      local_base_frequency=10_000, global_base_frequency=1_000_000, vision_encoder=None)
   return gm.nn.Transformer(config=cfg, dtype=jnp.float32)  # float32: the 1e-5 checks
 
 

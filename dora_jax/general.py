@@ -395,8 +395,10 @@ def weight_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale,
   """``‖W + s·a·b‖`` over the contracted axes per ``(B, O)`` entry, ``[*B, *O]`` float32.
 
   Factored (:mod:`dora_jax.norm`) in the kernel's layout: ``‖W‖²`` (or the
-  given ``base_sq_norm``), ``aᵀW`` and ``aᵀa``; float32 accumulation (float64
-  for float64 inputs), clamped at 0 before the square root.
+  given ``base_sq_norm``, treated as a constant), ``aᵀW`` and ``aᵀa``; float32
+  accumulation (float64 for float64 inputs), clamped at 0 before the square
+  root. Differentiable as written: its VJP with respect to ``lora_a`` is one
+  more contraction of ``W`` with an ``[r, *O]`` cotangent, never ``[d_in, d_out]``.
   """
   layout._check_kernel(kernel)
   check_float("kernel", kernel)
@@ -406,12 +408,13 @@ def weight_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale,
   labels = _labels_for(layout)
   want = layout.adapter_shapes(1)[2]
   if base_sq_norm is None:
-    base_sq_norm = weight_sq_norm(kernel, layout)
+    base_sq = weight_sq_norm(kernel, layout)
   elif tuple(np.shape(base_sq_norm)) != want:
     raise ValueError(f"base_sq_norm must have shape {want}, got {tuple(np.shape(base_sq_norm))}")
+  else:
+    base_sq = lax.stop_gradient(base_sq_norm)  # a cache of the frozen kernel's
   u = _cross(lora_a, kernel, labels, acc)
-  sq = _combine(lax.stop_gradient(base_sq_norm), u, lora_a, lora_b, jnp.asarray(scale, acc),
-                layout, acc)
+  sq = _combine(base_sq, u, lora_a, lora_b, jnp.asarray(scale, acc), layout, acc)
   return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
@@ -516,13 +519,13 @@ def _native_forward(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, norm):
 
 
 def _native_fwd(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, norm):
-  wants = tuple(v.perturbed for v in (x, kernel, lora_a, lora_b, magnitude, scale))
+  wants = tuple(v.perturbed for v in (x, kernel, lora_a, lora_b, magnitude, scale, norm))
   x, kernel, lora_a, lora_b, magnitude, scale, norm = (
       v.value for v in (x, kernel, lora_a, lora_b, magnitude, scale, norm))
   y, (h, pre, g, inv_norm) = _native_forward(op, x, kernel, lora_a, lora_b, magnitude, scale,
                                              norm)
-  if not wants[4]:
-    pre = None  # only dm needs it
+  if not (wants[4] or wants[6]):
+    pre = None  # only dm and the norm's cotangent need it
   res = _NativeResiduals(x, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale,
                          jnp.zeros((), magnitude.dtype), _Static(wants))
   return y, res
@@ -531,14 +534,14 @@ def _native_fwd(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, norm):
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  """Which primal inputs are differentiated: x, kernel, lora_a, lora_b, magnitude, scale."""
+  """Which primal inputs are differentiated: x, kernel, lora_a, lora_b, magnitude, scale, norm."""
 
   wants: tuple[bool, ...]
 
 
 class _NativeResiduals(NamedTuple):
   """What the backward keeps: the inputs it contracts with, ``h = x·a``, ``pre``
-  (only when ``dm`` is wanted), the float32 vectors ``g`` and ``1/n``."""
+  (only when ``dm`` or the norm's cotangent is wanted), the float32 vectors ``g`` and ``1/n``."""
 
   x: jax.Array
   kernel: jax.Array
@@ -555,7 +558,7 @@ class _NativeResiduals(NamedTuple):
 
 def _native_bwd(op: _Op, res, dy):
   x, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, m_proto, static = res
-  want_x, want_k, want_a, want_b, want_m, want_s = static.wants
+  want_x, want_k, want_a, want_b, want_m, want_s, want_n = static.wants
   lab = op.labels
   cdt = _compute_dtype(x, kernel)
   acc = g.dtype
@@ -563,7 +566,7 @@ def _native_bwd(op: _Op, res, dy):
   need_t = want_x or want_a or want_s
   t = (_contract(f"{lab.out},{lab.lb}->{lab.h}", dpre.astype(cdt), lora_b.astype(cdt), acc,
                  op.precision) if need_t else None)
-  dx = dk = da = db = dm = ds = None
+  dx = dk = da = db = dm = ds = dn = None
   if want_x:
     # the base op's own transpose: a contraction of dpre with W as stored
     (dx_base,) = jax.linear_transpose(lambda x_: op.base(x_, kernel), x)(dpre)
@@ -576,8 +579,10 @@ def _native_bwd(op: _Op, res, dy):
   if want_b:
     db = scale * _contract(f"{lab.h},{lab.out}->{lab.lb}", h, dpre.astype(cdt), acc,
                            op.precision)
-  if want_m:
+  if want_m or want_n:
     dm = op.reduce_to_m(dy.astype(acc) * pre.astype(acc)) * inv_norm
+    # y = (m / n) ⊙ pre: ∂L/∂n = −(m / n²)·Σ dy ⊙ pre = −g ⊙ dm (the undetached norm)
+    dn = -g * dm if want_n else None
   if want_s:
     ds = jnp.sum(h.astype(acc) * t)
   if want_k:
@@ -587,7 +592,7 @@ def _native_bwd(op: _Op, res, dy):
     return None if v is None else v.astype(like.dtype)
 
   return (cast(dx, x), cast(dk, kernel), cast(da, lora_a), cast(db, lora_b),
-          cast(dm, m_proto), cast(ds, scale), None)
+          cast(dm, m_proto) if want_m else None, cast(ds, scale), dn)
 
 
 _native_core = jax.custom_vjp(_native_primal, nondiff_argnums=(0,))
@@ -613,7 +618,7 @@ def _routes_to_dense(op: _Op, x, kernel, lora_a, lora_b, magnitude, backend) -> 
 
 
 def _dora_op(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, *, norm, base_sq_norm,
-             backend) -> jax.Array:
+             backend, detach_norm) -> jax.Array:
   check_float("x", x)
   check_float("kernel", kernel)
   check_scale(scale)
@@ -623,16 +628,19 @@ def _dora_op(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, *, norm, base
   for name, value in (("norm", norm), ("base_sq_norm", base_sq_norm)):
     if value is not None and tuple(np.shape(value)) != want:
       raise ValueError(f"{name} must have shape {want}, got {tuple(np.shape(value))}")
-  return _compute(op, backend, x, kernel, lora_a, lora_b, magnitude, scale, norm, base_sq_norm)
+  return _compute(op, backend, bool(detach_norm), x, kernel, lora_a, lora_b, magnitude, scale,
+                  norm, base_sq_norm)
 
 
 # One compiled program per call structure (inlined under an outer trace): an
 # eager call rounds exactly as a jitted one, so the exact init holds eagerly too.
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _compute(op: _Op, backend, x, kernel, lora_a, lora_b, magnitude, scale, norm, base_sq_norm):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _compute(op: _Op, backend, detach_norm: bool, x, kernel, lora_a, lora_b, magnitude, scale,
+             norm, base_sq_norm):
   layout = op.labels.layout(kernel.shape)
   rank = lora_a.shape[-1]
-  if _routes_to_dense(op, x, kernel, lora_a, lora_b, magnitude, backend):
+  # dora_dense detaches its norm: the exact gradient runs the native path
+  if detach_norm and _routes_to_dense(op, x, kernel, lora_a, lora_b, magnitude, backend):
     lead = x.shape[:len(x.shape) - len(layout.contracted)]
     flat = lambda v, shape: None if v is None else v.reshape(shape)
     y = dora_dense(x.reshape(*lead, layout.d_in), kernel.reshape(layout.d_in, layout.d_out),
@@ -645,14 +653,17 @@ def _compute(op: _Op, backend, x, kernel, lora_a, lora_b, magnitude, scale, norm
   acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
   if norm is None:
     norm = weight_norm(kernel, lora_a, lora_b, scale, layout, base_sq_norm=base_sq_norm)
-  norm = lax.stop_gradient(norm.astype(acc))
+  norm = norm.astype(acc)
+  if detach_norm:
+    norm = lax.stop_gradient(norm)
   return _native_core(op, x, kernel, lora_a, lora_b, magnitude, jnp.asarray(scale, acc), norm)
 
 
 def dora_einsum(spec: str, x: jax.Array, kernel: jax.Array, lora_a: jax.Array,
                 lora_b: jax.Array, magnitude: jax.Array, scale, *, precision=None,
                 preferred_element_type=None, norm: jax.Array | None = None,
-                base_sq_norm: jax.Array | None = None, backend: str | None = None) -> jax.Array:
+                base_sq_norm: jax.Array | None = None, backend: str | None = None,
+                detach_norm: bool = True) -> jax.Array:
   """DoRA on ``jnp.einsum(spec, x, kernel)``, in the kernel's own layout.
 
   Args:
@@ -668,28 +679,35 @@ def dora_einsum(spec: str, x: jax.Array, kernel: jax.Array, lora_a: jax.Array,
     scale: LoRA scale ``s`` (Python number or 0-d array).
     precision, preferred_element_type: as the base call passes them to
       ``jnp.einsum``; the base term is computed exactly so.
-    norm: optional precomputed :func:`weight_norm` ``[*B, *O]`` (constant).
-    base_sq_norm: optional cached :func:`weight_sq_norm` ``[*B, *O]``.
+    norm: optional precomputed :func:`weight_norm` ``[*B, *O]`` (a constant
+      when ``detach_norm``; otherwise its cotangent flows to what computed it).
+    base_sq_norm: optional cached :func:`weight_sq_norm` ``[*B, *O]`` (a constant).
     backend: as :func:`dora_jax.dora_dense` (used where the op routes there).
+    detach_norm: ``True`` (PEFT's semantics, the DoRA paper's §4.3 memory
+      trick): the norm is a constant in the backward. ``False``: the exact
+      gradient of DoRA as defined, through ``n = ‖W + s·a·b‖`` in factored
+      form (``∂L/∂n = −g ⊙ dm`` back through ``‖W‖² + 2s⟨aᵀW, b⟩ + s²⟨b, aᵀa·b⟩``):
+      one more contraction of ``W`` with an ``[r, *O]`` cotangent for
+      ``lora_a``, ``[r, r]``-sized work otherwise, no ``[d_in, d_out]`` temporary.
 
   Returns:
     ``g ⊙ (einsum(x, W) + s·einsum(einsum(x, a), b))`` with ``g = m / ‖W + s·a·b‖``
     broadcast over the output's ``(B, O)`` axes, in the base op's dtype.
-    Differentiable (custom VJP, norm detached as in PEFT): the frozen kernel's
-    cotangent is computed only when the kernel is differentiated, and no
-    ``[d_in, d_out]`` temporary is formed.
+    Differentiable (custom VJP; the norm detached as in PEFT unless
+    ``detach_norm=False``): the frozen kernel's cotangent is computed only when
+    the kernel is differentiated, and no ``[d_in, d_out]`` temporary is formed.
   """
   labels = _einsum_labels(spec, np.ndim(x), np.ndim(kernel))
   op = _Op(labels, "einsum", spec, precision, preferred_element_type)
   return _dora_op(op, x, kernel, lora_a, lora_b, magnitude, scale, norm=norm,
-                  base_sq_norm=base_sq_norm, backend=backend)
+                  base_sq_norm=base_sq_norm, backend=backend, detach_norm=detach_norm)
 
 
 def dora_dot_general(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                      magnitude: jax.Array, scale, dimension_numbers, *, precision=None,
                      preferred_element_type=None, norm: jax.Array | None = None,
                      base_sq_norm: jax.Array | None = None,
-                     backend: str | None = None) -> jax.Array:
+                     backend: str | None = None, detach_norm: bool = True) -> jax.Array:
   """DoRA on ``lax.dot_general(x, kernel, dimension_numbers)`` (the kernel is the rhs).
 
   Output axes follow ``dot_general``'s order (batch, the input's free axes,
@@ -699,7 +717,7 @@ def dora_dot_general(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b:
   dn = tuple(tuple(tuple(int(a) for a in v) for v in pair) for pair in dimension_numbers)
   op = _Op(labels, "dot_general", dn, precision, preferred_element_type)
   return _dora_op(op, x, kernel, lora_a, lora_b, magnitude, scale, norm=norm,
-                  base_sq_norm=base_sq_norm, backend=backend)
+                  base_sq_norm=base_sq_norm, backend=backend, detach_norm=detach_norm)
 
 
 __all__ = ["WeightLayout", "dora_dot_general", "dora_einsum", "dot_general_layout",

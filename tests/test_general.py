@@ -18,7 +18,7 @@ import pytest
 
 from dora_jax import general
 from reference import f64, rel_err
-from test_memory import dot_output_shapes
+from test_memory import dot_equations, dot_output_shapes
 
 # (equation, input shape, kernel shape): gemma's q/kv/gating einsums, the
 # attention output (two contracted axes), a block-diagonal (batched) kernel,
@@ -235,3 +235,81 @@ def test_layout_parsing_and_bad_input():
     general.dora_einsum("BTD,NDH->BTNH", x, w.astype(jnp.int32), a, b, m, 1.0)
   with pytest.raises(ValueError, match="dimension_numbers"):
     general.dora_dot_general(x, w, a, b, m, 1.0, (((5,), (1,)), ((), ())))
+
+
+def _undetached_reference(spec, layout, p, scale):
+  """Dense DoRA without detach on the [*B, d_in, d_out] view (float64 autodiff target)."""
+  nb = math.prod(layout.batch_shape)
+  rank = p["a"].shape[-1]
+  mat = layout.to_matrix(p["w"]).reshape(nb, layout.d_in, layout.d_out)
+  dense = mat + scale * p["a"].reshape(nb, layout.d_in, rank) @ p["b"].reshape(nb, rank, -1)
+  norm = jnp.sqrt(jnp.sum(dense * dense, axis=1))  # no stop_gradient
+  merged = dense * (p["m"].reshape(nb, layout.d_out) / norm)[:, None, :]
+  merged = layout.from_matrix(merged.reshape(*layout.batch_shape, layout.d_in, layout.d_out))
+  return jnp.einsum(spec, p["x"], merged, precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("spec,x_shape,k_shape", [LAYOUTS[0], LAYOUTS[1], LAYOUTS[4], LAYOUTS[6]])
+def test_exact_gradient_matches_undetached_float64(fresh_key, spec, x_shape, k_shape):
+  """detach_norm=False: every gradient (the kernel's too) is jax.grad of the dense
+  float64 formula without detach to 1e-12; the default stays detached."""
+  with jax.enable_x64(True):
+    x, w, a, b, m, layout = _case(fresh_key, spec, x_shape, k_shape, dtype=jnp.float64)
+    p = dict(x=x, w=w, a=a, b=b, m=m)
+    cot = jax.random.normal(fresh_key(), _undetached_reference(spec, layout, p, SCALE).shape,
+                            jnp.float64)
+    expected = jax.jit(jax.grad(
+        lambda q: jnp.sum(_undetached_reference(spec, layout, q, SCALE) * cot)))(p)
+
+    def loss(q, detach):
+      y = general.dora_einsum(spec, q["x"], q["w"], q["a"], q["b"], q["m"], SCALE,
+                              detach_norm=detach)
+      return jnp.sum(y * cot)
+
+    got = jax.jit(jax.grad(lambda q: loss(q, False)))(p)
+    for name in p:
+      assert rel_err(got[name], expected[name]) < 1e-12, (name, rel_err(got[name], expected[name]))
+    detached = jax.jit(jax.grad(lambda q: loss(q, True)))(p)
+    assert rel_err(detached["a"], expected["a"]) > 1e-6  # the default differs: it is detached
+    # central finite differences along a random direction of (a, b)
+    da, db = (jax.random.normal(fresh_key(), v.shape, jnp.float64) for v in (a, b))
+    eps = 1e-6
+    shifted = jax.jit(lambda t: loss(dict(p, a=a + t * da, b=b + t * db), False))
+    fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
+    analytic = jnp.sum(got["a"] * da) + jnp.sum(got["b"] * db)
+    assert abs(float(fd - analytic)) <= 1e-7 * max(1.0, abs(float(analytic)))
+
+
+def test_exact_gradient_float32_and_one_more_kernel_read(fresh_key):
+  """float32 exact gradients within rounding of float64; the exact step adds one
+  contraction with the kernel (aᵀ-side cotangent) and no kernel-sized dot output."""
+  spec, x_shape, k_shape = LAYOUTS[0]
+  x, w, a, b, m, layout = _case(fresh_key, spec, x_shape, k_shape)
+  p = dict(x=x, w=w, a=a, b=b, m=m)
+  with jax.enable_x64(True):
+    p64 = {k: jnp.asarray(f64(v)) for k, v in p.items()}
+    cot = np.random.default_rng(1).normal(size=_undetached_reference(spec, layout, p64,
+                                                                     SCALE).shape)
+    expected = jax.grad(lambda q: jnp.sum(_undetached_reference(spec, layout, q, SCALE)
+                                          * jnp.asarray(cot)))(p64)
+  adapters = ("x", "a", "b", "m")
+
+  def loss(q, detach):
+    y = general.dora_einsum(spec, q["x"], w, q["a"], q["b"], q["m"], SCALE, detach_norm=detach)
+    return jnp.sum(y * cot.astype(np.float32))
+
+  got = jax.jit(jax.grad(lambda q: loss(q, False)))({k: p[k] for k in adapters})
+  for name in adapters:
+    assert rel_err(got[name], expected[name]) < 1e-5, name
+
+  def kernel_dots(detach):
+    jaxpr = jax.make_jaxpr(jax.grad(lambda q: loss(q, detach)))({k: p[k] for k in adapters})
+    return sum(1 for shapes in _dot_operand_shapes(jaxpr) if tuple(k_shape) in shapes)
+
+  assert kernel_dots(False) == kernel_dots(True) + 1
+  exact = jax.make_jaxpr(jax.grad(lambda q: loss(q, False)))({k: p[k] for k in adapters})
+  assert _kernel_sized_dots(exact, k_shape) == []
+
+
+def _dot_operand_shapes(closed):
+  return [{tuple(v.aval.shape) for v in eqn.invars} for eqn in dot_equations(closed)]

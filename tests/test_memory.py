@@ -30,19 +30,24 @@ def _sub_jaxprs(eqn):
         yield item
 
 
-def dot_output_shapes(closed_jaxpr) -> list[tuple[int, ...]]:
-  """The output shape of every dot_general in ``closed_jaxpr``, recursively."""
+def dot_equations(closed_jaxpr) -> list:
+  """Every dot_general equation in ``closed_jaxpr``, recursively."""
   found = []
 
   def visit(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "dot_general":
-        found.extend(tuple(out.aval.shape) for out in eqn.outvars)
+        found.append(eqn)
       for sub in _sub_jaxprs(eqn):
         visit(sub)
 
   visit(closed_jaxpr.jaxpr)
   return found
+
+
+def dot_output_shapes(closed_jaxpr) -> list[tuple[int, ...]]:
+  """The output shape of every dot_general in ``closed_jaxpr``, recursively."""
+  return [tuple(out.aval.shape) for eqn in dot_equations(closed_jaxpr) for out in eqn.outvars]
 
 
 def dense_shaped_dots(closed_jaxpr, d_in: int, d_out: int) -> list[str]:

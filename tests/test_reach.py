@@ -344,3 +344,29 @@ def test_register_hook():
   finally:
     dora_jax.nnx.WRAPPERS.clear()
     dora_jax.nnx.WRAPPERS.update(saved)
+
+
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda r: nnx.Einsum("BTD,NDH->BTNH", (5, 24, 7), rngs=r), (2, 3, 24)),
+    (lambda r: ProjEinsum("...hd,hde->...e", (3, 8, 10), rngs=r), (2, 3, 3, 8)),
+    (lambda r: ProjEinsum("...hi,hij->...hj", (3, 8, 9), rngs=r), (2, 2, 3, 8)),
+], ids=["wrapper", "op-level", "batched"])
+def test_train_step_has_no_kernel_sized_matmul(make, x_shape):
+  """No dot_general of the compiled step's gradient makes a kernel-sized value (the dense
+  ``a·b``, a transposed kernel copy, or the frozen kernel's cotangent)."""
+  from test_memory import dot_output_shapes
+  layer = build(lambda: make(nnx.Rngs(0)), jax.random.key(1))
+  x = jax.random.normal(jax.random.key(2), x_shape)
+  layer = dora_jax.apply_dora(layer, targets=".*", rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1),
+                              example_inputs=(x,))
+  (_, site), = dora_jax.surgery.dora_layers(layer)
+  kernel_size = int(np.prod(site.kernel.shape))
+  graphdef, lora, rest = nnx.split(layer, nnx.LoRAParam, ...)
+
+  def loss(lora):
+    return jnp.sum(nnx.merge(graphdef, lora, rest)(x) ** 2)
+
+  shapes = dot_output_shapes(jax.make_jaxpr(jax.grad(loss))(lora))
+  assert shapes, "no dot_general traced"
+  big = [s for s in shapes if np.prod(s) >= kernel_size]
+  assert not big, big

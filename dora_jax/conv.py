@@ -51,7 +51,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dora_jax import _adapter
 from dora_jax._checks import accumulation_dtype, check_float, check_scale
 from dora_jax.norm import NORM_EPS, factored_norm
 

@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dora_jax import _adapter
 from dora_jax._checks import accumulation_dtype, check_scale, check_vector, check_weights
 from dora_jax.norm import NORM_EPS, factored_norm
 

@@ -9,7 +9,6 @@ written to the model): each call of a candidate is traced by
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import numpy as np

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dora_jax.embed import _attend_jit, _embed_jit
-from dora_jax.nnx.base import (DoRACache, DoRALayer, DoRAParam, check_dtype_promotion,
+from dora_jax.nnx.base import (DoRALayer, DoRAParam, check_dtype_promotion,
                                init_magnitude, matrix_layout)
-from dora_jax import _adapter
 
 
 class DoRAEmbed(DoRALayer):

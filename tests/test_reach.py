@@ -230,18 +230,37 @@ def test_caches_and_dropout_on_op_level_layers(fresh_key):
   assert summary.trainable == 12 * RANK + RANK * 6 + 6
 
 
+def test_dropout_on_a_native_layout_wrapper(fresh_key):
+  base = build(lambda: nnx.Einsum("BTD,NDH->BTNH", (3, 8, 4), (3, 4), rngs=nnx.Rngs(0)),
+               fresh_key())
+  layer = DoRAEinsum(base, rank=RANK, alpha=ALPHA, dropout=0.25,
+                     rngs=nnx.Rngs(params=1, dropout=2))
+  randomize(layer, np_rng(fresh_key()))
+  x = jax.random.normal(fresh_key(), (2, 5, 8))
+  key = fresh_key()
+  x_dropped = nnx.Dropout(0.25)(x, deterministic=False, rngs=key)  # the layer's mask
+  w, merged = f64(layer.kernel[...]), merged_reference(layer, (1,), (), (0, 2))
+  bias = f64(layer.bias[...])[None, None]
+  expected = (np.einsum("btd,ndh->btnh", f64(x), w) + bias
+              + np.einsum("btd,ndh->btnh", f64(x_dropped), merged - w))
+  assert rel_err(layer(x, rngs=key), expected) < TOL
+  expected_eval = np.einsum("btd,ndh->btnh", f64(x), merged) + bias
+  assert rel_err(layer(x, deterministic=True), expected_eval) < TOL
+
+
 def test_save_load_op_level_and_batched_refused(tmp_path, fresh_key):
   class Two(nnx.Module):
     def __init__(self, rngs):
       self.proj = DotGeneralProj(8, 3, 4, rngs=rngs)
       self.out = ProjEinsum("...hd,hde->...e", (3, 4, 6), rngs=rngs)
+      self.q = nnx.Einsum("BD,NDH->BNH", (2, 6, 3), rngs=rngs)  # kernel [N, D, H]: D inside
 
     def __call__(self, x):
-      return self.out(self.proj(x))
+      return self.q(self.out(self.proj(x)))
 
   model = build(lambda: Two(nnx.Rngs(0)), fresh_key())
   x = jax.random.normal(fresh_key(), (2, 8))
-  dora_jax.apply_dora(model, targets="proj|out", rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1),
+  dora_jax.apply_dora(model, targets="proj|out|q", rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1),
                       example_inputs=(x,))
   rng = np_rng(fresh_key())
   for _, site in dora_jax.surgery.dora_layers(model):
@@ -250,8 +269,10 @@ def test_save_load_op_level_and_batched_refused(tmp_path, fresh_key):
   dora_jax.save_adapter(model, tmp_path / "a")
   fresh = build(lambda: Two(nnx.Rngs(0)), fresh_key())
   nnx.update(fresh, nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
-  dora_jax.apply_dora(fresh, targets="proj|out", rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(9),
+  dora_jax.apply_dora(fresh, targets="proj|out|q", rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(9),
                       example_inputs=(x,))
+  config = dora_jax.io.read_adapter_config(tmp_path / "a")
+  assert sorted(config["target_modules"]) == ["out", "proj", "q"]
   dora_jax.load_adapter(fresh, tmp_path / "a")
   np.testing.assert_array_equal(fresh(x), y)
 

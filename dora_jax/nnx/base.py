@@ -188,14 +188,57 @@ class AdapterSite(abc.ABC):
   """
 
   layout: general.WeightLayout
+  #: Which numerics family computes the site (see the rule above).
+  native: bool = True
 
   @abc.abstractmethod
-  def adapter_views(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(lora_a [d_in, r], lora_b [r, d_out], magnitude [d_out])`` (reshapes)."""
+  def norm_kernel(self) -> jax.Array:
+    """The kernel as the site's op sees it (its norms are taken over this)."""
+
+  @abc.abstractmethod
+  def _store_base_sq(self, value: jax.Array) -> None:
+    """Keep ``‖W_j‖²`` in a new :class:`DoRACache` Variable named ``base_sq_norm``."""
 
   @abc.abstractmethod
   def describe(self) -> str:
     """One line: base type, ``d_in -> d_out``, rank, scale."""
+
+  def adapter_views(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(lora_a [d_in, r], lora_b [r, d_out], magnitude [d_out])`` (reshapes).
+
+    Raises ``NotImplementedError`` for a layout with batch axes (PEFT cannot express it).
+    """
+    return views_2d(self.lora_a[...], self.lora_b[...], self.magnitude[...], self.layout,
+                    self.rank, self.describe())
+
+  def weight_norm(self) -> jax.Array:
+    """``‖W + s·a·b‖`` per output column, ``[*batch, d_out]`` float32, computed now."""
+    return norm_and_stamp(self.norm_kernel(), self.lora_a[...], self.lora_b[...],
+                          scale=self.scale, layout=self.layout, native=self.native)[0]
+
+  def refresh_cache(self) -> None:
+    """Recompute the cached norm and its stamp from the current adapters (and the
+    kernel's column norms, when they are cached)."""
+    self.norm_cache[...], self.norm_stamp[...] = norm_and_stamp(
+        self.norm_kernel(), self.lora_a[...], self.lora_b[...], scale=self.scale,
+        layout=self.layout, native=self.native)
+    if self.base_sq_norm is not None:
+      self.base_sq_norm[...] = base_sq_norm(self.norm_kernel(), layout=self.layout,
+                                            native=self.native)
+
+  def cache_base_norm(self) -> None:
+    """Store ``‖W_j‖² [*batch, d_out]`` of the frozen kernel; recompute after replacing it."""
+    value = base_sq_norm(self.norm_kernel(), layout=self.layout, native=self.native)
+    if self.base_sq_norm is None:
+      self._store_base_sq(value)
+    else:
+      self.base_sq_norm[...] = value
+
+  def cache_is_fresh(self) -> jax.Array:
+    """Whether the cached norm was computed from the current ``lora_a``/``lora_b``/scale."""
+    stamp = _adapter.fingerprint(self.lora_a[...], self.lora_b[...],
+                                 jnp.asarray(self.scale, jnp.float32))
+    return jnp.all(stamp == self.norm_stamp[...])
 
 
 class DoRALayer(nnx.Module, AdapterSite):
@@ -226,8 +269,8 @@ class DoRALayer(nnx.Module, AdapterSite):
 
   #: Whether ``apply_dora(targets="all-linear")`` selects this wrapper's base type.
   all_linear = True
-  #: Whether the layer runs the native-layout ops of :mod:`dora_jax.general` (else
-  #: ``dora_dense`` on the ``[d_in, d_out]`` view); see the rule above.
+  #: ``True``: the native-layout ops of :mod:`dora_jax.general`; ``False``:
+  #: ``dora_dense`` on the ``[d_in, d_out]`` view (see the rule above).
   native = True
 
   @classmethod
@@ -297,47 +340,14 @@ class DoRALayer(nnx.Module, AdapterSite):
     """``kernel`` as ``[d_in, d_out]`` (a reshape; matrix layouts only)."""
     return self.kernel[...].reshape(self.d_in, self.d_out)
 
-  def adapter_views(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(lora_a [d_in, r], lora_b [r, d_out], magnitude [d_out])`` (reshapes).
+  def norm_kernel(self) -> jax.Array:
+    return self.kernel[...]
 
-    Raises ``NotImplementedError`` for a layout with batch axes (PEFT cannot express it).
-    """
-    return views_2d(self.lora_a[...], self.lora_b[...], self.magnitude[...], self.layout,
-                    self.rank, self.describe())
+  def _store_base_sq(self, value: jax.Array) -> None:
+    self.base_sq_norm = DoRACache(value)
 
   def _base_sq(self) -> jax.Array | None:
-    return None if getattr(self, "base_sq_norm", None) is None else self.base_sq_norm[...]
-
-  # -- norm and its cache -----------------------------------------------------
-
-  def weight_norm(self) -> jax.Array:
-    """``‖W + s·a·b‖`` per output column, ``[*batch, d_out]`` float32, computed now."""
-    return norm_and_stamp(self.kernel[...], self.lora_a[...], self.lora_b[...],
-                          scale=self.scale, layout=self.layout, native=self.native)[0]
-
-  def refresh_cache(self) -> None:
-    """Recompute the cached norm and its stamp from the current adapters (and the
-    kernel's column norms, when they are cached)."""
-    self.norm_cache[...], self.norm_stamp[...] = norm_and_stamp(
-        self.kernel[...], self.lora_a[...], self.lora_b[...], scale=self.scale,
-        layout=self.layout, native=self.native)
-    if getattr(self, "base_sq_norm", None) is not None:
-      self.base_sq_norm[...] = base_sq_norm(self.kernel[...], layout=self.layout,
-                                            native=self.native)
-
-  def cache_base_norm(self) -> None:
-    """Store ``‖W_j‖² [*batch, d_out]`` of the frozen kernel; recompute after replacing it."""
-    value = base_sq_norm(self.kernel[...], layout=self.layout, native=self.native)
-    if getattr(self, "base_sq_norm", None) is None:
-      self.base_sq_norm = DoRACache(value)
-    else:
-      self.base_sq_norm[...] = value
-
-  def cache_is_fresh(self) -> jax.Array:
-    """Whether the cached norm was computed from the current ``lora_a``/``lora_b``/scale."""
-    stamp = _adapter.fingerprint(self.lora_a[...], self.lora_b[...],
-                                 jnp.asarray(self.scale, jnp.float32))
-    return jnp.all(stamp == self.norm_stamp[...])
+    return None if self.base_sq_norm is None else self.base_sq_norm[...]
 
   def _norm_for_call(self) -> jax.Array | None:
     """The cached norm ``[*batch, d_out]`` in cached-norm mode (refreshed if stale), else None."""

@@ -268,35 +268,10 @@ class OpSite(AdapterSite):
   def kernel_view(self) -> jax.Array:
     return kernel_view(self.module, self.spec)
 
-  # the protocol
-  def adapter_views(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(lora_a [d_in, r], lora_b [r, d_out], magnitude [d_out])``; refused for batch axes."""
-    return _base.views_2d(self.lora_a[...], self.lora_b[...], self.magnitude[...],
-                          self.layout, self.rank, self.describe())
+  norm_kernel = kernel_view
 
-  def weight_norm(self) -> jax.Array:
-    """``‖W + s·a·b‖ [*batch, d_out]`` float32 of the kernel as its op sees it."""
-    return _base.norm_and_stamp(self.kernel_view(), self.lora_a[...], self.lora_b[...],
-                                scale=self.scale, layout=self.layout, native=True)[0]
-
-  def refresh_cache(self) -> None:
-    self.norm_cache[...], self.norm_stamp[...] = _base.norm_and_stamp(
-        self.kernel_view(), self.lora_a[...], self.lora_b[...], scale=self.scale,
-        layout=self.layout, native=True)
-    if self.base_sq_norm is not None:
-      self.base_sq_norm[...] = _base.base_sq_norm(self.kernel_view(), layout=self.layout, native=True)
-
-  def cache_base_norm(self) -> None:
-    value = _base.base_sq_norm(self.kernel_view(), layout=self.layout, native=True)
-    if self.base_sq_norm is None:
-      setattr(self.module, self.spec.name("base_sq_norm"), DoRACache(value))
-    else:
-      self.base_sq_norm[...] = value
-
-  def cache_is_fresh(self) -> jax.Array:
-    stamp = _adapter.fingerprint(self.lora_a[...], self.lora_b[...],
-                                 jnp.asarray(self.scale, jnp.float32))
-    return jnp.all(stamp == self.norm_stamp[...])
+  def _store_base_sq(self, value: jax.Array) -> None:
+    setattr(self.module, self.spec.name("base_sq_norm"), DoRACache(value))
 
   def merged_weight(self) -> jax.Array:
     """The merged weight in its stored shape and dtype (shape ops of the chain undone)."""

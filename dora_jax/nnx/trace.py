@@ -330,27 +330,21 @@ def contractions(module: nnx.Module, call: Callable[..., Any], args: tuple, kwar
     name = weight_invars[w_src[0]]
     x, w = pair
     chain = tuple(reversed(w_src[1]))
+    shapes = tuple(np.shape(x)), tuple(np.shape(w))
+    bad = [k for k in ("out", "out_sharding") if arguments.get(k) is not None]
     if op == "einsum":
-      bad = [k for k in ("out", "out_sharding") if arguments.get(k) is not None]
       if arguments.get("_dot_general") is not intercept.ORIGINALS["dot_general"][1]:
         bad.append("_dot_general")
-      if bad:
-        problems.append(f"weight {name!r} enters an einsum with {', '.join(bad)} set "
-                        "(not supported on an adapted op)")
-        continue
-      equation = _equation(arguments["subscripts"])
-      layout = general.einsum_layout(equation, tuple(np.shape(x)), tuple(np.shape(w)))
-      found.append(Contraction(index, op, name, equation, None, tuple(np.shape(x)),
-                               tuple(np.shape(w)), layout, chain))
+      equation, dn = _equation(arguments["subscripts"]), None
     else:
-      if arguments.get("out_sharding") is not None:
-        problems.append(f"weight {name!r} enters a dot_general with out_sharding set "
-                        "(not supported on an adapted op)")
-        continue
-      dn = _dimension_numbers(arguments["dimension_numbers"])
-      layout = general.dot_general_layout(dn, tuple(np.shape(x)), tuple(np.shape(w)))
-      found.append(Contraction(index, op, name, None, dn, tuple(np.shape(x)),
-                               tuple(np.shape(w)), layout, chain))
+      equation, dn = None, _dimension_numbers(arguments["dimension_numbers"])
+    if bad:
+      problems.append(f"weight {name!r} enters a {op} with {', '.join(bad)} set (not "
+                      "supported on an adapted op)")
+      continue
+    layout = (general.einsum_layout(equation, *shapes) if op == "einsum"
+              else general.dot_general_layout(dn, *shapes))
+    found.append(Contraction(index, op, name, equation, dn, *shapes, layout, chain))
 
   uses = _derived_uses(jaxpr, weight_invars)
   for (name, prim), count in sorted(uses.items()):

@@ -46,7 +46,9 @@ from jax import lax
 
 from dora_jax._checks import accumulation_dtype, check_float, check_scale
 from dora_jax.dense import _resolve, dora_dense
-from dora_jax.norm import NORM_EPS, _gram_times_b, _split_bf16, gram
+from dora_jax.norm import (NORM_EPS, _combine as _combine_terms, _gram_times_b,
+                           _low_rank_columns, _overflow_limit, _split_bf16, gram,
+                           refine_cancelled)
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HIGHEST = lax.Precision.HIGHEST
@@ -374,8 +376,10 @@ def _cross(lora_a, kernel, labels: _Labels, acc) -> jax.Array:
                     preferred_element_type=acc)
 
 
-def _combine(base_sq, u, lora_a, lora_b, scale, layout: WeightLayout, acc):
-  """``‖W‖² + Σ_r b ⊙ (2s·U + s²·G·b)`` per ``(B, O)`` entry, ``[*B, *O]``."""
+def _terms(base_sq, u, lora_a, lora_b, layout: WeightLayout, acc) -> jax.Array:
+  """The factored norm's five sums per ``(B, O)`` entry, ``[5, n]`` (``n = prod(B)·d_out``,
+  entries in ``[*B, *O]`` order): ``‖W‖²``, ``Σ_r b⊙U``, ``Σ_r b⊙G·b`` and the
+  last two's magnitudes (as :func:`dora_jax.norm.factored_norm` forms them)."""
   nb = math.prod(layout.batch_shape)
   rank = lora_a.shape[-1]
   a3 = lora_a.reshape(nb, layout.d_in, rank)  # free reshapes: adapters are [*B, *C, r] etc.
@@ -383,11 +387,43 @@ def _combine(base_sq, u, lora_a, lora_b, scale, layout: WeightLayout, acc):
   u3 = u.reshape(nb, rank, layout.d_out)
 
   def one(a2, b2, u2):
-    gb = _gram_times_b(gram(a2).astype(acc), b2, acc)
-    return jnp.sum(b2.astype(acc) * (2.0 * scale * u2 + scale * scale * gb), axis=0)
+    b2f = b2.astype(acc)
+    bu, bgb = b2f * u2, b2f * _gram_times_b(gram(a2).astype(acc), b2, acc)
+    return jnp.stack([jnp.sum(bu, axis=0), jnp.sum(bgb, axis=0),
+                      jnp.sum(jnp.abs(bu), axis=0), jnp.sum(jnp.abs(bgb), axis=0)])
 
-  update = jax.vmap(one)(a3, b3, u3) if nb > 1 else one(a3[0], b3[0], u3[0])[None]
-  return base_sq.astype(acc) + update.reshape(base_sq.shape)
+  sums = jax.vmap(one)(a3, b3, u3) if nb > 1 else one(a3[0], b3[0], u3[0])[None]
+  sums = jnp.moveaxis(sums, 1, 0).reshape(4, nb * layout.d_out)
+  return jnp.concatenate([base_sq.astype(acc).reshape(1, -1), sums])
+
+
+def _exact_sq_columns(kernel, lora_a, lora_b, layout: WeightLayout, inv_c, t, acc):
+  """``idx [K] -> Σ_C (W_j/c_j + t_j·(a·b)_j)²`` for flat ``(B, O)`` entries ``idx``:
+  the cancelled columns formed densely from ``K`` gathered kernel columns."""
+  nb, rank = math.prod(layout.batch_shape), lora_a.shape[-1]
+  kept = layout.batch + layout.output  # kernel axes indexed per column, in [*B, *O] order
+  pos = sorted(kept)
+  # numpy's rule: adjacent advanced indices stay in place, separated ones go first
+  at = (pos[0] - sum(1 for ax in range(pos[0]) if ax in kept)
+        if pos == list(range(pos[0], pos[0] + len(pos))) else 0)
+
+  def columns(idx):
+    multi = jnp.unravel_index(idx, layout.batch_shape + layout.out_shape)
+    index = [slice(None)] * len(layout.shape)
+    for axis, i in zip(kept, multi):
+      index[axis] = i
+    w = jnp.moveaxis(kernel[tuple(index)], at, 0).reshape(idx.shape[0], layout.d_in)
+    b_idx, o_idx = jnp.divmod(idx, layout.d_out)
+    b_cols = lora_b.reshape(nb, rank, layout.d_out)[b_idx, :, o_idx]  # [K, r]
+    if nb == 1:
+      low = _low_rank_columns(lora_a.reshape(layout.d_in, rank), b_cols.T, acc).T
+    else:
+      a_cols = lora_a.reshape(nb, layout.d_in, rank)[b_idx].astype(acc)  # [K, d_in, r]
+      low = jnp.einsum("kir,kr->ki", a_cols, b_cols.astype(acc), precision=_HIGHEST)
+    v = w.astype(acc) * inv_c[idx][:, None] + t[idx][:, None] * low
+    return jnp.sum(v * v, axis=1)
+
+  return columns
 
 
 def weight_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale,
@@ -414,8 +450,15 @@ def weight_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale,
   else:
     base_sq = lax.stop_gradient(base_sq_norm)  # a cache of the frozen kernel's
   u = _cross(lora_a, kernel, labels, acc)
-  sq = _combine(base_sq, u, lora_a, lora_b, jnp.asarray(scale, acc), layout, acc)
-  return jnp.sqrt(jnp.maximum(sq, 0.0))
+  scale = jnp.asarray(scale, acc)
+  # as factored_norm: rescaled where a summand could overflow, and the columns
+  # whose update cancels them (W_j ≈ −s(ab)_j) recomputed from gathered columns
+  combined = _combine_terms(_terms(base_sq, u, lora_a, lora_b, layout, acc), scale,
+                            _overflow_limit(acc))
+  sq = refine_cancelled(combined.sq, combined.bound, _exact_sq_columns(
+      kernel, lora_a, lora_b, layout, 1.0 / combined.c, combined.t, acc))
+  norm = combined.c * jnp.sqrt(jnp.maximum(sq, 0.0))
+  return norm.reshape(layout.adapter_shapes(1)[2])
 
 
 def _lay_out(vec, src: str, dst: str):

@@ -9,17 +9,36 @@ and scale ``s``, the per-output-column squared norm of ``W + s·a·b`` is::
 so the only intermediates are ``U [r, d_out]``, ``G [r, r]`` and ``G·b [r, d_out]``:
 the dense ``[d_in, d_out]`` product ``a·b`` is never formed. Everything is
 accumulated in float32 (float64 when an input is float64).
+
+Two numerical hazards of that sum are handled per column:
+
+* Cancellation. Where the update nearly cancels its column
+  (``W_j ≈ −s(ab)_j``) the three terms are each about ``‖W_j‖²`` while their
+  sum is far smaller, and the sum keeps only the terms' absolute rounding
+  error (at ``‖W+s·a·b‖/‖W‖ = 10⁻³`` about one correct digit is left in
+  float32). Each column's sum is compared with the sum of its summands'
+  magnitudes (:func:`cancelled_columns`); the flagged columns, rare in
+  practice, are recomputed from ``W_j + s(ab)_j`` itself
+  (:func:`refine_cancelled`, or on a GPU the Pallas kernel
+  :mod:`dora_jax.kernels.cancelled_columns`), without a host round trip.
+* Overflow. ``s²·‖ab‖²`` leaves float32 long before the norm does (from
+  ``|s| ≈ 10¹⁹``). Columns whose terms could overflow are evaluated divided
+  by a per-column ``c_j²`` and the norm multiplied back by ``c_j``; every
+  other column runs the plain formula, bit for bit (``c_j = 1``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from dora_jax._checks import accumulation_dtype, check_float, check_scale, check_weights
+from dora_jax.kernels import dispatch
 
 #: Bound, in bytes, on the float32 ``[r, chunk]`` intermediates of one chunk of
 #: :func:`factored_norm` when ``chunk_size`` is left at ``None``. Layers whose
@@ -29,6 +48,31 @@ NORM_CHUNK_BYTES = 256 * 2**20
 #: Floor applied to the norm before dividing by it (``g = m / max(n, NORM_EPS)``),
 #: so a dead column (``W_j + s(ab)_j = 0``) gives a finite scale instead of inf/NaN.
 NORM_EPS = 1e-12
+
+#: A column counts as cancelled when its squared norm from the three terms is
+#: below this fraction of the sum of its summands' magnitudes (``bound``).
+#: The sum's rounding error is about ``γ·bound``; γ measured on the CPU ranges
+#: from about 3·2⁻²⁴ (rank ≥ 3) to 21·2⁻²⁴ (rank 1, d_in = 2048, where a
+#: vector-matrix product accumulates sequentially) and grows like √d_in. An
+#: unflagged column's relative error is at most ``γ / (2·CANCEL_RATIO)``: about
+#: 2e-5 at the worst γ measured, 1e-4 at γ ≈ 100·2⁻²⁴. An update that cancels
+#: its column (``s·‖ab_j‖ ≈ ‖W_j‖``, opposite directions) is flagged from
+#: ``‖W_j + s(ab)_j‖ ≈ 0.35·‖W_j‖`` down; ordinary fine-tuning
+#: (``s·‖ab_j‖ ≪ ‖W_j‖``) never comes near.
+CANCEL_RATIO = 2.0**-5
+
+#: Columns recomputed per round by :func:`refine_cancelled` (a static size:
+#: each round gathers ``[d_in, REFINE_COLUMNS]`` of ``W`` and ``[r, REFINE_COLUMNS]``
+#: of ``b``).
+REFINE_COLUMNS = 16
+
+#: Name scope of the refinement's work (its loop or kernel), which runs only for
+#: cancelled columns: it labels the refinement in profiles and compiled programs,
+#: and lets program inspections tell it from the norm's passes.
+REFINE_SCOPE = "refine_cancelled"
+
+#: How :func:`factored_norm` refines cancelled columns (``refine=``).
+REFINE_MODES = ("auto", "columns", "kernel", "off")
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -112,14 +156,193 @@ def _gram_times_b(g, lora_b, acc):
                  preferred_element_type=acc)
 
 
-def _norm_sq_columns(kernel, lora_a, lora_b, g, scale, base_sq, acc):
-  """Squared norms of a block of columns (``kernel``/``lora_b``/``base_sq`` sliced)."""
+def _norm_terms(kernel, lora_a, lora_b, g, base_sq, acc):
+  """The factored norm's sums for a block of columns, stacked ``[5, n]``:
+  ``‖W_j‖²``, ``X_j = Σ_k b_kj U_kj``, ``Y_j = Σ_k b_kj (G·b)_kj`` and the
+  summands' magnitudes ``Σ_k |b_kj U_kj|``, ``Σ_k |b_kj (G·b)_kj|``.
+
+  The four sums over ``r`` read ``U``, ``G·b`` and ``b`` once (one fusion).
+  The scale enters later (:func:`_combine`), so no sum here can overflow on
+  its account.
+  """
   u = _cross(lora_a, kernel, acc)
   gb = _gram_times_b(g, lora_b, acc)
   if base_sq is None:
     base_sq = column_sq_norm(kernel)
   b = lora_b.astype(acc)
-  return base_sq.astype(acc) + jnp.sum(b * (2.0 * scale * u + scale * scale * gb), axis=0)
+  bu, bgb = b * u, b * gb
+  return jnp.stack([base_sq.astype(acc), jnp.sum(bu, axis=0), jnp.sum(bgb, axis=0),
+                    jnp.sum(jnp.abs(bu), axis=0), jnp.sum(jnp.abs(bgb), axis=0)])
+
+
+class _Combined(NamedTuple):
+  """Per-column ``[n]`` results of :func:`_combine` (``c`` and ``t`` as the
+  refinement needs them)."""
+
+  sq: jax.Array     # ‖W_j + s(ab)_j‖² / c_j², the sum of the three terms
+  bound: jax.Array  # the summands' magnitudes, same units
+  c: jax.Array      # the column's scale: 1 where the plain formula cannot overflow
+  t: jax.Array      # s / c_j
+
+
+def _overflow_limit(acc) -> float:
+  """Largest magnitude a summand may have for the plain sum of four of them to
+  stay finite in ``acc``."""
+  return float(jnp.finfo(acc).max) / 16
+
+
+def _combine(terms, scale, limit: float) -> _Combined:
+  """``sq``, ``bound``, ``c`` and ``t`` from the stacked terms of :func:`_norm_terms`.
+
+  ``sq = ‖W‖²/c² + 2(s/c)·X/c + (s/c)²·Y`` with ``c = 1`` wherever every
+  summand is at most ``limit`` (overflowed products compare as inf, so they
+  fail the test): there the arithmetic is the plain
+  ``‖W‖² + 2s·X + s·(s·Y)`` bit for bit (division by 1 is exact). Elsewhere
+  ``c`` is the square root of the largest summand magnitude (``‖W‖²``,
+  ``2|s|·Σ|bU|``, ``s²·Σ|b·Gb|``, each formed without overflow), which
+  brings every scaled summand to at most 1: the norm ``c·√sq`` stays finite
+  whenever it fits the dtype and ``‖W_j‖²`` itself does. A summand scaled
+  below the smallest normal number is then under 2⁻¹²⁶ of the largest,
+  negligible.
+  """
+  base, x, y, x_abs, y_abs = terms
+  s_abs = jnp.abs(scale)
+  plain = ((base <= limit) & (2.0 * s_abs * x_abs <= limit)
+           & (s_abs * (s_abs * y_abs) <= limit))
+  largest = jnp.maximum(jnp.maximum(jnp.sqrt(base), s_abs * jnp.sqrt(y_abs)),
+                        jnp.sqrt(2.0 * s_abs) * jnp.sqrt(x_abs))
+  c = jnp.where(plain, 1.0, jnp.maximum(largest, 1.0)).astype(base.dtype)
+  t = scale / c
+  t_abs = jnp.abs(t)
+  base_c = base / c / c
+  sq = base_c + 2.0 * t * (x / c) + t * (t * y)
+  bound = base_c + 2.0 * t_abs * (x_abs / c) + t_abs * (t_abs * y_abs)
+  return _Combined(sq, bound, c, t)
+
+
+def cancelled_columns(sq: jax.Array, bound: jax.Array) -> jax.Array:
+  """``[n]`` bool: the columns whose factored sum ``sq`` lost accuracy to cancellation.
+
+  ``sq`` is a sum of summands whose magnitudes add up to ``bound``; its
+  rounding error is a small multiple of ``bound·2⁻²⁴`` (float32), so it is
+  trusted while ``sq ≥ CANCEL_RATIO·bound``. ``bound = 0`` (a zero column
+  with a zero update) is exact and never flagged; neither is a NaN.
+  """
+  return sq < CANCEL_RATIO * bound
+
+
+def _refined(refined: jax.Array, sq: jax.Array, done: jax.Array) -> jax.Array:
+  """``refined`` where ``done``, else ``sq``; the gradient is ``sq``'s everywhere.
+
+  The refinement changes the rounding, not the function, so the factored
+  terms' derivative stays the derivative (and no gradient is asked of a
+  ``while_loop`` or a kernel): ``stop_gradient(refined) + (sq − sq)`` has
+  ``refined``'s value exactly.
+  """
+  return jnp.where(done, lax.stop_gradient(refined) + (sq - lax.stop_gradient(sq)), sq)
+
+
+def refine_cancelled(sq: jax.Array, bound: jax.Array,
+                     exact_sq_columns: Callable[[jax.Array], jax.Array], *,
+                     columns: int = REFINE_COLUMNS, loop: bool | None = None) -> jax.Array:
+  """Replace the squared norms of cancelled columns by accurately computed ones.
+
+  The combine-and-refine step of a factored DoRA norm, for any weight layout:
+  ``sq`` holds each column's squared norm as the sum of its factored terms,
+  ``bound`` the sum of those summands' magnitudes (in :func:`factored_norm`,
+  ``‖W_j‖² + 2|s|·Σ_k |b_kj U_kj| + s²·Σ_k |b_kj (G·b)_kj|``). Columns with
+  ``sq < CANCEL_RATIO·bound`` (:func:`cancelled_columns`) get
+  ``exact_sq_columns`` instead, ``columns`` at a time, most cancelled first.
+
+  Args:
+    sq: ``[n]`` float squared column norms from the factored terms. Any
+      per-column units will do (:func:`factored_norm` passes them divided by
+      ``c_j²``) if ``bound`` and ``exact_sq_columns`` share them.
+    bound: ``[n]``, the summands' magnitudes, same dtype and units.
+    exact_sq_columns: ``idx -> [K]``, with ``idx`` ``[K] int32`` distinct
+      column indices in ``[0, n)`` and ``K = min(columns, n)`` static: the
+      accurate squared norms of those columns in ``sq``'s dtype and units, for
+      instance ``Σ_i (W[i, idx] + s·(a·b[:, idx])_i)²`` formed densely from
+      ``K`` gathered columns. Called with columns that need no refinement too
+      (those results are discarded); traced once.
+    columns: ``K``, the columns recomputed per round.
+    loop: ``True``: rounds repeat in a ``lax.while_loop`` until every flagged
+      column is refined, and none runs when nothing cancels. ``False``: one
+      round, always run, for the ``K`` most cancelled columns, with no
+      data-dependent control flow; further flagged columns keep their
+      factored value. ``None``: ``False`` on a GPU, whose runtime copies a
+      ``while_loop``'s predicate to the host on every call (a stall per call),
+      ``True`` elsewhere.
+
+  Returns:
+    ``[n]``: ``sq`` with the refined columns replaced. The gradient is
+    ``sq``'s (the refinement changes rounding, not the function).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from dora_jax.norm import refine_cancelled
+    >>> w = jax.random.normal(jax.random.key(0), (50, 6))
+    >>> exact = lambda idx: jnp.sum(w[:, idx] ** 2, axis=0)
+    >>> sq = jnp.sum(w ** 2, axis=0).at[2].set(-1e-9)   # a "cancelled" sum
+    >>> bound = jnp.sum(w ** 2, axis=0)
+    >>> out = refine_cancelled(sq, bound, exact, columns=4)
+    >>> bool(jnp.allclose(out, bound))
+    True
+  """
+  sq, bound = jnp.asarray(sq), jnp.asarray(bound)
+  if sq.ndim != 1 or bound.shape != sq.shape:
+    raise ValueError(f"sq and bound must be [n] vectors of one shape, got {sq.shape} and "
+                     f"{bound.shape}")
+  if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+    raise ValueError(f"columns must be a positive int, got {columns!r}")
+  k = min(columns, sq.shape[0])
+  if loop is None:
+    loop = jax.default_backend() != "gpu"
+  value, bound = lax.stop_gradient(sq), lax.stop_gradient(bound)
+  flagged = cancelled_columns(value, bound)
+  # flagged columns have bound > 0; the ratio ranks them, most cancelled first
+  ratio = value / jnp.where(flagged, bound, 1)
+
+  def one_round(state):
+    out, pending = state
+    _, idx = lax.top_k(jnp.where(pending, -ratio, -jnp.inf), k)
+    exact = jnp.asarray(exact_sq_columns(idx))
+    if exact.shape != (k,):
+      raise ValueError(f"exact_sq_columns must return shape ({k},), got {exact.shape}")
+    take = pending[idx]
+    out = out.at[idx].set(jnp.where(take, exact.astype(out.dtype), out[idx]),
+                          unique_indices=True)
+    return out, pending.at[idx].set(False, unique_indices=True)
+
+  with jax.named_scope(REFINE_SCOPE):
+    if loop:
+      out, left = lax.while_loop(lambda state: jnp.any(state[1]), one_round, (value, flagged))
+    else:
+      out, left = one_round((value, flagged))
+  return _refined(out, sq, flagged & ~left)
+
+
+def _low_rank_columns(lora_a, b_cols, acc):
+  """``a·b[:, idx]`` ``[d_in, K]`` in ``acc``: one 2-byte dtype on tensor cores
+  (exact products, ``acc`` accumulation), anything else upcast at full
+  precision; rank 1 is upcast too (an outer product, see :func:`_cross`)."""
+  if lora_a.dtype in _HALF and b_cols.dtype == lora_a.dtype and lora_a.shape[1] > 1:
+    return jnp.dot(lora_a, b_cols, preferred_element_type=acc)
+  return jnp.dot(lora_a.astype(acc), b_cols.astype(acc), precision=lax.Precision.HIGHEST,
+                 preferred_element_type=acc)
+
+
+def _refine_mode(refine: str, acc, *arrays) -> str:
+  if refine not in REFINE_MODES:
+    raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
+  if refine == "kernel" and acc != jnp.float32:
+    raise ValueError(f"refine='kernel' accumulates in float32, the inputs ask for {acc.name} "
+                     "(use refine='columns')")
+  if refine != "auto":
+    return refine
+  if acc == jnp.float32 and dispatch.on_cuda_gpu() and dispatch.partitioned_reason(*arrays) is None:
+    return "kernel"
+  return "columns"
 
 
 def _auto_chunk(rank: int, d_out: int) -> int:
@@ -131,7 +354,7 @@ def _auto_chunk(rank: int, d_out: int) -> int:
 
 def factored_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale,
                   *, base_sq_norm: jax.Array | None = None,
-                  chunk_size: int | None = None) -> jax.Array:
+                  chunk_size: int | None = None, refine: str = "auto") -> jax.Array:
   """Per-output-column norm ``‖kernel + scale·lora_a·lora_b‖`` without the dense product.
 
   Args:
@@ -145,11 +368,26 @@ def factored_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale
       ``[r, chunk]`` float32 intermediates. ``None`` picks whole-layer when the
       intermediates fit in :data:`NORM_CHUNK_BYTES`, else the largest multiple of
       128 that does. Chunks run one after another in a ``fori_loop``.
+    refine: how columns whose update cancels them (``W_j ≈ −s(ab)_j``, see
+      :func:`cancelled_columns`) are recomputed from ``W_j + s(ab)_j``:
+      ``"columns"``: :func:`refine_cancelled`, :data:`REFINE_COLUMNS`
+      gathered columns at a time (rounds in a ``while_loop``, none when nothing
+      cancels; on a GPU one round, always run, and columns beyond it keep the
+      factored value); ``"kernel"``: the Pallas kernel
+      :func:`dora_jax.kernels.cancelled_columns.refine_columns`, which works
+      only in the column tiles holding a flagged column, decided on the
+      device (interpret mode off the GPU; float32 accumulation only);
+      ``"auto"``: ``"kernel"`` on a CUDA GPU for float32 accumulation and
+      arrays not split across devices (``pallas_call`` is not partitioned by
+      GSPMD), else ``"columns"``; ``"off"``: the plain factored sum (for
+      comparisons).
 
   Returns:
     ``[d_out]`` float32 (float64 when an input is float64) norms, clamped at 0
-    before the square root. Gradients are not defined through this function's
-    use in DoRA (the norm is detached), but it is differentiable as written.
+    before the square root. Finite wherever the true norm and ``‖W_j‖²`` are
+    (large ``scale`` included). Gradients are not defined through this
+    function's use in DoRA (the norm is detached), but it is differentiable
+    as written (through the factored terms).
 
   Example:
     >>> import jax, jax.numpy as jnp, dora_jax
@@ -167,12 +405,22 @@ def factored_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale
   if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
   acc = accumulation_dtype(kernel, lora_a, lora_b)
-  scale = jnp.asarray(scale, acc)
-  g = gram(lora_a).astype(acc)
+  mode = _refine_mode(refine, acc, kernel, lora_a, lora_b)
   chunk = _auto_chunk(rank, d_out) if chunk_size is None else min(chunk_size, d_out)
+  return _factored_norm(kernel, lora_a, lora_b, jnp.asarray(scale, acc), base_sq_norm,
+                        chunk=chunk, mode=mode)
 
+
+@functools.partial(jax.jit, static_argnames=("chunk", "mode"))
+def _factored_norm(kernel, lora_a, lora_b, scale, base_sq_norm, *, chunk: int, mode: str):
+  """:func:`factored_norm` once its arguments are checked: one compiled
+  program, so an eager call runs (and rounds) as it does inside a jitted
+  forward, and its refinement is traced once per shape."""
+  d_out = kernel.shape[1]
+  acc = scale.dtype
+  g = gram(lora_a).astype(acc)
   if chunk >= d_out:
-    sq = _norm_sq_columns(kernel, lora_a, lora_b, g, scale, base_sq_norm, acc)
+    terms = _norm_terms(kernel, lora_a, lora_b, g, base_sq_norm, acc)
   else:
     n_chunks = math.ceil(d_out / chunk)
 
@@ -184,11 +432,48 @@ def factored_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale
       b_c = lax.dynamic_slice_in_dim(lora_b, start, chunk, axis=1)
       base_c = (None if base_sq_norm is None
                 else lax.dynamic_slice_in_dim(base_sq_norm, start, chunk))
-      sq_c = _norm_sq_columns(w_c, lora_a, b_c, g, scale, base_c, acc)
-      return lax.dynamic_update_slice_in_dim(out, sq_c, start, axis=0)
+      terms_c = _norm_terms(w_c, lora_a, b_c, g, base_c, acc)
+      return lax.dynamic_update_slice_in_dim(out, terms_c, start, axis=1)
 
-    sq = lax.fori_loop(0, n_chunks, body, jnp.zeros((d_out,), acc))
-  return jnp.sqrt(jnp.maximum(sq, 0.0))
+    terms = lax.fori_loop(0, n_chunks, body, jnp.zeros((5, d_out), acc))
+
+  combined = _combine(terms, scale, _overflow_limit(acc))
+  sq = combined.sq
+  # Refinement. Cancelling columns are rare and their number is known only on
+  # the device, so the work must be decided there without a host round trip
+  # (XLA's GPU runtime copies a lax.cond or while_loop predicate to the host,
+  # a stall per call), and must cost nothing when no column cancels:
+  # * "columns" (XLA, any platform and layout): a static-size set of the K
+  #   most cancelled columns is gathered ([d_in, K] of W, [r, K] of b) and
+  #   formed densely. Off the GPU the rounds run in a while_loop, zero times
+  #   when nothing cancels (its predicate is a [d_out] reduction), as many
+  #   as needed otherwise. On a GPU one round always runs (K/d_out of W, no
+  #   control flow); columns beyond K keep the factored value there, so a
+  #   GPU prefers:
+  # * "kernel" (GPU, arrays not split across devices): one Pallas launch over
+  #   column tiles; a tile without a flagged column reads its flags and
+  #   returns, writing nothing (sq is aliased), a tile with one recomputes
+  #   its columns over all of d_in. Exact for any number of flagged columns.
+  # Beyond that nothing reads W again, and there is no [T, d_out] operand here
+  # at all; the flags are a [d_out] comparison fused with the combine.
+  if mode == "columns":
+    inv_c = 1.0 / combined.c
+
+    def exact_sq_columns(idx):
+      w_cols = jnp.take(kernel, idx, axis=1, mode="clip").astype(acc)
+      b_cols = jnp.take(lora_b, idx, axis=1, mode="clip")
+      v = w_cols * inv_c[idx] + combined.t[idx] * _low_rank_columns(lora_a, b_cols, acc)
+      return jnp.sum(v * v, axis=0)
+
+    sq = refine_cancelled(sq, combined.bound, exact_sq_columns)
+  elif mode == "kernel":
+    from dora_jax.kernels import cancelled_columns as refine_kernel  # noqa: PLC0415 - Pallas
+    flagged = lax.stop_gradient(cancelled_columns(sq, combined.bound))
+    with jax.named_scope(REFINE_SCOPE):
+      refined = refine_kernel.refine_columns(kernel, lora_a, lora_b, combined.t,
+                                             1.0 / combined.c, lax.stop_gradient(sq), flagged)
+    sq = _refined(refined, sq, flagged)
+  return combined.c * jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
 def dense_norm_reference(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,

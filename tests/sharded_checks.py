@@ -304,8 +304,10 @@ def test_norm_alone_reduces_with_one_small_all_reduce(name):
   layout, mesh = LAYOUTS[name], mesh_8()
   layer = _single_layer(layout, mesh)
   w, a, b = layer.kernel[...], layer.lora_a[...], layer.lora_b[...]
+  norm = lambda refine: jax.jit(lambda w, a, b: dora_jax.factored_norm(w, a, b, 2.0, refine=refine))
   with jax.set_mesh(mesh):
-    hlo = jax.jit(lambda w, a, b: dora_jax.factored_norm(w, a, b, 2.0)).lower(w, a, b).compile().as_text()
+    hlo = norm("off").lower(w, a, b).compile().as_text()
+    refined = norm("auto").lower(w, a, b).compile().as_text()
     naive = jax.jit(lambda w, a, b: dora_jax.dense_norm_reference(w, a, b, 2.0)).lower(w, a, b).compile().as_text()
   found = dsh.collectives(hlo)
   assert all(c.op == "all-reduce" for c in found), found
@@ -316,6 +318,11 @@ def test_norm_alone_reduces_with_one_small_all_reduce(name):
   shard = kernel_shard_elements(layout, mesh)
   assert not dense_products(hlo, shard)
   assert dense_products(naive, shard)
+  # the cancelled-columns refinement: its gathered columns and small collectives only
+  k = dora_jax.norm.REFINE_COLUMNS
+  for c in dsh.collectives(refined):
+    assert c.elements <= max(D_OUT, D_IN * k, (RANK + 1) * D_OUT + RANK * RANK), c
+  assert not dense_products(refined, shard)
 
 
 # -- per-device memory ------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 import dora_jax
 from conftest import make_layer
-from reference import dense_norm, f64, rel_err
+from reference import dense_norm, dora_forward, f64, rel_err
 
 NORM_TOL = {jnp.float32: 2e-6, jnp.bfloat16: 2e-6, jnp.float16: 2e-6}
 
@@ -88,3 +88,70 @@ def test_norm_never_builds_dense_product():
   jaxpr = jax.make_jaxpr(lambda w, a, b: dora_jax.factored_norm(w, a, b, 1.0))(
       jnp.ones((d_in, d_out)), jnp.ones((d_in, r)), jnp.ones((r, d_out)))
   assert dense_shaped_dots(jaxpr, d_in, d_out) == []
+
+
+# -- scales whose squares leave float32 -----------------------------------------------
+
+HUGE_SCALES = (1e19, 1e20, -1e20, 1e30)
+
+
+def _huge_layer(key, lead=(6,)):
+  """A layer whose update columns ``s·(ab)_j`` overflow float32 when squared
+  from ``|s| ≈ 1e19`` (``‖ab_j‖ ≈ 15``)."""
+  return make_layer(key, 48, 40, 8, lead, b_scale=10.0)
+
+
+def test_factored_norm_is_finite_and_accurate_at_huge_scales(fresh_key):
+  """Until ‖W + s·a·b‖ itself overflows, the norm is finite and float32-accurate."""
+  _, kernel, lora_a, lora_b, *_ = _huge_layer(fresh_key())
+  for scale in HUGE_SCALES:
+    got = dora_jax.factored_norm(kernel, lora_a, lora_b, scale)
+    assert np.all(np.isfinite(got)), scale
+    np.testing.assert_allclose(f64(got), dense_norm(kernel, lora_a, lora_b, scale), rtol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas", "mosaic", "auto"])
+def test_dora_dense_at_huge_scales(fresh_key, backend):
+  """float32 ``dora_dense`` at ``s = 1e19`` and ``1e20`` (inf and NaN norms
+  before the rescale: zero or NaN outputs) against the float64 layer."""
+  x, kernel, lora_a, lora_b, magnitude, bias, _ = _huge_layer(fresh_key())
+  for scale in HUGE_SCALES[:2]:
+    y = dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, scale, bias, backend=backend)
+    assert np.all(np.isfinite(y)), scale
+    assert rel_err(y, dora_forward(x, kernel, lora_a, lora_b, magnitude, scale, bias)) < 1e-5
+
+
+def test_peft_init_stays_exact_at_any_scale(fresh_key):
+  """``lora_b = 0``, ``m = ‖W‖``: the norm is ‖W‖ bit for bit and ``g = 1``
+  exactly, huge scales included (no summand needs a rescale)."""
+  _, kernel, lora_a, lora_b, *_ = _huge_layer(fresh_key())
+  zero_b = jnp.zeros_like(lora_b)
+  magnitude = jax.jit(lambda w: jnp.sqrt(dora_jax.column_sq_norm(w)))(kernel)
+  for scale in (0.5, 1e19, 1e20):
+    norm = dora_jax.factored_norm(kernel, lora_a, zero_b, scale)
+    np.testing.assert_array_equal(norm, magnitude)
+    g = dora_jax.dora_norm_scale(kernel, lora_a, zero_b, magnitude, scale)
+    np.testing.assert_array_equal(g, jnp.ones_like(g))
+
+
+def test_rescale_leaves_ordinary_columns_bit_for_bit(fresh_key):
+  """Where no summand can overflow, the combine step is the plain formula
+  ``‖W‖² + 2s·X + s·(s·Y)`` to the bit (``c = 1``); where one can, the plain
+  formula overflows and the rescaled one does not."""
+  from dora_jax import norm as norm_lib
+  _, kernel, lora_a, lora_b, *_ = _huge_layer(fresh_key())
+
+  def combined(scale, limit):
+    terms = norm_lib._norm_terms(kernel, lora_a, lora_b, norm_lib.gram(lora_a), None,
+                                 jnp.float32)
+    return norm_lib._combine(terms, scale, limit)
+
+  combine = jax.jit(combined, static_argnums=1)
+  limit = norm_lib._overflow_limit(jnp.float32)
+  for scale in (0.3, -2.0, 1e9):
+    rescaled, plain = combine(jnp.float32(scale), limit), combine(jnp.float32(scale), np.inf)
+    np.testing.assert_array_equal(rescaled.c, 1.0)
+    np.testing.assert_array_equal(rescaled.sq, plain.sq)
+    np.testing.assert_array_equal(rescaled.bound, plain.bound)
+  rescaled, plain = combine(jnp.float32(1e20), limit), combine(jnp.float32(1e20), np.inf)
+  assert not np.any(np.isfinite(plain.sq)) and np.all(np.isfinite(rescaled.sq))

@@ -14,8 +14,8 @@ from dora_jax.backend import BACKENDS, ENV_VAR as BACKEND_ENV_VAR, default_backe
 from dora_jax.dense import dora_dense, dora_norm_scale, lora_scale, merge_kernel
 from dora_jax.norm import NORM_CHUNK_BYTES, NORM_EPS, column_sq_norm, dense_norm_reference, factored_norm
 from dora_jax.quantized import QuantizedKernel, quantize_kernel
+from dora_jax import conv, embed  # functional cores of the embedding and conv layers
 from dora_jax import linen, nnx
-from dora_jax import conv, embed  # registers DoRAConv/DoRAEmbed with apply_dora
 from dora_jax import sharding
 from dora_jax.surgery import (apply_dora, cache_base_norms, freeze_scales, merge,
                               print_trainable_parameters,

@@ -10,6 +10,13 @@ Typical use::
   served = merge(model)            # plain Flax layers, merged kernels
   freeze_scales(model)             # or: unmerged inference with a cached norm
 
+Third-party layers (MaxText's ``DenseGeneral``, Tunix-style ``Einsum`` modules, any
+module whose own weight enters ``jnp.einsum``/``lax.dot_general`` with the input)
+are adapted at the op level from a trace of the model's call arguments::
+
+  apply_dora(model, targets=r".*(query|key|value|out|wi_0|wi_1|wo)", rank=8, alpha=16,
+             rngs=nnx.Rngs(0), example_inputs=(tokens, positions))
+
 Paths are the ``'/'``-joined attribute path of a layer from the model root,
 e.g. ``layers/0/mlp/up_proj`` (list indices and dict keys included).
 
@@ -33,66 +40,71 @@ from flax.nnx import graphlib
 
 from dora_jax import _adapter
 from dora_jax._checks import check_float_dtype, check_real_scalar
-from dora_jax.nnx import WRAPPERS, DoRALayer
+from dora_jax.nnx import discover as _discover
+from dora_jax.nnx import op as _op
+from dora_jax.nnx import registry
+from dora_jax.nnx import trace as _trace
+from dora_jax.nnx.base import AdapterSite, DoRALayer
 
 #: ``targets``: a regular expression (full match against the path) or a predicate.
 Targets = Union[str, "re.Pattern[str]", Callable[[str, nnx.Module], bool]]
 
-#: ``targets`` value that selects every ``Linear``/``LinearGeneral``/``Einsum`` layer
-#: and registered wrappers that declare ``all_linear = True`` (as PEFT's
-#: ``"all-linear"``, but output heads are not excluded: pass a regex or predicate
-#: to skip them).
+#: ``targets`` value that selects every layer of a registered type whose wrapper
+#: declares ``all_linear = True`` (``Linear``, ``LinearGeneral``, ``Einsum``: as PEFT's
+#: ``"all-linear"``, but output heads are not excluded), and, with ``example_inputs``,
+#: every other module whose own weight enters a contraction with the input.
 ALL_LINEAR = "all-linear"
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-  return "/".join(str(p) for p in path)
-
-
-def _owns_variables(module: nnx.Module) -> bool:
-  """Whether the module holds Variables directly (a layer, not a pure container)."""
-  return any(isinstance(v, nnx.Variable) for v in vars(module).values())
+def _owns_params(module: nnx.Module) -> bool:
+  """Whether the module holds base weights of its own (a layer, not a pure container)."""
+  return bool(_trace.own_params(module))
 
 
 def _modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
   """``(path, module)`` for every module below the root, excluding DoRA internals."""
-  out = []
-  dora_prefixes: list[str] = []
-  for path, module in nnx.iter_modules(model):
-    if not path:
-      continue
-    p = _path_str(path)
-    out.append((p, module))
-    if isinstance(module, DoRALayer):
-      dora_prefixes.append(p + "/")
-  return [(p, m) for p, m in out if not any(p.startswith(q) for q in dora_prefixes)]
+  return [(p, m) for p, m in registry.walk(model) if p]
 
 
-def adaptable_paths(model: nnx.Module) -> list[str]:
-  """Paths of the layers :func:`apply_dora` can adapt (``Linear``, ``LinearGeneral``,
-  ``Einsum`` and any type registered in :data:`dora_jax.nnx.WRAPPERS`)."""
-  return sorted(p for p, m in _modules(model) if type(m) in WRAPPERS)
+def adaptable_paths(model: nnx.Module, *, example_inputs: tuple | None = None,
+                    example_kwargs: dict | None = None) -> list[str]:
+  """Paths of the layers :func:`apply_dora` can adapt: registered types (``Linear``,
+  ``LinearGeneral``, ``Einsum``, ``Embed``, ``Conv``, :func:`dora_jax.nnx.register`\\ ed)
+  and, with ``example_inputs``, every module whose own weight enters a contraction in
+  ``model(*example_inputs, **example_kwargs)``."""
+  paths = {p for p, m in _modules(model) if registry.wrapper_for(m) is not None}
+  if example_inputs is not None:
+    others = [(p, m) for p, m in _modules(model)
+              if p not in paths and not registry.is_adapted(m) and _owns_params(m)]
+    if others:
+      found = _discover.contractions_of(model, others, example_inputs, example_kwargs)
+      paths |= {p for p, c in found.items() if c}
+  return sorted(paths)
+
+
+def dora_layers(model: nnx.Module) -> list[tuple[str, AdapterSite]]:
+  """``(path, site)`` for every adapted weight of ``model``, sorted by path (``""``: the root).
+
+  A wrapper layer is its own site; an op-level adapted module gives one site per
+  adapted weight (at its path, or ``<path>/<weight>`` when it has several).
+  """
+  return registry.sites(model)
 
 
 def adapted_paths(model: nnx.Module) -> list[str]:
-  """Paths of the layers that carry DoRA adapters."""
-  return sorted(p for p, m in _modules(model) if isinstance(m, DoRALayer))
+  """Paths of the adapted weights (:func:`dora_layers`)."""
+  return [p for p, _ in dora_layers(model)]
 
 
-def dora_layers(model: nnx.Module) -> list[tuple[str, DoRALayer]]:
-  """``(path, layer)`` for every DoRA layer of ``model``, sorted by path (``""``: the root)."""
-  if isinstance(model, DoRALayer):
-    return [("", model)]
-  return sorted(((p, m) for p, m in _modules(model) if isinstance(m, DoRALayer)),
-                key=lambda pm: pm[0])
+def _adapted_modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+  return [(p, m) for p, m in registry.walk(model) if registry.is_adapted(m)]
 
 
 def _matcher(targets: Targets) -> Callable[[str, nnx.Module], bool]:
   if callable(targets) and not isinstance(targets, (str, re.Pattern)):
     return targets
   if targets == ALL_LINEAR:
-    return lambda path, module: getattr(WRAPPERS.get(type(module)), "all_linear",
-                                        type(module) in WRAPPERS)
+    return lambda path, module: getattr(registry.wrapper_for(module), "all_linear", False)
   if isinstance(targets, str):
     try:
       pattern = re.compile(targets)
@@ -123,7 +135,7 @@ def _replace_modules(root: nnx.Module, replacements: dict[int, nnx.Module]) -> N
       elif isinstance(node, (list, dict)):
         node[key] = new
       else:
-        where = _path_str((*parent_path, key))
+        where = "/".join(str(p) for p in (*parent_path, key))
         raise TypeError(
             f"cannot replace the layer at {where!r}: its container "
             f"{type(node).__name__} is immutable; use nnx.List/nnx.Dict or a list")
@@ -131,85 +143,139 @@ def _replace_modules(root: nnx.Module, replacements: dict[int, nnx.Module]) -> N
 
 def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
                rslora: bool = False, dropout: float = 0.0, param_dtype=jnp.float32,
-               rngs: nnx.Rngs) -> nnx.Module:
-  """Wrap the matching ``Linear``/``LinearGeneral``/``Einsum`` layers of ``model`` with DoRA.
+               rngs: nnx.Rngs, example_inputs: tuple | None = None,
+               example_kwargs: dict | None = None) -> nnx.Module:
+  """Adapt the matching layers of ``model`` with DoRA, in place.
 
-  Works in place and returns ``model``. Every layer's base Variables are reused
-  (state paths ``.../kernel``, ``.../bias`` unchanged); the adapters
-  ``lora_a``, ``lora_b``, ``magnitude`` (:class:`dora_jax.nnx.DoRAParam`) are
-  added next to them. At init the model computes what it computed before.
+  Registered layer types (``Linear``, ``LinearGeneral``, ``Einsum`` in any layout,
+  ``Embed``, ``Conv``, subclasses that keep their ``__call__``, and types given to
+  :func:`dora_jax.nnx.register`) are replaced by their wrappers. Every other
+  matching module that holds ``nnx.Param``\\ s of its own is adapted at the op level
+  (:mod:`dora_jax.nnx.op`): ``model(*example_inputs, **example_kwargs)`` is traced
+  abstractly (no FLOPs) to find which of its weights enter a ``jnp.einsum`` or
+  ``lax.dot_general`` with the input, and how; the module stays in place.
+
+  Every base weight keeps its Variable and state path (``.../kernel``); the adapters
+  (:class:`dora_jax.nnx.DoRAParam`) are added beside it. At PEFT's init (Kaiming-
+  uniform ``A``, zero ``B``, ``m = ‖W‖``) the model computes exactly what it computed
+  before.
 
   Args:
     model: an NNX module.
     targets: a regex matched in full against each layer's ``'/'``-joined path
-      (e.g. ``r"layers/\\d+/mlp/(up|down)_proj"``), ``"all-linear"`` for every
-      ``Linear``/``LinearGeneral``/``Einsum`` layer, or a predicate ``(path, module) -> bool``. Matching
-      modules that hold no Variables of their own (containers such as a
-      block or a list) are ignored; matching layers of another type are an error.
-    rank: LoRA rank ``r``, ``1 <= r <= min(d_in, d_out)`` for every matched layer.
+      (e.g. ``r"layers/\\d+/mlp/(up|down)_proj"``), ``"all-linear"`` (see
+      :data:`ALL_LINEAR`), or a predicate ``(path, module) -> bool``. Matching
+      modules that hold no weights of their own (containers) are ignored.
+    rank: LoRA rank ``r``, ``1 <= r <= min(d_in, d_out)`` for every adapted weight.
     alpha: LoRA alpha (scale ``alpha / r``, or ``alpha / √r`` with ``rslora``).
     rslora: rank-stabilised scaling.
     dropout: PEFT's ``lora_dropout`` on the adapter path.
     param_dtype: adapter parameter dtype (default float32).
     rngs: ``params`` stream initialises ``lora_a``; ``dropout`` stream for dropout.
+    example_inputs: the model's positional call arguments (a tuple of arrays or
+      other values), needed to adapt modules that are not of a registered type.
+    example_kwargs: the model's keyword call arguments for that trace.
 
   Returns:
-    ``model``, modified in place (for a bare ``Linear``/... passed as ``model``
+    ``model``, modified in place (for a bare registered layer passed as ``model``
     whose empty path matches, e.g. ``"all-linear"``, its new wrapper).
 
   Raises:
-    ValueError: nothing matched (the message lists the adaptable paths), a
-      rank outside ``[1, min(d_in, d_out)]``, or a matched layer is already
-      adapted.
-    TypeError: a matched layer is not of a supported type.
+    ValueError: nothing adaptable matched (the message lists the adaptable paths),
+      a rank outside ``[1, min(d_in, d_out)]``, or a matched layer is already adapted.
+    TypeError: a matched module of an unregistered type and no ``example_inputs``.
+    NotImplementedError: a matched module whose weight never enters a contraction in
+      the trace, or enters one DoRA cannot adapt (the message names it and why).
   """
   if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
     raise ValueError(f"rank must be a positive int, got {rank!r}")
   _adapter.check_dropout(dropout)
   alpha = check_real_scalar("alpha", alpha)
   param_dtype = check_float_dtype("param_dtype", param_dtype)
+  if example_inputs is not None and not isinstance(example_inputs, tuple):
+    raise TypeError("example_inputs must be a tuple of the model's positional call "
+                    f"arguments, got {type(example_inputs).__name__}")
+  all_linear = isinstance(targets, str) and targets == ALL_LINEAR
   match = _matcher(targets)
-  selected: dict[int, tuple[str, nnx.Module]] = {}
-  already, unsupported = [], []
+  wrapped: dict[int, tuple[str, nnx.Module]] = {}
+  traced: dict[int, tuple[str, nnx.Module]] = {}
+  already = []
   for path, module in _modules(model):
-    if not match(path, module):
+    if registry.is_adapted(module):
+      if match(path, module) or (all_linear and _op.is_adapted(module)):
+        already.append(path)
       continue
-    if isinstance(module, DoRALayer):
-      already.append(path)
-    elif type(module) in WRAPPERS:
-      selected.setdefault(id(module), (path, module))
-    elif _owns_variables(module):
-      unsupported.append(f"{path} ({type(module).__name__})")
+    if match(path, module) and registry.wrapper_for(module) is not None:
+      wrapped.setdefault(id(module), (path, module))
+    elif (registry.wrapper_for(module) is None and _owns_params(module)
+          and (match(path, module) if not all_linear else example_inputs is not None)):
+      traced.setdefault(id(module), (path, module))
   if already:
     raise ValueError(
         "DoRA is already applied to: " + ", ".join(already)
         + ". Applying it twice would stack adapters; merge(model) or unmerge(model) first")
-  if unsupported:
-    raise TypeError(
-        "targets matched layers DoRA cannot adapt: " + ", ".join(unsupported)
-        + ". Supported types: " + ", ".join(f"nnx.{t.__name__}" for t in WRAPPERS))
-  if not selected and type(model) in WRAPPERS and match("", model):
+  root_wrapper = registry.wrapper_for(model)
+  if (not wrapped and not traced and root_wrapper is not None and match("", model)):
     # A bare layer: nothing holds it, so the wrapper is returned (not in place).
-    return WRAPPERS[type(model)](model, rank=rank, alpha=alpha, rslora=rslora,
-                                 dropout=dropout, param_dtype=param_dtype, rngs=rngs)
-  if not selected:
-    available = adaptable_paths(model)
+    return root_wrapper(model, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
+                        param_dtype=param_dtype, rngs=rngs)
+  if (not wrapped and not traced and root_wrapper is None and _owns_params(model)
+      and not registry.is_adapted(model)
+      and (match("", model) or (all_linear and example_inputs is not None))):
+    # A bare custom layer: adapted in place at the op level.
+    traced[id(model)] = ("", model)
+  if traced and example_inputs is None:
+    listed = ", ".join(f"{p or '<root>'} ({type(m).__name__})" for p, m in traced.values())
+    raise TypeError(
+        "targets matched layers DoRA cannot adapt without a trace: " + listed
+        + ". These are not of a registered type (" + ", ".join(
+            f"nnx.{t.__name__}" for t in registry.WRAPPERS)
+        + "); pass example_inputs=(...) (the model's call arguments) so apply_dora can "
+        "trace which of their weights enter a contraction, or register a wrapper with "
+        "dora_jax.nnx.register")
+
+  found = {}
+  if traced:
+    found = _discover.contractions_of(model, list(traced.values()), example_inputs,
+                                      example_kwargs)
+    if not all_linear:
+      idle = [f"{p or '<root>'} ({type(m).__name__})" for p, m in traced.values()
+              if not found.get(p)]
+      if idle:
+        raise NotImplementedError(
+            "targets matched modules whose weights never enter a contraction with the "
+            "input in model(*example_inputs): " + ", ".join(idle)
+            + ". DoRA adapts weights that enter jnp.einsum / lax.dot_general (norms, "
+            "embeddings looked up with take, and modules not called are not adaptable); "
+            "narrow targets")
+    traced = {k: (p, m) for k, (p, m) in traced.items() if found.get(p)}
+  if not wrapped and not traced:
+    available = adaptable_paths(model, example_inputs=example_inputs,
+                                example_kwargs=example_kwargs)
+    hint = "" if example_inputs is not None else (
+        " (modules of other types need example_inputs= to be found)")
     raise ValueError(
         f"targets {targets!r} matched no adaptable layer. Adaptable paths: "
-        + (", ".join(available) if available else "(none: the model has no "
-           "nnx.Linear/LinearGeneral/Einsum layers)"))
+        + (", ".join(available) if available else "(none)") + hint)
 
+  # Validate every layer first (rank bounds, layouts, names), then adapt: all or nothing.
+  specs = {}
+  for key, (path, module) in sorted(traced.items(), key=lambda kv: kv[1][0]):
+    specs[key] = _op.site_specs(module, found[path])
+    _op.validate(module, specs[key], rank, dropout, path or "<root>")
   wrappers: dict[int, nnx.Module] = {}
-  # Validate every layer first (rank bounds, layouts), then wrap: all or nothing.
-  for key, (path, module) in sorted(selected.items(), key=lambda kv: kv[1][0]):
-    cls = WRAPPERS[type(module)]
-    wrappers[key] = cls(module, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
-                        param_dtype=param_dtype, rngs=rngs, path=path)
+  for key, (path, module) in sorted(wrapped.items(), key=lambda kv: kv[1][0]):
+    wrappers[key] = registry.wrapper_for(module)(
+        module, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
+        param_dtype=param_dtype, rngs=rngs, path=path)
+  for key, (path, module) in sorted(traced.items(), key=lambda kv: kv[1][0]):
+    _op.adapt(module, specs[key], rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
+              param_dtype=param_dtype, rngs=rngs, where=path or "<root>")
   _replace_modules(model, wrappers)
   return model
 
 
-def _require_adapted(model: nnx.Module, what: str) -> list[tuple[str, DoRALayer]]:
+def _require_adapted(model: nnx.Module, what: str) -> list[tuple[str, AdapterSite]]:
   layers = dora_layers(model)
   if not layers:
     raise ValueError(
@@ -218,13 +284,19 @@ def _require_adapted(model: nnx.Module, what: str) -> list[tuple[str, DoRALayer]
   return layers
 
 
-def _swap(model: nnx.Module, inplace: bool, what: str,
-          build: Callable[[DoRALayer], nnx.Module]) -> nnx.Module:
+def _swap(model: nnx.Module, inplace: bool, what: str, merged: bool) -> nnx.Module:
   _require_adapted(model, what)
   if isinstance(model, DoRALayer):  # the root itself: nothing to replace it in
-    return build(model)
+    return model.merged_layer() if merged else model.base_layer()
   target = model if inplace else nnx.clone(model)
-  replacements = {id(layer): build(layer) for _, layer in dora_layers(target)}
+  replacements = {}
+  for _, module in _adapted_modules(target):
+    if isinstance(module, DoRALayer):
+      replacements[id(module)] = module.merged_layer() if merged else module.base_layer()
+    elif merged:
+      _op.merge_in_place(module)
+    else:
+      _op.strip(module)
   _replace_modules(target, replacements)
   return target
 
@@ -234,13 +306,14 @@ def merge(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
 
   The new layer's kernel is ``g ⊙ (W + s·a·b)`` (:func:`dora_jax.merge_kernel`),
   its bias the base bias; ``x·W' + bias`` equals the adapted output up to
-  rounding. By default the adapted model is left untouched (the result is a
-  copy sharing its unchanged arrays), so training can resume from it.
+  rounding. Op-level adapted modules get their class back with merged weights. By
+  default the adapted model is left untouched (the result is a copy sharing its
+  unchanged arrays), so training can resume from it.
 
   Raises:
     ValueError: the model has no DoRA layers.
   """
-  return _swap(model, inplace, "merge", lambda layer: layer.merged_layer())
+  return _swap(model, inplace, "merge", merged=True)
 
 
 def unmerge(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
@@ -253,15 +326,15 @@ def unmerge(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
   Raises:
     ValueError: the model has no DoRA layers.
   """
-  return _swap(model, inplace, "unmerge", lambda layer: layer.base_layer())
+  return _swap(model, inplace, "unmerge", merged=False)
 
 
 def freeze_scales(model: nnx.Module) -> nnx.Module:
   """Turn on cached-norm inference in every DoRA layer and fill the caches now.
 
-  Each layer then reuses its norm ``[d_out]`` while a stamp of its adapters
-  matches (cheap to check), and recomputes and re-stores it after the adapters
-  change, so a stale norm is never used. In place; returns ``model``.
+  Each layer then reuses its norm while a stamp of its adapters matches (cheap to
+  check), and recomputes and re-stores it after the adapters change, so a stale
+  norm is never used. In place; returns ``model``.
   """
   for _, layer in _require_adapted(model, "freeze_scales"):
     layer.cache_norm = True
@@ -278,9 +351,8 @@ def refresh_scales(model: nnx.Module) -> nnx.Module:
 
 
 def cache_base_norms(model: nnx.Module) -> nnx.Module:
-  """Store the frozen kernels' column norms ``‖W_j‖² [d_out]`` in every DoRA
-  Dense/LinearGeneral/Einsum layer, so each training call skips re-reading its
-  kernel for them (one full read of ``W`` per call).
+  """Store the frozen kernels' column norms ``‖W_j‖²`` in every DoRA layer, so each
+  training call skips re-reading its kernel for them (one full read of ``W`` per call).
 
   The kernels are frozen, so the values stay valid while training the
   adapters. The rule for changing a kernel (loading other base weights into

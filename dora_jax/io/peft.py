@@ -71,14 +71,14 @@ from dora_jax import surgery
 from dora_jax._checks import check_float_dtype
 from dora_jax.io import atomic, naming, safetensors_format
 from dora_jax.io.naming import ModuleNameMap
-from dora_jax.nnx import WRAPPERS, DoRAEinsum, DoRALayer, DoRALinearGeneral, DoRADense
+from dora_jax.nnx import AdapterSite, DoRAEinsum, DoRALinearGeneral, DoRADense, OpSite, registry
 
 #: Base layer types stored as PEFT ``Linear`` adapters (2-D ``lora_A``/``lora_B``), and their
 #: wrappers. Other DoRA layers (embeddings, convolutions) give their PEFT layout through
 #: ``peft_tensors()``/``load_peft_tensors()``; a DoRA layer with neither is refused rather
 #: than written in a form PEFT would misread.
 LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-LINEAR_WRAPPERS = (DoRADense, DoRALinearGeneral, DoRAEinsum)
+LINEAR_WRAPPERS = (DoRADense, DoRALinearGeneral, DoRAEinsum, OpSite)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -163,26 +163,18 @@ def _is_linear(module: nnx.Module) -> bool:
 
 def _is_adaptable(module: nnx.Module) -> bool:
   """A layer ``apply_dora`` can wrap (Linear kinds, Embed, Conv, ...) or a DoRA layer."""
-  return type(module) in WRAPPERS or isinstance(module, DoRALayer)
+  return registry.wrapper_for(module) is not None or isinstance(module, AdapterSite)
 
 
-def _has_peft_layout(layer: DoRALayer) -> bool:
+def _has_peft_layout(layer: AdapterSite) -> bool:
   """Whether the layer gives its own PEFT tensors (embeddings, convolutions)."""
   return hasattr(layer, "peft_tensors") and hasattr(layer, "load_peft_tensors")
 
 
 def _module_lookup(model: nnx.Module) -> dict[str, nnx.Module]:
-  """``{'/'-joined path: module}`` for every module (the root is ``""``), DoRA internals excluded."""
-  out: dict[str, nnx.Module] = {}
-  inside: list[str] = []
-  for path, module in nnx.iter_modules(model):
-    p = "/".join(str(x) for x in path)
-    if any(p.startswith(q) for q in inside):
-      continue
-    out[p] = module
-    if isinstance(module, DoRALayer):
-      inside.append(p + "/" if p else "")
-  return out
+  """``{'/'-joined path: module}`` for every module (the root is ``""``), DoRA internals
+  excluded, op-level adapted modules given as their adapted weights (sites)."""
+  return registry.lookup(model)
 
 
 def _target_modules(adapted: list[str], all_names: list[str]) -> list[str]:
@@ -191,7 +183,7 @@ def _target_modules(adapted: list[str], all_names: list[str]) -> list[str]:
   return short if selected == set(adapted) else sorted(adapted)
 
 
-def _layer_arrays(layer: DoRALayer) -> dict[str, np.ndarray]:
+def _layer_arrays(layer: AdapterSite) -> dict[str, np.ndarray]:
   """``{suffix: array}`` in PEFT's layout for the layer (2-D Linear view, or its own)."""
   if _has_peft_layout(layer):
     return {suffix: np.ascontiguousarray(np.asarray(arr))
@@ -224,6 +216,13 @@ def _build(model, base_model_name_or_path, module_name_map, task_type):
         "save_adapter writes PEFT adapters for DoRA on nnx.Linear, LinearGeneral, Einsum and "
         "layers with a PEFT layout (peft_tensors: Embed, Conv); these DoRA layers have "
         "none: " + ", ".join(others))
+  batched = [f"{p} ({l.describe()})" for p, l in layers if getattr(l, "layout", None) is not None
+             and l.layout.batch]
+  if batched:
+    raise NotImplementedError(
+        "save_adapter: these DoRA layers have a kernel with batch axes (one norm per batch "
+        "entry, block-diagonal), which a PEFT adapter (one [d_in, d_out] matrix per module) "
+        "cannot express: " + ", ".join(batched))
   table = naming.name_table(_candidate_paths(model), module_name_map)
   names = {path: table[path] for path, _ in layers}
   rslora = {layer.rslora for _, layer in layers}
@@ -462,7 +461,7 @@ def _expected_suffixes(entry: dict[str, Any]) -> tuple[str, ...]:
   return tuple(SUFFIXES)
 
 
-def _want_shapes(layer: DoRALayer, rank: int) -> dict[str, tuple[int, ...]]:
+def _want_shapes(layer: AdapterSite, rank: int) -> dict[str, tuple[int, ...]]:
   """``{suffix: shape}`` of the PEFT tensors of ``layer`` (adapted with ``rank``)."""
   if _has_peft_layout(layer):
     shapes = jax.eval_shape(layer.peft_tensors)
@@ -471,13 +470,13 @@ def _want_shapes(layer: DoRALayer, rank: int) -> dict[str, tuple[int, ...]]:
           ".lora_magnitude_vector": (layer.d_out,)}
 
 
-def _layer_dims(module: nnx.Module, spec: LayerSpec, path: str) -> DoRALayer:
+def _layer_dims(module: nnx.Module, spec: LayerSpec, path: str) -> AdapterSite:
   """A DoRA wrapper of ``module`` with the spec's rank (adapted modules: the layer itself)."""
-  if isinstance(module, DoRALayer):
+  if isinstance(module, AdapterSite):
     return module
   # A throwaway wrapper (it shares the base Variables and changes nothing in the model):
   # validates the rank against the layer and gives its 2-D view shapes.
-  return WRAPPERS[type(module)](module, rank=spec.rank, alpha=spec.alpha, rslora=spec.rslora,
+  return registry.wrap(module, rank=spec.rank, alpha=spec.alpha, rslora=spec.rslora,
                                 dropout=0.0, rngs=nnx.Rngs(0), path=path)
 
 
@@ -587,7 +586,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     except (ValueError, TypeError, NotImplementedError) as err:
       raise AdapterFormatError(f"cannot adapt layer {path!r} (module {name!r}) with rank "
                                f"{spec.rank}: {err}") from None
-    if isinstance(module, DoRALayer):
+    if isinstance(module, AdapterSite):
       mismatch = [f"{what} {have!r} vs {want!r}" for what, have, want in (
           ("rank", module.rank, spec.rank), ("alpha", module.alpha, spec.alpha),
           ("rslora", module.rslora, spec.rslora)) if have != want]
@@ -618,7 +617,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         raise AdapterFormatError(f"tensor {key!r} has dtype {arr.dtype}, expected a float dtype")
       if not np.all(np.isfinite(arr.astype(np.float32))):
         raise AdapterFormatError(f"tensor {key!r} holds non-finite values (NaN/inf)")
-      have = getattr(module, param).dtype if isinstance(module, DoRALayer) else None
+      have = getattr(module, param).dtype if isinstance(module, AdapterSite) else None
       if target_dtype is not None:
         arr = arr.astype(target_dtype)
       if have is not None and jnp.dtype(arr.dtype) != jnp.dtype(have):
@@ -627,7 +626,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
             f"{jnp.dtype(have)} (pass dtype= to cast)")
       values[suffix] = arr
     dtypes = {jnp.dtype(v.dtype) for v in values.values()}
-    if not isinstance(module, DoRALayer) and len(dtypes) > 1:
+    if not isinstance(module, AdapterSite) and len(dtypes) > 1:
       raise AdapterFormatError(
           f"module {name!r}: its tensors mix dtypes {sorted(str(d) for d in dtypes)}; "
           "pass dtype= to load them into one param_dtype")
@@ -645,7 +644,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   rngs = nnx.Rngs(0) if rngs is None else rngs
   groups: dict[tuple, set[str]] = collections.defaultdict(set)
   for path, name, spec, layer, values in plan:
-    if not isinstance(lookup[path], DoRALayer):
+    if not isinstance(lookup[path], AdapterSite):
       param_dtype = jnp.dtype(next(v for s, v in values.items()
                                    if _ALL_SUFFIXES[s] == "lora_a").dtype)
       groups[(spec.rank, spec.alpha, spec.rslora, spec.dropout, param_dtype)].add(path)

@@ -27,10 +27,16 @@ _ONE_WORKER_FILES = ("test_sharding.py", "test_peft_compat.py", "test_llama.py",
                      "test_embed_conv.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the group marks
 def pytest_collection_modifyitems(config, items):
+  loadgroup = getattr(config.option, "loadgroup", False)  # set in pytest-xdist's workers
   for item in items:
     if item.path.name in _ONE_WORKER_FILES:
       item.add_marker(pytest.mark.xdist_group(item.path.stem))
+      if loadgroup and hasattr(item, "_id"):
+        # pytest >= 9.2 reads a node's id from `_id`, not the `_nodeid` to which
+        # pytest-xdist (3.8) appends the group: append it where it is read
+        item._id = type(item._id).parse(f"{item.nodeid}@{item.path.stem}")
   if gpu_available():
     return
   skip = pytest.mark.skip(reason="needs an NVIDIA GPU")

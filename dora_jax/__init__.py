@@ -3,15 +3,21 @@
 Functional core (Flax layout: ``kernel [d_in, d_out]``, ``lora_a [d_in, r]``,
 ``lora_b [r, d_out]``, ``magnitude [d_out]``):
 
-* :func:`dora_dense` — the DoRA layer, differentiable, norm detached as in PEFT.
+* :func:`dora_dense` — the DoRA layer, differentiable, norm detached as in PEFT;
+  :class:`KernelOptions` — what its kernel backends run.
 * :func:`factored_norm` — ``‖W + s·a·b‖`` per column without the dense product.
 * :func:`merge_kernel` — ``g ⊙ (W + s·a·b)`` for serving.
 * :func:`lora_scale` — ``alpha / r`` (or ``alpha / √r`` with rsLoRA).
+
+Layers and model surgery (:func:`apply_dora` and friends), adapter files
+(:func:`save_adapter`, :func:`load_adapter`, ...), and the submodules
+:mod:`dora_jax.nnx`, :mod:`dora_jax.linen` and :mod:`dora_jax.sharding`.
+Constants live in their modules (``dora_jax.backend``, ``dora_jax.norm``).
 """
 
-from dora_jax.backend import BACKENDS, ENV_VAR as BACKEND_ENV_VAR, default_backend
+from dora_jax.backend import KernelOptions
 from dora_jax.dense import dora_dense, dora_norm_scale, lora_scale, merge_kernel
-from dora_jax.norm import NORM_CHUNK_BYTES, NORM_EPS, column_sq_norm, dense_norm_reference, factored_norm
+from dora_jax.norm import column_sq_norm, factored_norm
 from dora_jax import linen, nnx
 from dora_jax import conv, embed  # registers DoRAConv/DoRAEmbed with apply_dora
 from dora_jax import sharding
@@ -22,13 +28,8 @@ from dora_jax.io import (export_merged, load_adapter, restore_adapter_state, sav
                          save_adapter_state)
 
 __all__ = [
-    "BACKENDS",
-    "BACKEND_ENV_VAR",
-    "NORM_CHUNK_BYTES",
-    "NORM_EPS",
+    "KernelOptions",
     "column_sq_norm",
-    "default_backend",
-    "dense_norm_reference",
     "dora_dense",
     "dora_norm_scale",
     "factored_norm",

@@ -190,15 +190,3 @@ def factored_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale
     sq = lax.fori_loop(0, n_chunks, body, jnp.zeros((d_out,), acc))
   return jnp.sqrt(jnp.maximum(sq, 0.0))
 
-
-def dense_norm_reference(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
-                         scale) -> jax.Array:
-  """The naive norm that materialises ``kernel + scale·lora_a·lora_b [d_in, d_out]``.
-
-  For tests and benchmarks only: this is the memory wall :func:`factored_norm` removes.
-  """
-  check_weights(kernel, lora_a, lora_b)
-  acc = accumulation_dtype(kernel, lora_a, lora_b)
-  dense = kernel.astype(acc) + scale * jnp.dot(
-      lora_a.astype(acc), lora_b.astype(acc), precision=lax.Precision.HIGHEST)
-  return jnp.sqrt(jnp.sum(jnp.square(dense), axis=0))

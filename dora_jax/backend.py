@@ -158,9 +158,11 @@ def _twin_derivatives(kernel_fn, twin_fn, arrays: int):
   def call(*args, **kwargs):
     static = args[arrays:]
 
-    @jax.custom_jvp
-    def fn(*values):
+    def values_fn(*values):
       return kernel_fn(*values, *static, **kwargs)
+
+    values_fn.__name__ = kernel_fn.__name__  # the name jaxprs show
+    fn = jax.custom_jvp(values_fn)
 
     @fn.defjvp
     def _(primals, tangents):

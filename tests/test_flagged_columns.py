@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from dora_jax.kernels import flagged_columns as fc
+from helpers.layers import normal, rng
 
 GPU = jax.default_backend() == "gpu"
 SMALL = fc.FlaggedConfig(block_t=16, block_n=16, block_k=16, block_r=16)
@@ -28,13 +29,10 @@ ROUNDOFF = {jnp.float32: 0.0, jnp.bfloat16: 2.0**-8, jnp.float16: 2.0**-11}
 
 
 def _inputs(key, tokens, k, n, rank, dtype):
-  ks = jax.random.split(key, 5)
-  x = jax.random.normal(ks[0], (tokens, k)).astype(dtype)
-  w = (jax.random.normal(ks[1], (k, n)) / np.sqrt(k)).astype(dtype)
-  hs = jax.random.normal(ks[2], (tokens, rank)).astype(dtype)
-  b = (0.3 * jax.random.normal(ks[3], (rank, n))).astype(dtype)
-  dy = jax.random.normal(ks[4], (tokens, n)).astype(dtype)
-  return x, w, hs, b, dy
+  g = rng(key)
+  return (normal(g, (tokens, k), dtype), normal(g, (k, n), dtype, 1 / np.sqrt(k)),
+          normal(g, (tokens, rank), dtype), normal(g, (rank, n), dtype, 0.3),
+          normal(g, (tokens, n), dtype))
 
 
 @pytest.mark.parametrize("dtype,tokens,k,n,rank", [

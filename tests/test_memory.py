@@ -10,43 +10,13 @@ dense product.
 from __future__ import annotations
 
 import jax
-import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr)
 import jax.numpy as jnp
 import pytest
 
 import dora_jax
+from helpers.jaxprs import dense_shaped_dots
 
 D_IN, D_OUT, RANK, TOKENS = 1536, 2560, 64, 512
-
-
-def _sub_jaxprs(eqn):
-  for value in eqn.params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if isinstance(item, jax.extend.core.ClosedJaxpr):
-        yield item.jaxpr
-      elif isinstance(item, jax.extend.core.Jaxpr):
-        yield item
-
-
-def dense_shaped_dots(closed_jaxpr, d_in: int, d_out: int) -> list[str]:
-  """Every dot_general (recursively) whose output has ``d_in·d_out`` or more elements."""
-  found = []
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        for out in eqn.outvars:
-          shape = tuple(out.aval.shape)
-          size = 1
-          for s in shape:
-            size *= s
-          if size >= d_in * d_out and {d_in, d_out} <= set(shape):
-            found.append(f"{eqn.primitive.name} -> {shape}")
-      for sub in _sub_jaxprs(eqn):
-        visit(sub)
-
-  visit(closed_jaxpr.jaxpr)
-  return found
 
 
 def _train_step(norm_fn):

@@ -3,7 +3,7 @@
 The factored norm (:func:`dora_jax.factored_norm`) needs ``U = aᵀW`` (one
 GEMM over ``W``), the Gram matrix ``G = aᵀa``, ``G·b`` and the reductions
 around them. On a GPU the small, badly shaped ``G·b`` product and those passes
-cost more than ``U`` itself (H100, 4096×4096, r = 384: about 55 of 80 µs).
+can cost more than ``U`` itself (BENCHMARKS.md, "One-pass norm").
 This kernel instead forms the update tile by tile and never stores it::
 
   for a block of columns j and a block of rows i of W:

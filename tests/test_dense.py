@@ -373,13 +373,19 @@ def _second_order_f64(x, kernel, lora_a, lora_b, magnitude, bias, cot):
     return [np.asarray(g) for g in jax.grad(grad_norm, argnums=(0, 1, 2))(a0, b0, m0)]
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_second_order_reverse_mode(fresh_key, backend):
+@pytest.mark.parametrize("backend,dtype", [("xla", jnp.float32), ("pallas", jnp.float32),
+                                           ("mosaic", jnp.bfloat16)])
+def test_second_order_reverse_mode(fresh_key, backend, dtype):
   """A gradient of a gradient: the kernel backends differentiate their backward
-  through its XLA twin (pallas_call has no usable JVP rule); float64 oracle."""
-  x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(fresh_key(), 37, 29, 5, (11,))
+  through its XLA twin (pallas_call has no usable JVP rule), the Mosaic one
+  from its output residual (bias-free); float64 oracle."""
+  shape = (256, 256, 16, (128,)) if backend == "mosaic" else (37, 29, 5, (11,))
+  x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(
+      fresh_key(), *shape, dtype=dtype, bias=backend != "mosaic")
+  bias64 = jnp.zeros(kernel.shape[1]) if bias is None else bias
   got = _second_order(backend, x, kernel, lora_a, lora_b, magnitude, bias, cot,
                       options=dora_jax.KernelOptions(pallas_dx=True))
-  want = _second_order_f64(x, kernel, lora_a, lora_b, magnitude, bias, cot)
+  want = _second_order_f64(x, kernel, lora_a, lora_b, magnitude, bias64, cot)
+  tol = TOL[dtype]
   for name, g, w in zip(("lora_a", "lora_b", "magnitude"), got, want):
-    assert rel_err(g, w) < 1e-4, (name, rel_err(g, w))
+    assert rel_err(g, w) < tol, (name, rel_err(g, w))

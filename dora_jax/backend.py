@@ -1,4 +1,4 @@
-"""Backends of :func:`dora_jax.dora_dense`: names, the process default, kernel options, the registry.
+"""The backends of :func:`dora_jax.dora_dense`: names, default, kernel options, registry.
 
 ``dora_dense(..., backend=...)`` takes, per call:
 

@@ -308,8 +308,8 @@ def test_mosaic_falls_back_to_xla_where_it_cannot_run(fresh_key, caplog):
 
 def test_auto_picks_mosaic_only_where_measured():
   hopper = dispatch.Device(gpu=True, cuda=True, hopper=True)
-  choose = lambda tokens, shape, rank, dtype=jnp.bfloat16, device=hopper: dispatch.choose(  # noqa: E731
-      tokens, shape, rank, dtype, device)
+  def choose(tokens, shape, rank, dtype=jnp.bfloat16, device=hopper):
+    return dispatch.choose(tokens, shape, rank, dtype, device)
   for shape in ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)):
     for rank in (16, 32):
       assert choose(4096, shape, rank) == "mosaic", (shape, rank)

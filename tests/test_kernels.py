@@ -24,7 +24,7 @@ from dora_jax.kernels import dispatch, fused_dense
 from dora_jax.kernels._common import MatmulConfig, default_interpret
 from dora_jax.kernels.dual_matmul import dual_matmul, dual_matmul_reference
 
-from helpers.layers import make_layer
+from helpers.layers import make_layer, normal, rng
 from helpers import reference
 
 SMALL = MatmulConfig(block_m=16, block_n=32, block_k=16, block_k2=16, group_m=2)
@@ -46,13 +46,13 @@ def assert_written(*arrays):
 
 
 def _operands(key, m, n, k1, k2, dtype, trans_b):
-  ks = jax.random.split(key, 6)
-  a1 = jax.random.normal(ks[0], (m, k1)).astype(dtype)
-  b1 = (jax.random.normal(ks[1], (n, k1) if trans_b else (k1, n)) / np.sqrt(k1)).astype(dtype)
-  a2 = jax.random.normal(ks[2], (m, k2)).astype(dtype)
-  b2 = (jax.random.normal(ks[3], (n, k2) if trans_b else (k2, n)) / np.sqrt(k2)).astype(dtype)
-  col_scale = 1.0 + 0.3 * jax.random.normal(ks[4], (n,))
-  col_bias = jax.random.normal(ks[5], (n,))
+  g = rng(key)
+  a1 = normal(g, (m, k1), dtype)
+  b1 = normal(g, (n, k1) if trans_b else (k1, n), dtype, 1 / np.sqrt(k1))
+  a2 = normal(g, (m, k2), dtype)
+  b2 = normal(g, (n, k2) if trans_b else (k2, n), dtype, 1 / np.sqrt(k2))
+  col_scale = 1.0 + normal(g, (n,), scale=0.3)
+  col_bias = normal(g, (n,))
   return a1, b1, a2, b2, col_scale, col_bias
 
 
@@ -71,9 +71,9 @@ def test_interpret_is_default_off_gpu():
   assert default_interpret() == (jax.default_backend() != "gpu")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("k2", [1, 40])  # 16 runs at the DoRA level below
+# each dtype with both operand layouts and both low-rank widths (16 runs at the DoRA level below)
+@pytest.mark.parametrize("dtype,trans_b,k2", [(jnp.float32, False, 1), (jnp.float32, True, 40),
+                                              (jnp.bfloat16, False, 40), (jnp.bfloat16, True, 1)])
 def test_dual_matmul_vs_twin_and_f64(fresh_key, dtype, trans_b, k2):
   m, n, k1 = 37, 90, 70  # none a multiple of SMALL's blocks
   ops = _operands(fresh_key(), m, n, k1, k2, dtype, trans_b)
@@ -134,8 +134,8 @@ def _layer(key, rank, dtype, bias, lead=(37,), d_in=70, d_out=90):
   return make_layer(key, d_in, d_out, rank, lead, dtype=dtype, bias=bias)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rank", [1, 16, 40])
+# each rank once (every dtype × rank runs through dora_dense below)
+@pytest.mark.parametrize("dtype,rank", [(jnp.float32, 1), (jnp.bfloat16, 16), (jnp.float32, 40)])
 def test_forward_pallas_vs_xla_twin(fresh_key, dtype, rank):
   x, w, a, b, m, bias, _ = _layer(fresh_key(), rank, dtype, True)
   g = dora_jax.dora_norm_scale(w, a, b, m, 0.7)

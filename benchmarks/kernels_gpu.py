@@ -37,7 +37,6 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dora_jax  # noqa: E402
-from dora_jax.kernels import fused_dense  # noqa: E402
 from dora_jax.kernels._common import MatmulConfig  # noqa: E402
 from dora_jax.kernels.dual_matmul import dual_matmul, dual_matmul_reference  # noqa: E402
 
@@ -109,17 +108,15 @@ def check_dual_matmul():
         b1 = (jax.random.normal(ks[1], (nn, k1) if trans_b else (k1, nn)) / np.sqrt(k1)).astype(dtype)
         a2 = jax.random.normal(ks[2], (mm, k2)).astype(dtype)
         b2 = (jax.random.normal(ks[3], (nn, k2) if trans_b else (k2, nn)) / np.sqrt(k2)).astype(dtype)
-        kscale = 1 + 0.1 * jax.random.normal(ks[4], (k1,))
         cscale = 1 + 0.1 * jax.random.normal(ks[5], (nn,))
         cbias = jax.random.normal(ks[6], (nn,))
         try:
-          out, pre = jax.jit(lambda *v: dual_matmul(*v, k_scale=kscale, col_scale=cscale,
+          out, pre = jax.jit(lambda *v: dual_matmul(*v, col_scale=cscale,
                                                      col_bias=cbias, trans_b=trans_b,
                                                      want_pre=True, poison=True))(a1, b1, a2, b2)
-          ref_out, ref_pre = dual_matmul_reference(a1, b1, a2, b2, k_scale=kscale, col_scale=cscale,
+          ref_out, ref_pre = dual_matmul_reference(a1, b1, a2, b2, col_scale=cscale,
                                                    col_bias=cbias, trans_b=trans_b, want_pre=True)
           a1s = np.asarray(a1.astype(jnp.float32), np.float64)
-          a1s = np.asarray((a1.astype(jnp.float32) * kscale).astype(dtype).astype(jnp.float32), np.float64)
           bb1 = np.asarray(b1.astype(jnp.float32), np.float64)
           bb2 = np.asarray(b2.astype(jnp.float32), np.float64)
           acc64 = (a1s @ (bb1.T if trans_b else bb1)
@@ -202,10 +199,11 @@ def time_shape(d_in, d_out, r, quick):
       return dora_jax.dora_dense(x, w, a, b, m, SCALE, norm=n if cached else None, backend=backend)
     return f
 
-  def dora_step(backend, cached):
+  def dora_step(backend, cached, options=None):
     def f(x, w, a, b, m, dy, n):
       def fn(x, a, b, m):
-        return dora_jax.dora_dense(x, w, a, b, m, SCALE, norm=n if cached else None, backend=backend)
+        return dora_jax.dora_dense(x, w, a, b, m, SCALE, norm=n if cached else None, backend=backend,
+                                   options=options)
       y, vjp = jax.vjp(fn, x, a, b, m)
       return y, vjp(dy)
     return f
@@ -224,8 +222,8 @@ def time_shape(d_in, d_out, r, quick):
       "lora_fwd": lora_fwd, "lora_step": lora_step,
       "xla_fwd": dora_fwd("xla", False), "xla_step": dora_step("xla", False),
       "pallas_fwd": dora_fwd("pallas", False), "pallas_step": dora_step("pallas", False),
-      "pallas_step_dxkernel": dora_step("pallas", False),
-      "pallas_step_xladx": dora_step("pallas", False),
+      "pallas_step_dxkernel": dora_step("pallas", False, dora_jax.KernelOptions(pallas_dx=True)),
+      "pallas_step_xladx": dora_step("pallas", False, dora_jax.KernelOptions(pallas_dx=False)),
   }
   if not quick:
     variants.update({
@@ -239,9 +237,7 @@ def time_shape(d_in, d_out, r, quick):
   for name, fn in variants.items():
     try:
       jf = jax.jit(fn)
-      forced = {"pallas_step_dxkernel": True, "pallas_step_xladx": False}.get(name)
-      with fused_dense.block_configs(dx_kernel=forced):
-        ms, all_ms = bench(jf, args)
+      ms, all_ms = bench(jf, args)
       if HLO_DIR and name in ("pallas_fwd", "pallas_step", "xla_step") and (d_in, r) == (8192, 16):
         with open(os.path.join(HLO_DIR, f"hlo_{name}.txt"), "w") as fh:
           fh.write(jf.lower(*args[0]).compile().as_text())

@@ -16,8 +16,6 @@ r = 16, 384. Pieces (ms, median of batches of queued calls, inputs rotated):
   compose_infer   forward_xla, y only
   dora_fwd        dora_dense(backend="xla"), ‖W‖² cached
   lora_step / dora_step   value and gradients (x, a, b[, m]) of Σ y ⊙ cot
-  dora_step_y     dora_step keeping the output y, not pre, as the dm residual
-                  (A/B; the XLA path then guards zero magnitudes with a lax.cond)
   dx_plain / dx_scaled    dy·Wᵀ and (dy ⊙ g)·Wᵀ
 
 Writes ``DIR/overhead_breakdown.json``.
@@ -55,14 +53,6 @@ def pieces(x, w, a, b, m, w_sq, g, cot):
   def lora_loss(x, a, b, w, cot):
     return jnp.sum((lora_fwd(x, w, a, b) * cot).astype(jnp.float32))
 
-  def dora_loss_y(*args):
-    saved = dora_jax.dense._OUTPUT_AS_RESIDUAL
-    dora_jax.dense._OUTPUT_AS_RESIDUAL = True  # read while tracing
-    try:
-      return dora_loss(*args)
-    finally:
-      dora_jax.dense._OUTPUT_AS_RESIDUAL = saved
-
   def dora_loss(x, a, b, m, w, w_sq, cot):
     y = dora_jax.dora_dense(x, w, a, b, m, s, base_sq_norm=w_sq, backend="xla")
     return jnp.sum((y * cot).astype(jnp.float32))
@@ -88,8 +78,6 @@ def pieces(x, w, a, b, m, w_sq, g, cot):
       "lora_step": (jax.value_and_grad(lora_loss, argnums=(0, 1, 2)), (x, a, b, w, cot)),
       "dora_step": (jax.value_and_grad(dora_loss, argnums=(0, 1, 2, 3)),
                     (x, a, b, m, w, w_sq, cot)),
-      "dora_step_y": (jax.value_and_grad(dora_loss_y, argnums=(0, 1, 2, 3)),
-                        (x, a, b, m, w, w_sq, cot)),
       "dx_plain": (lambda d, w: lax.dot_general(d, w, (((1,), (1,)), ((), ()))), (cot, w)),
       "dx_scaled": (lambda d, w, g: lax.dot_general((d.astype(jnp.float32) * g).astype(d.dtype), w,
                                                    (((1,), (1,)), ((), ()))), (cot, w, g)),

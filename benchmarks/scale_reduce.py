@@ -2,7 +2,6 @@
 
   python benchmarks/scale_reduce.py --out DIR            # one NVIDIA GPU
   python benchmarks/scale_reduce.py --out DIR --smoke    # tiny shapes, any machine
-  python benchmarks/scale_reduce.py --out DIR --lowrank 16   # with t and hᵀ·dpre
 
 bf16, T = 4096, N = d_out of the DESIGN.md projections. For each tiling in
 ``CONFIGS`` and for XLA (the jitted ``scale_reduce_reference``): summed GPU
@@ -42,47 +41,24 @@ CONFIGS = {
 }
 
 
-#: Tilings tried for :func:`scale_reduce_lowrank` (``--lowrank``).
-LOWRANK_CONFIGS = {
-    "default": None,
-    "t32_n128": C(32, 128, 528, 4, 3),
-    "t64_n128_s2": C(64, 128, 264, 4, 2),
-    "t64_n64_s2": C(64, 64, 528, 4, 2),
-    "t32_n256_w8": C(32, 256, 264, 8, 3),
-    "t128_n64_w8": C(128, 64, 264, 8, 2),
-    "t64_n256_w8_p132": C(64, 256, 132, 8, 2),
-}
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True)
   parser.add_argument("--smoke", action="store_true")
-  parser.add_argument("--lowrank", type=int, default=0, metavar="R",
-                      help="time scale_reduce_lowrank at rank R (and XLA's pass + two GEMMs)")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   tokens, widths = (64, [160]) if args.smoke else (4096, [4096, 14336, 28672])
   rows = []
   print(harness.device_description(), flush=True)
-  r = args.lowrank
   for n in widths:
     ks = jax.random.split(jax.random.key(n), 9)
     sets = [(jax.random.normal(ks[i], (tokens, n)).astype(jnp.bfloat16),
              jax.random.normal(ks[3 + i], (tokens, n)).astype(jnp.bfloat16),
              jax.random.uniform(ks[6 + i], (n,), minval=0.5, maxval=2.0)) for i in range(3)]
-    if r:
-      b = jax.random.normal(ks[0], (r, n)).astype(jnp.bfloat16)
-      h = jax.random.normal(ks[1], (tokens, r)).astype(jnp.bfloat16)
-      sets = [(*s, b, h) for s in sets]
-      fns = {"xla": jax.jit(sr.scale_reduce_lowrank_reference)}
-      for name, cfg in LOWRANK_CONFIGS.items():
-        fns[name] = jax.jit(lambda *a, cfg=cfg: sr.scale_reduce_lowrank(*a, config=cfg))
-    else:
-      fns = {"xla": jax.jit(sr.scale_reduce_reference)}
-      for name, cfg in CONFIGS.items():
-        fns[name] = jax.jit(lambda dy, pre, g, cfg=cfg: sr.scale_reduce(dy, pre, g, config=cfg))
+    fns = {"xla": jax.jit(sr.scale_reduce_reference)}
+    for name, cfg in CONFIGS.items():
+      fns[name] = jax.jit(lambda dy, pre, g, cfg=cfg: sr.scale_reduce(dy, pre, g, config=cfg))
     line = []
     for name, fn in fns.items():
       try:
@@ -97,7 +73,7 @@ def main():
                        kernels=prof["kernels"][:4]))
       line.append(f"{name} {us:.1f}us ({gbps:.0f} GB/s)")
     print(f"T={tokens} N={n}: " + "  ".join(line), flush=True)
-  with open(os.path.join(args.out, f"scale_reduce{'_lowrank' if r else ''}.json"), "w") as f:
+  with open(os.path.join(args.out, "scale_reduce.json"), "w") as f:
     json.dump(dict(device=harness.device_description(), rows=rows), f, indent=1)
 
 

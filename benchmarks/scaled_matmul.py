@@ -1,4 +1,4 @@
-"""Column-scaled GEMMs: the Mosaic GPU kernels vs cuBLAS and XLA.
+"""The column-scaled GEMM: the Mosaic GPU kernel vs cuBLAS and XLA.
 
 Times, per shape (bf16, T tokens, kernel ``[d_in, d_out]``):
 
@@ -6,9 +6,8 @@ Times, per shape (bf16, T tokens, kernel ``[d_in, d_out]``):
   plus an elementwise pass), and :func:`dora_jax.kernels.scaled_matmul.scaled_matmul`
   for a few tilings; with a rank-16/32 term: LoRA's ``x·W + h·b`` and DoRA's
   ``(x·W + h·b) ⊙ g`` through XLA vs the fused kernel;
-* backward: ``dy·Wᵀ`` alone, ``(dy ⊙ g)·Wᵀ`` through XLA, and
-  :func:`~dora_jax.kernels.scaled_matmul.matmul_scaled_k` (scaled tile fed from
-  registers or through shared memory).
+* backward: ``dy·Wᵀ`` alone (cuBLAS), ``(dy ⊙ g)·Wᵀ`` through XLA, and the
+  kernel with ``W`` read transposed (``trans_w``, the ``dx`` GEMM), unit scale.
 
 Each kernel's output is checked against its ``*_reference`` twin (max error
 relative to the largest output). Needs a Hopper GPU; rerun with
@@ -42,13 +41,6 @@ FORWARD_TILINGS = {
     "n128x128s4w16": sm.Tiles(snake=16),
     "n128x128s4m": sm.Tiles(snake_dim=0),
 }
-BACKWARD_TILINGS = {
-    "m128x128s4reg": sm.Tiles(split="m"),
-    "m128x128s3reg": sm.Tiles(split="m", stages=3),
-    "m128x128s3smem": sm.Tiles(split="m", stages=3, a_in_registers=False),
-    "m64x256s4reg": sm.Tiles(split="m", tile_m=64, tile_n=256),
-    "m128x128s4regN": sm.Tiles(split="m", snake_dim=0),
-}
 
 
 def _rel_err(out, ref):
@@ -81,7 +73,8 @@ def run(tokens, shapes, sets, calls, repeats, only_tilings=None):
     row["forward"]["xla_scaled"] = t(jax.jit(sm.scaled_matmul_reference), fwd_args)
     row["backward"]["cublas_dyWt"] = t(
         jax.jit(lambda dy, w, g: lax.dot_general(dy, w, (((1,), (1,)), ((), ())))), bwd_args)
-    row["backward"]["xla_scaled"] = t(jax.jit(sm.matmul_scaled_k_reference), bwd_args)
+    row["backward"]["xla_scaled"] = t(jax.jit(lambda dy, w, g: lax.dot_general(
+        (dy.astype(jnp.float32) * g).astype(dy.dtype), w, (((1,), (1,)), ((), ())))), bwd_args)
     for name, tiles in FORWARD_TILINGS.items():
       if only_tilings and name not in only_tilings:
         continue
@@ -94,18 +87,15 @@ def run(tokens, shapes, sets, calls, repeats, only_tilings=None):
         row["forward"][name] = t(fn, fwd_args)
       except Exception as e:  # noqa: BLE001 - report and go on to the next tiling
         row["errors"]["fwd_" + name] = f"{type(e).__name__}: {str(e)[:300]}"
-    for name, tiles in BACKWARD_TILINGS.items():
-      if only_tilings and name not in only_tilings:
-        continue
-      if not sm.supported(tokens, d_in, d_out, tiles):
-        continue
-      fn = jax.jit(lambda dy, w, g, tiles=tiles: sm.matmul_scaled_k(dy, w, g, tiles=tiles))
+    wt_args = [(dy, w, jnp.ones((d_in,), jnp.float32)) for dy, w, _ in bwd_args]  # w: [N, K]
+    if sm.supported(tokens, d_in, d_out, sm.FORWARD_TILES):
+      fn = jax.jit(lambda dy, w, ones: sm.scaled_matmul(dy, w, ones, trans_w=True))
       try:
-        row["errors"]["bwd_" + name] = _rel_err(fn(*bwd_args[0]),
-                                                 sm.matmul_scaled_k_reference(*bwd_args[0]))
-        row["backward"][name] = t(fn, bwd_args)
+        row["errors"]["bwd_trans_w"] = _rel_err(
+            fn(*wt_args[0]), sm.scaled_matmul_reference(*wt_args[0], trans_w=True))
+        row["backward"]["trans_w"] = t(fn, wt_args)
       except Exception as e:  # noqa: BLE001
-        row["errors"]["bwd_" + name] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["errors"]["bwd_trans_w"] = f"{type(e).__name__}: {str(e)[:300]}"
     for rank in (16, 32):
       lr = [(x, w, g, (x[:, :rank] * 0.1).astype(x.dtype), (w[:rank] * 3).astype(x.dtype))
             for x, w, g, _ in data]
@@ -141,8 +131,7 @@ def main():
              [s for s in args.tilings.split(",") if s] or None)
   os.makedirs(args.out, exist_ok=True)
   meta = dict(device=harness.device_description(), wall_s=round(time.time() - start, 1),
-              forward_tilings={k: dataclasses.asdict(v) for k, v in FORWARD_TILINGS.items()},
-              backward_tilings={k: dataclasses.asdict(v) for k, v in BACKWARD_TILINGS.items()})
+              forward_tilings={k: dataclasses.asdict(v) for k, v in FORWARD_TILINGS.items()})
   with open(os.path.join(args.out, "scaled_matmul.json"), "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
 

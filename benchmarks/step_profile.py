@@ -4,29 +4,23 @@
   python benchmarks/step_profile.py --out DIR --smoke    # tiny shapes, any machine
 
 For each configuration (bf16, T = 4096, no bias, s = 2) and each step
-function (value and gradients of ``Σ y ⊙ cot`` w.r.t. x, a, b[, m]):
+function (value and gradients of ``Σ y ⊙ cot`` w.r.t. x, a, b, m), each
+variant a ``dora_jax.KernelOptions`` (static: every function traces its own):
 
   lora                plain JAX LoRA
   dora_<backend>      dora_jax.dora_dense(backend=...) with ‖W‖² cached, keeping
-                      ``pre`` as the dm residual (the default of "xla")
-  dora_<backend>_y    the same keeping the output ``y`` (the default of "mosaic")
-  dora_<backend>_nonorm  the same with the norm passed in (no norm work in the step)
+                      ``pre`` as the dm residual (mosaic_residual="pre"; the
+                      only residual of "xla" and "pallas")
+  dora_mosaic_y       mosaic keeping the output ``y`` (its default)
+  dora_<backend>_nonorm  dora_<backend> with the norm passed in (no norm work in the step)
   dora_<backend>_factored_norm  the backend's defaults with the factored norm
-                      (XLA) instead of the one-pass norm kernel (dispatch.NORM_KERNEL off)
+                      (XLA) instead of the one-pass norm kernel (norm_kernel=False)
   dora_mosaic_xla_prologue  mosaic with XLA's two passes for dpre and dm
-                      (fused_mosaic.SCALE_REDUCE_KERNEL off)
-  dora_mosaic_xla_dx  mosaic with cuBLAS/XLA's dx and its add pass
-                      (fused_mosaic.DX_FUSED off)
+                      (scale_reduce_max_width=0)
+  dora_mosaic_xla_dx  mosaic with cuBLAS/XLA's dx and its add pass (mosaic_dx=False)
   dora_mosaic_y_xla_dx     the same keeping ``y``
-  dora_mosaic_y_no_addend  mosaic_y with XLA's sums of the low-rank products
-                      at ranks the kernel cannot fuse (fused_mosaic.ADDEND_KERNEL off)
   dora_mosaic_y_sr_wide    mosaic_y with the one-pass dpre/dm kernel at every
-                      width (fused_mosaic.SCALE_REDUCE_MAX_WIDTH unbounded)
-  dora_mosaic_y_no_lowrank_prologue  mosaic_y with t = dpre·bᵀ and hᵀ·dpre from
-                      XLA's GEMMs (fused_mosaic.LOWRANK_PROLOGUE off)
-  dora_mosaic_y_cond  mosaic_y with XLA's lax.cond for zero magnitudes
-                      (fused_mosaic.FLAGGED_KERNEL off; mosaic_y uses the
-                      flagged-columns kernel)
+                      width (scale_reduce_max_width unbounded)
 
 it records the step's median wall time (harness.time_jitted) and, from a
 ``jax.profiler`` trace of a few steps, the GPU kernels each step launches
@@ -69,52 +63,30 @@ def step_functions(backends):
     y = x @ w + s * ((x @ a) @ b)
     return jnp.sum((y * cot).astype(jnp.float32))
 
-  def dora_loss(backend, keep_y, pass_norm, **mosaic_flags):
+  def dora_loss(backend, pass_norm, **options):
+    options = dora_jax.KernelOptions(**options)
+
     def loss(x, a, b, m, w, w_sq, norm, cot):
       y = dora_jax.dora_dense(x, w, a, b, m, s, base_sq_norm=w_sq,
-                              norm=norm if pass_norm else None, backend=backend)
+                              norm=norm if pass_norm else None, backend=backend,
+                              options=options)
       return jnp.sum((y * cot).astype(jnp.float32))
-    loss.switches = dict(mosaic_flags, _OUTPUT_AS_RESIDUAL=keep_y)
     return loss
 
-  def with_switches(step, switches):
-    """``step`` traced with the private switches set (the forward reads some,
-    the backward, traced after the loss returns, others)."""
-    from dora_jax.kernels import dispatch, fused_mosaic  # noqa: PLC0415
-    owners = {k: dora_jax.dense if k == "_OUTPUT_AS_RESIDUAL" else
-              dispatch if k == "NORM_KERNEL" else fused_mosaic for k in switches}
-
-    def run(*args):
-      saved = {k: getattr(owners[k], k) for k in switches}
-      for k, v in switches.items():
-        setattr(owners[k], k, v)
-      try:
-        return step(*args)
-      finally:
-        for k, v in saved.items():
-          setattr(owners[k], k, v)
-    return run
-
+  pre = dict(mosaic_residual="pre")
   fns = {"lora": lora_loss}
   for backend in backends:
-    fns[f"dora_{backend}"] = dora_loss(backend, False, False)
-    fns[f"dora_{backend}_y"] = dora_loss(backend, True, False)
-    fns[f"dora_{backend}_nonorm"] = dora_loss(backend, False, True)
+    fns[f"dora_{backend}"] = dora_loss(backend, False, **pre)
+    fns[f"dora_{backend}_nonorm"] = dora_loss(backend, True, **pre)
     if backend != "xla":
-      fns[f"dora_{backend}_factored_norm"] = dora_loss(backend, None, False, NORM_KERNEL=False)
+      fns[f"dora_{backend}_factored_norm"] = dora_loss(backend, False, norm_kernel=False)
     if backend == "mosaic":
-      fns["dora_mosaic_xla_prologue"] = dora_loss(backend, False, False,
-                                                  SCALE_REDUCE_KERNEL=False)
-      fns["dora_mosaic_xla_dx"] = dora_loss(backend, False, False, DX_FUSED=False)
-      fns["dora_mosaic_y_xla_dx"] = dora_loss(backend, True, False, DX_FUSED=False)
-      fns["dora_mosaic_y_no_addend"] = dora_loss(backend, True, False, ADDEND_KERNEL=False)
-      fns["dora_mosaic_y_sr_wide"] = dora_loss(backend, True, False,
-                                               SCALE_REDUCE_MAX_WIDTH=1 << 20)
-      fns["dora_mosaic_y_no_lowrank_prologue"] = dora_loss(backend, True, False,
-                                                           LOWRANK_PROLOGUE=False)
-      fns["dora_mosaic_y_cond"] = dora_loss(backend, True, False, FLAGGED_KERNEL=False)
-  return {k: jax.jit(with_switches(jax.value_and_grad(f, argnums=(0, 1, 2, 3)),
-                                   getattr(f, "switches", {}))) for k, f in fns.items()}
+      fns["dora_mosaic_y"] = dora_loss(backend, False)
+      fns["dora_mosaic_xla_prologue"] = dora_loss(backend, False, scale_reduce_max_width=0, **pre)
+      fns["dora_mosaic_xla_dx"] = dora_loss(backend, False, mosaic_dx=False, **pre)
+      fns["dora_mosaic_y_xla_dx"] = dora_loss(backend, False, mosaic_dx=False)
+      fns["dora_mosaic_y_sr_wide"] = dora_loss(backend, False, scale_reduce_max_width=1 << 30)
+  return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3))) for k, f in fns.items()}
 
 
 def cross_split(a, w, pieces):

@@ -3,16 +3,22 @@
 Functional core (Flax layout: ``kernel [d_in, d_out]``, ``lora_a [d_in, r]``,
 ``lora_b [r, d_out]``, ``magnitude [d_out]``):
 
-* :func:`dora_dense` — the DoRA layer, differentiable, norm detached as in PEFT.
+* :func:`dora_dense` — the DoRA layer, differentiable, norm detached as in PEFT;
+  :class:`KernelOptions` — what its kernel backends run.
 * :func:`factored_norm` — ``‖W + s·a·b‖`` per column without the dense product.
 * :func:`merge_kernel` — ``g ⊙ (W + s·a·b)`` for serving.
 * :func:`lora_scale` — ``alpha / r`` (or ``alpha / √r`` with rsLoRA).
 * :func:`quantize_kernel` — a quantized frozen weight for QDoRA (:mod:`dora_jax.quantized`).
+
+Layers and model surgery (:func:`apply_dora` and friends), adapter files
+(:func:`save_adapter`, :func:`load_adapter`, ...), and the submodules
+:mod:`dora_jax.nnx`, :mod:`dora_jax.linen` and :mod:`dora_jax.sharding`.
+Constants live in their modules (``dora_jax.backend``, ``dora_jax.norm``).
 """
 
-from dora_jax.backend import BACKENDS, ENV_VAR as BACKEND_ENV_VAR, default_backend
+from dora_jax.backend import KernelOptions
 from dora_jax.dense import dora_dense, dora_norm_scale, lora_scale, merge_kernel
-from dora_jax.norm import NORM_CHUNK_BYTES, NORM_EPS, column_sq_norm, dense_norm_reference, factored_norm
+from dora_jax.norm import column_sq_norm, factored_norm
 from dora_jax.quantized import QuantizedKernel, quantize_kernel
 from dora_jax import conv, embed  # functional cores of the embedding and conv layers
 from dora_jax import linen, nnx
@@ -24,14 +30,9 @@ from dora_jax.io import (export_merged, load_adapter, restore_adapter_state, sav
                          save_adapter_state)
 
 __all__ = [
-    "BACKENDS",
-    "BACKEND_ENV_VAR",
-    "NORM_CHUNK_BYTES",
-    "NORM_EPS",
+    "KernelOptions",
     "QuantizedKernel",
     "column_sq_norm",
-    "default_backend",
-    "dense_norm_reference",
     "dora_dense",
     "dora_norm_scale",
     "factored_norm",

@@ -1,8 +1,10 @@
 """The DoRA composition given the scale ``g = m / n``: XLA forward and backward.
 
 These are the plain ``jax.numpy`` implementations the ``"xla"`` backend runs,
-and the twins the fused Pallas kernels in :mod:`dora_jax.kernels` are tested
-against. Shapes (leading dims already flattened)::
+the twins the fused kernels in :mod:`dora_jax.kernels` are tested against, and
+the derivatives the kernel backends use when their own backward is
+differentiated (:func:`dora_jax.backend.implementation`). Shapes (leading dims
+already flattened)::
 
   x2 [T, d_in]   kernel [d_in, d_out]   lora_a [d_in, r]   lora_b [r, d_out]
   g, inv_norm [d_out] (float32)   bias [d_out] or None   scale: 0-d float32
@@ -45,13 +47,34 @@ class Grads(NamedTuple):
   bias: jax.Array | None
 
 
-def _dot_t(lhs, rhs, out_dtype=None):
+class Residuals(NamedTuple):
+  """What a forward keeps for its backward.
+
+  ``h = x2·a [T, r]``; one of ``pre [T, d_out]`` and ``y [T, d_out]`` (the
+  layer's output, for a bias-free layer) for the magnitude gradient, or
+  neither when it is not wanted; ``g``, ``inv_norm = 1/n`` ``[d_out]``; the
+  0-d ``scale``.
+  """
+
+  x2: jax.Array
+  kernel: jax.Array
+  lora_a: jax.Array
+  lora_b: jax.Array
+  h: jax.Array
+  pre: jax.Array | None
+  y: jax.Array | None
+  g: jax.Array
+  inv_norm: jax.Array
+  scale: jax.Array
+
+
+def dot_t(lhs, rhs, out_dtype=None):
   """``lhsᵀ · rhs`` contracting the leading axis, without a transpose copy."""
   return lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())),
                          preferred_element_type=out_dtype)
 
 
-def _dot_nt(lhs, rhs, out_dtype=None):
+def dot_nt(lhs, rhs, out_dtype=None):
   """``lhs · rhsᵀ`` contracting the trailing axes."""
   return lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())),
                          preferred_element_type=out_dtype)
@@ -63,12 +86,15 @@ def lora_hidden(x2: jax.Array, lora_a: jax.Array) -> jax.Array:
   return jnp.dot(x2, lora_a.astype(x2.dtype), preferred_element_type=acc).astype(x2.dtype)
 
 
-def forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool = True):
+def forward_xla(x2, kernel, lora_a, lora_b, g, scale, bias, *, want_pre: bool = True,
+                options=None):
   """Return ``(y, pre, h)``: output, pre-scale activations (the residual), ``x2·a``.
 
   ``y [T, d_out]`` and ``pre [T, d_out]`` are in ``x2.dtype``; ``h [T, r]`` too.
-  ``pre`` is ``None`` when ``want_pre`` is false.
+  ``pre`` is ``None`` when ``want_pre`` is false. ``options`` (the kernel
+  backends' :class:`~dora_jax.backend.KernelOptions`) is ignored.
   """
+  del options
   cdt = x2.dtype
   acc = g.dtype
   h = lora_hidden(x2, lora_a)
@@ -91,141 +117,84 @@ def _pre_activation(x2, kernel, lora_b, h, scale, acc):
 #: (which may have underflowed or be exactly zero) but from ``pre`` recomputed.
 G_TINY = 1e-30
 
-#: Tokens per chunk when ``pre`` is recomputed for :func:`magnitude_grad`.
-RECOMPUTE_CHUNK = 256
 
-
-def _dy_dot_pre(dy, x2, kernel, lora_b, h, scale, acc):
-  """``Σ_T dy ⊙ pre [d_out]`` with ``pre`` recomputed ``RECOMPUTE_CHUNK`` tokens at a
-  time, so the rare path that needs it holds no ``[T, d_out]`` temporary."""
-  tokens = x2.shape[0]
-  chunk = min(RECOMPUTE_CHUNK, tokens)
-  full = tokens // chunk
-
-  def part(start, size):
-    rows = lambda v: lax.dynamic_slice_in_dim(v, start, size, axis=0)
-    pre = _pre_activation(rows(x2), kernel, lora_b, rows(h), scale, acc)
-    return jnp.sum(rows(dy).astype(acc) * pre.astype(x2.dtype).astype(acc), axis=0)
-
-  total = lax.fori_loop(0, full, lambda i, t: t + part(i * chunk, chunk),
-                        jnp.zeros((kernel.shape[1],), acc))
-  if full * chunk < tokens:
-    total = total + part(full * chunk, tokens - full * chunk)
-  return total
-
-
-def magnitude_grad(dy, pre, y, g, inv_norm, recompute, *, dy_y=None, recompute_flagged=None):
+def magnitude_grad(res: Residuals, dy, *, dy_v=None, recompute_flagged=None):
   """``dm = Σ_T dy ⊙ pre / n [d_out]`` from the residual ``pre`` or from ``y``.
 
-  Without a bias ``y = g ⊙ pre``, so ``Σ dy ⊙ pre / n = Σ dy ⊙ y / (g·n)`` and the
-  layer's output can serve as the residual instead of a second ``[T, d_out]``
-  buffer. Where some ``|g| < G_TINY`` (a zero magnitude, say) that quotient is
-  undefined: a ``lax.cond`` taken only then replaces those columns with
-  ``recompute() -> Σ_T dy ⊙ pre`` (chunked over tokens). The main reduction
-  stays outside the ``cond`` so XLA fuses it as usual. Under a ``vmap`` that
-  batches the magnitude (stacked adapters) the ``cond`` becomes a ``select``
-  and the recomputation runs every time: correct, one extra base matmul.
-
-  ``dy_y`` (``Σ_T dy ⊙ y``, already reduced) and ``recompute_flagged(tiny) ->
-  [d_out]`` (``Σ_T dy ⊙ pre`` in the flagged columns, 0 elsewhere; see
-  :mod:`dora_jax.kernels.flagged_columns`) replace the reduction and the
-  ``cond``: the kernel decides per column tile on the device.
+  ``dy_v``, when given, is ``Σ_T dy ⊙ v`` already reduced (``v`` the kept
+  residual). Without a bias ``y = g ⊙ pre``, so ``Σ dy ⊙ pre / n = Σ dy ⊙ y /
+  (g·n)`` and the layer's output can serve as the residual instead of a second
+  ``[T, d_out]`` buffer. Where ``|g| < G_TINY`` (a zero magnitude, say) that
+  quotient is undefined and those columns take ``recompute_flagged(tiny) ->
+  [d_out]`` (``Σ_T dy ⊙ pre`` in the flagged columns, 0 elsewhere), decided
+  per column on the device (:mod:`dora_jax.kernels.flagged_columns`);
+  ``None`` recomputes ``pre`` for every column with XLA (a full ``x2·W``: the
+  twin, and the derivative of the kernel backends' backward).
   """
-  acc = g.dtype
-  if pre is not None:
-    return jnp.sum(dy.astype(acc) * pre.astype(acc), axis=0) * inv_norm
-  tiny = jnp.abs(g) < G_TINY
-  if dy_y is None:
-    dy_y = jnp.sum(dy.astype(acc) * y.astype(acc), axis=0)
-  dm = dy_y * (inv_norm / jnp.where(tiny, 1.0, g))
-  if recompute_flagged is not None:
-    return jnp.where(tiny, recompute_flagged(tiny) * inv_norm, dm)
+  acc = res.g.dtype
+  if res.pre is not None:
+    if dy_v is None:
+      dy_v = jnp.sum(dy.astype(acc) * res.pre.astype(acc), axis=0)
+    return dy_v * res.inv_norm
+  tiny = jnp.abs(res.g) < G_TINY
+  if dy_v is None:
+    dy_v = jnp.sum(dy.astype(acc) * res.y.astype(acc), axis=0)
+  dm = dy_v * (res.inv_norm / jnp.where(tiny, 1.0, res.g))
+  if recompute_flagged is None:
+    def recompute_flagged(flags):
+      pre = _pre_activation(res.x2, res.kernel, res.lora_b, res.h, res.scale, acc)
+      total = jnp.sum(dy.astype(acc) * pre.astype(res.x2.dtype).astype(acc), axis=0)
+      return jnp.where(flags, total, 0.0)
+  return jnp.where(tiny, recompute_flagged(tiny) * res.inv_norm, dm)
 
-  def fix(dm, tiny, inv_norm):
-    return jnp.where(tiny, recompute() * inv_norm, dm)
 
-  return lax.cond(jnp.any(tiny), fix, lambda dm, tiny, inv_norm: dm, dm, tiny, inv_norm)
-
-
-def backward_xla(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy,
-                 wants: Wants, *, y=None, dx_matmul=None, scale_reduce=None,
-                 scale_reduce_lowrank=None, recompute_flagged=None) -> Grads:
+def backward_xla(res: Residuals, dy, wants: Wants, *, options=None, dx_matmul=None,
+                 scale_reduce=None, recompute_flagged=None) -> Grads:
   """Cotangents of :func:`forward_xla` with the norm held constant (PEFT's detach).
 
   ``dpre = dy ⊙ g``; ``dx = dpre·Wᵀ + s·(dpre·bᵀ)·aᵀ``; ``db = s·hᵀ·dpre``;
   ``da = s·x2ᵀ·(dpre·bᵀ)``; ``dm = Σ_T dy ⊙ pre / n``; ``dbias = Σ_T dy``;
   ``ds = Σ h ⊙ (dpre·bᵀ)``; ``dW = x2ᵀ·dpre`` (only when asked for).
 
-  ``dm`` needs either the residual ``pre`` or, for a layer without bias, its
-  output ``y`` (``pre=None``; see :func:`magnitude_grad`).
-
-  ``dx_matmul(dpre [T, d_out], ts [T, r]) -> dx [T, d_in]``, with ``ts = s·t`` in
-  the activation dtype, replaces the two XLA matmuls of ``dx`` (the fused
-  Pallas backward plugs in here); ``None`` keeps XLA's.
-  ``scale_reduce(dy, v, g) -> (dpre, Σ_T dy ⊙ v)`` computes ``dpre`` and
-  the magnitude's reduction in one pass (:mod:`dora_jax.kernels.scale_reduce`)
-  when both are needed, ``v`` being the kept ``pre`` or else the output ``y``;
-  ``None`` keeps XLA's two passes. ``scale_reduce_lowrank(dy, v, g, lora_b, h)
-  -> (dpre, Σ_T dy ⊙ v, t, hᵀ·dpre)`` also takes ``t`` and ``db / s`` in that
-  pass (:func:`dora_jax.kernels.scale_reduce.scale_reduce_lowrank`), used when
-  ``t``, ``db`` and ``dm`` are all wanted. ``recompute_flagged`` is passed to
-  :func:`magnitude_grad` (output-as-residual only).
+  The kernel backends plug their kernels in (``options`` is ignored here):
+  ``dx_matmul(dpre [T, d_out], ts [T, r]) -> dx [T, d_in]``, with ``ts = s·t``
+  in the activation dtype, replaces the two XLA matmuls of ``dx``;
+  ``scale_reduce(dy, v, g) -> (dpre, Σ_T dy ⊙ v)`` computes ``dpre`` and the
+  magnitude's reduction in one pass (:mod:`dora_jax.kernels.scale_reduce`),
+  ``v`` being the kept residual (``pre`` or ``y``); ``recompute_flagged`` is
+  passed to :func:`magnitude_grad`.
   """
+  del options
+  x2, kernel, lora_a, lora_b, h, pre, y, g, inv_norm, scale = res
   cdt = dy.dtype
   acc = g.dtype
   need_t = wants.x or wants.lora_a or wants.scale
   need_dpre = need_t or wants.lora_b or wants.kernel
-  dy_pre = dy_y = t = hd = None
   residual = pre if pre is not None else y
-  if (scale_reduce_lowrank is not None and need_t and wants.lora_b and wants.magnitude
-      and residual is not None):
-    dpre, dy_v, t, hd = scale_reduce_lowrank(dy, residual, g, lora_b, h)
-    dy_pre, dy_y = (dy_v, None) if pre is not None else (None, dy_v)
-  elif scale_reduce is not None and need_dpre and wants.magnitude and pre is not None:
-    dpre, dy_pre = scale_reduce(dy, pre, g)
-  elif scale_reduce is not None and need_dpre and wants.magnitude and y is not None:
-    dpre, dy_y = scale_reduce(dy, y, g)
+  dy_v = None
+  if scale_reduce is not None and need_dpre and wants.magnitude and residual is not None:
+    dpre, dy_v = scale_reduce(dy, residual, g)
   else:
     dpre = (dy.astype(acc) * g).astype(cdt) if need_dpre else None
-  if t is None and need_t:
-    t = _dot_nt(dpre, lora_b.astype(cdt), acc)  # [T, r]
+  t = dot_nt(dpre, lora_b.astype(cdt), acc) if need_t else None  # [T, r]
 
-  dx = da = db = dkernel = None
+  dx = da = db = dm = ds = dbias = dkernel = None
   if wants.x and dx_matmul is not None:
     dx = dx_matmul(dpre, (scale * t).astype(cdt))
   elif wants.x:
-    dx_base = _dot_nt(dpre, kernel.astype(cdt))
-    dx_lora = _dot_nt(t.astype(cdt), lora_a.astype(cdt))
+    dx_base = dot_nt(dpre, kernel.astype(cdt))
+    dx_lora = dot_nt(t.astype(cdt), lora_a.astype(cdt))
     dx = (dx_base.astype(acc) + scale * dx_lora.astype(acc)).astype(cdt)
   if wants.lora_a:
-    da = scale * _dot_t(x2, t.astype(cdt), acc)
+    da = scale * dot_t(x2, t.astype(cdt), acc)
   if wants.lora_b:
-    db = scale * (hd if hd is not None else _dot_t(h, dpre, acc))
-  dm, ds, dbias = vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants,
-                               dy_pre=dy_pre, dy_y=dy_y, recompute_flagged=recompute_flagged)
-  if wants.kernel:
-    dkernel = _dot_t(x2, dpre, acc)
-  return Grads(dx, dkernel, da, db, dm, ds, dbias)
-
-
-def vector_grads(x2, kernel, lora_b, h, pre, y, g, inv_norm, scale, dy, t, wants: Wants, *,
-                 dy_pre=None, dy_y=None, recompute_flagged=None):
-  """``(dm, ds, dbias)`` (``None`` where not wanted): the reductions of the backward.
-
-  ``t = dpre·bᵀ [T, r]`` (float32) is needed only for ``ds``; ``dy_pre`` /
-  ``dy_y``, when given, are ``Σ_T dy ⊙ pre`` / ``Σ_T dy ⊙ y`` already reduced;
-  ``recompute_flagged`` see :func:`magnitude_grad`.
-  """
-  acc = g.dtype
-  dm = ds = dbias = None
-  if wants.magnitude and dy_pre is not None:
-    dm = dy_pre * inv_norm
-  elif wants.magnitude:
-    dm = magnitude_grad(dy, pre, y, g, inv_norm,
-                        lambda: _dy_dot_pre(dy, x2, kernel, lora_b, h, scale, acc),
-                        dy_y=dy_y, recompute_flagged=recompute_flagged)
+    db = scale * dot_t(h, dpre, acc)
+  if wants.magnitude:
+    dm = magnitude_grad(res, dy, dy_v=dy_v, recompute_flagged=recompute_flagged)
   if wants.scale:
     ds = jnp.sum(h.astype(acc) * t)
   if wants.bias:
     dbias = jnp.sum(dy.astype(acc), axis=0)
-  return dm, ds, dbias
+  if wants.kernel:
+    dkernel = dot_t(x2, dpre, acc)
+  return Grads(dx, dkernel, da, db, dm, ds, dbias)

@@ -26,11 +26,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.interpreters import ad
 
 from dora_jax import backend as backend_lib
 from dora_jax._checks import (accumulation_dtype, check_dora_args, check_real_scalar,
                               check_scale, check_vector, check_weights, precision_name)
-from dora_jax.compose import Wants, backward_xla, forward_xla
+from dora_jax.backend import KernelOptions
+from dora_jax.compose import Residuals, Wants
+from dora_jax.kernels import column_norm, dispatch
+from dora_jax.kernels._common import default_interpret
 from dora_jax.norm import NORM_EPS, factored_norm
 
 
@@ -42,10 +46,11 @@ def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
 
 
 class _Config(NamedTuple):
-  """Static (hashable) part of a call: which implementation runs, matmul precision."""
+  """Static (hashable) part of a call: the implementation, matmul precision, kernel options."""
 
   impl: str
-  precision: str | None = None
+  precision: str | None
+  options: KernelOptions  # interpret resolved to a bool
 
   def scope(self):
     """The matmul-precision context for tracing the forward or the backward."""
@@ -53,13 +58,20 @@ class _Config(NamedTuple):
       return contextlib.nullcontext()
     return jax.default_matmul_precision(self.precision)
 
+  @property
+  def implementation(self) -> backend_lib.Implementation:
+    return backend_lib.implementation(self.impl)
+
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class _StaticWants:
-  """Carries :class:`Wants` through the residuals as static (leafless) data."""
+class _Meta:
+  """Static (leafless) part of the residuals: the wanted cotangents and their dtypes."""
 
   wants: Wants
+  magnitude_dtype: jnp.dtype | None  # None: the magnitude is not differentiated
+  bias_dtype: jnp.dtype | None
+  norm: bool = False  # the norm is differentiated (detach_norm=False)
 
 
 def _scale_vectors(magnitude, norm, acc):
@@ -69,142 +81,117 @@ def _scale_vectors(magnitude, norm, acc):
   return magnitude.astype(acc) / safe, 1.0 / safe
 
 
-#: Whether a bias-free call keeps its output ``y`` (rather than ``pre``) as the
-#: ``dm`` residual: ``None`` (the default) per backend, ``True``/``False`` force
-#: it (private, for A/B benchmarks: ``benchmarks/step_profile.py``; read at
-#: trace time). Recovering ``pre = y / g`` needs zero magnitudes handled apart:
-#: the ``"mosaic"`` backend does it on the device
-#: (:mod:`dora_jax.kernels.flagged_columns`) and keeps ``y`` — no ``pre``
-#: store, one ``[T, d_out]`` buffer less (H100, r = 16: 1.717 vs 1.801 ms at
-#: 4096×14336, 0.556 vs 0.552 at 4096×4096; BENCHMARKS.md); the others would
-#: need a ``lax.cond`` (:func:`dora_jax.compose.magnitude_grad`), whose
-#: predicate XLA's GPU runtime reads on the host, stalling the stream once per
-#: layer and step, so they keep ``pre``.
-_OUTPUT_AS_RESIDUAL: bool | None = None
-
-
-def _keeps_output(impl: str) -> bool:
-  if _OUTPUT_AS_RESIDUAL is not None:
-    return _OUTPUT_AS_RESIDUAL
-  return impl == "mosaic"
-
-
-def _implementation(impl: str):
-  if impl == "xla":
-    return forward_xla, backward_xla
-  if impl == "pallas":
-    from dora_jax.kernels import fused_dense  # imported lazily: Pallas is optional
-    return fused_dense.forward_pallas, fused_dense.backward_pallas
-  if impl == "mosaic":
-    from dora_jax.kernels import fused_mosaic
-    return fused_mosaic.forward_mosaic, fused_mosaic.backward_mosaic
-  raise AssertionError(impl)
-
-
 def _core(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
-  with cfg.scope():
-    return _core_primal(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
-
-
-def _core_primal(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
   g, _ = _scale_vectors(magnitude, norm, scale.dtype)
-  if cfg.impl == "pallas":  # nothing is differentiated: the kernel skips writing `pre`
-    from dora_jax.kernels import fused_dense
-    return fused_dense.forward_pallas_y(x2, kernel, lora_a, lora_b, g, scale, bias)
-  if cfg.impl == "mosaic":
-    from dora_jax.kernels import fused_mosaic
-    return fused_mosaic.forward_mosaic_y(x2, kernel, lora_a, lora_b, g, scale, bias)
-  forward, _ = _implementation(cfg.impl)
-  y, _, _ = forward(x2, kernel, lora_a, lora_b, g, scale, bias)
-  return y
+  with cfg.scope():  # nothing is differentiated: no residual is written
+    return cfg.implementation.forward(x2, kernel, lora_a, lora_b, g, scale, bias,
+                                      want_pre=False, options=cfg.options)[0]
+
+
+def _keeps_output(cfg: _Config, wants: Wants, bias, dtype) -> bool:
+  """Whether the output ``y`` (rather than ``pre``) is the ``dm`` residual: on the
+  ``"mosaic"`` backend by default (one ``[T, d_out]`` store less; zero magnitudes
+  get ``pre`` recomputed on the device by :mod:`dora_jax.kernels.flagged_columns`),
+  bias-free layers only (``y = g ⊙ pre``), never float16 (``g ⊙ pre`` could leave
+  its range). The other backends keep ``pre``: recovering it there would need a
+  ``lax.cond`` whose predicate XLA's GPU runtime reads on the host."""
+  return (cfg.impl == "mosaic" and cfg.options.mosaic_residual == "output" and wants.magnitude
+          and bias is None and dtype != jnp.float16)
 
 
 def _core_fwd(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
+  # The norm's cotangent is −g ⊙ dm (y = (m/n) ⊙ pre): the backward computes
+  # dm when either is differentiated.
   wants = Wants(
       x=x2.perturbed, kernel=kernel.perturbed, lora_a=lora_a.perturbed,
-      lora_b=lora_b.perturbed, magnitude=magnitude.perturbed,
+      lora_b=lora_b.perturbed, magnitude=magnitude.perturbed or norm.perturbed,
       scale=scale.perturbed, bias=bias is not None and bias.perturbed)
+  m_perturbed, norm_perturbed = magnitude.perturbed, norm.perturbed
   x2, kernel, lora_a, lora_b, magnitude, scale, norm = (
       v.value for v in (x2, kernel, lora_a, lora_b, magnitude, scale, norm))
   bias = None if bias is None else bias.value
+  meta = _Meta(wants, magnitude.dtype if m_perturbed else None,
+               None if bias is None else bias.dtype, norm_perturbed)
   g, inv_norm = _scale_vectors(magnitude, norm, scale.dtype)
-  forward, _ = _implementation(cfg.impl)
-  # dm needs pre. A bias-free call on the mosaic backend (or as the private
-  # A/B switch says) keeps the output instead and recovers pre = y / g;
-  # float16 always keeps pre, whose range y = g ⊙ pre could leave.
-  keep_y = (_keeps_output(cfg.impl) and wants.magnitude and bias is None
-            and x2.dtype != jnp.float16)
+  keep_y = _keeps_output(cfg, wants, bias, x2.dtype)
   with cfg.scope():
-    y, pre, h = forward(x2, kernel, lora_a, lora_b, g, scale, bias,
-                        want_pre=wants.magnitude and not keep_y)
-  bias_dtype = None if bias is None else jnp.zeros((), bias.dtype)
-  res = (x2, kernel, lora_a, lora_b, h, pre, y if keep_y else None, g,
-         inv_norm, scale, jnp.zeros((), magnitude.dtype), bias_dtype, _StaticWants(wants))
-  return y, res
+    y, pre, h = cfg.implementation.forward(x2, kernel, lora_a, lora_b, g, scale, bias,
+                                           want_pre=wants.magnitude and not keep_y,
+                                           options=cfg.options)
+  res = Residuals(x2, kernel, lora_a, lora_b, h, pre, y if keep_y else None, g, inv_norm, scale)
+  return y, (res, meta)
 
 
-def _core_bwd(cfg, res, dy):
-  (x2, kernel, lora_a, lora_b, h, pre, y, g, inv_norm, scale, m_proto, bias_proto,
-   static) = res
-  wants = static.wants
-  _, backward = _implementation(cfg.impl)
+def _core_bwd(cfg, saved, dy):
+  res, meta = saved
   with cfg.scope():  # the backward is traced later, outside any caller's context
-    grads = backward(x2, kernel, lora_a, lora_b, h, pre, g, inv_norm, scale, dy, wants, y=y)
+    grads = cfg.implementation.backward(res, dy, meta.wants, options=cfg.options)
 
-  def cast(value, like_dtype):
-    return None if value is None else value.astype(like_dtype)
+  def cast(value, dtype):
+    return None if value is None or dtype is None else value.astype(dtype)
 
-  return (
-      cast(grads.x, x2.dtype),
-      cast(grads.kernel, kernel.dtype),
-      cast(grads.lora_a, lora_a.dtype),
-      cast(grads.lora_b, lora_b.dtype),
-      cast(grads.magnitude, m_proto.dtype),
-      cast(grads.scale, scale.dtype),
-      None if bias_proto is None else cast(grads.bias, bias_proto.dtype),
-      None,  # the norm is a constant (PEFT detaches it)
-  )
+  return (cast(grads.x, res.x2.dtype), cast(grads.kernel, res.kernel.dtype),
+          cast(grads.lora_a, res.lora_a.dtype), cast(grads.lora_b, res.lora_b.dtype),
+          cast(grads.magnitude, meta.magnitude_dtype), cast(grads.scale, res.scale.dtype),
+          cast(grads.bias, meta.bias_dtype),
+          -res.g * grads.magnitude if meta.norm else None)  # None: detached (PEFT)
 
 
 _dora_core = jax.custom_vjp(_core, nondiff_argnums=(0,))
 _dora_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
 
 
-def _resolve(backend: str | None, x2, kernel, lora_a, *others,
+def _resolve(backend: str | None, options: KernelOptions, x2, kernel, lora_a, *others,
              cached: bool = False) -> tuple[str, bool]:
   """``(implementation, whether the norm uses its kernel)``; ``cached``: ``‖W‖²`` is given."""
   choice = backend_lib.check_backend(backend)
   if choice == "xla":
     return choice, False
-  from dora_jax.kernels import dispatch
   requested = choice != "auto"
+  device = dispatch.Device.current()
   if choice == "auto":
-    choice = dispatch.choose(x2.shape[0], kernel.shape, lora_a.shape[1], x2.dtype)
+    choice = dispatch.choose(x2.shape[0], kernel.shape, lora_a.shape[1], x2.dtype, device)
   elif choice == "mosaic":
-    choice = dispatch.mosaic_or_xla(x2.shape[0], kernel.shape, x2.dtype)
+    choice = dispatch.mosaic_or_xla(x2.shape[0], kernel.shape, x2.dtype, device)
   # Pallas is not partitioned by GSPMD: the XLA path under a mesh (logged once).
   impl = dispatch.unpartitioned(choice, x2, kernel, lora_a, *others, requested=requested)
-  return impl, dispatch.norm_kernel_allowed(impl, not requested, kernel.shape, lora_a.shape[1],
-                                            cached, kernel, lora_a, *others)
+  return impl, options.norm_kernel and dispatch.norm_kernel_allowed(
+      impl, not requested, kernel.shape, lora_a.shape[1], cached, kernel, lora_a, *others,
+      device=device)
 
 
-def _weight_norm(use_kernel: bool, kernel, lora_a, lora_b, scale, base_sq_norm):
+def _weight_norm(use_kernel: bool, kernel, lora_a, lora_b, scale, base_sq_norm, interpret):
   """DoRA's norm ``[d_out]``: the one-pass kernel
   (:mod:`dora_jax.kernels.column_norm`) where allowed and its dtypes fit, else
-  :func:`factored_norm` (with the cached ``‖W‖²`` if given)."""
-  if use_kernel:
-    from dora_jax.kernels import column_norm
-    if column_norm.supported(kernel, lora_a, lora_b):
-      return column_norm.column_norm(kernel, lora_a, lora_b, scale)
+  :func:`factored_norm` (with the cached ``‖W‖²`` if given), which is also the
+  one differentiated when the norm is not detached (the kernel has no VJP)."""
+  if use_kernel and column_norm.supported(kernel, lora_a, lora_b):
+    return column_norm.column_norm(kernel, lora_a, lora_b, scale, interpret=interpret)
   return factored_norm(kernel, lora_a, lora_b, scale,
                        base_sq_norm=None if base_sq_norm is None
                        else lax.stop_gradient(base_sq_norm))
 
 
+_FORWARD_MODE = (
+    "dora_dense is differentiable in reverse mode only (jax.grad, jax.vjp, jax.jacrev, and "
+    "forward-over-reverse such as jax.jvp of jax.grad): its derivative is a jax.custom_vjp "
+    "(LoRA-sized residuals, cotangents skipped where unused), which JAX does not run in "
+    "forward mode (jax.jvp, jax.jacfwd, jax.linearize). Use jax.jacrev for a Jacobian. "
+    "Forward mode would need a jax.custom_jvp rule of its own, with the norm n held constant: "
+    "ẏ = (ṁ/n) ⊙ pre + g ⊙ (ẋ·W + x·Ẇ + s·(ẋ·a + x·ȧ)·b + s·(x·a)·ḃ + ṡ·(x·a)·b) + ḃias.")
+
+
+def _check_reverse_mode(*values) -> None:
+  """Refuse forward-mode tracing (``jax.jvp``, ``jax.jacfwd``) with :data:`_FORWARD_MODE`."""
+  if any(isinstance(v, ad.JVPTracer) for v in values):
+    raise TypeError(_FORWARD_MODE)
+
+
 def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                magnitude: jax.Array, scale, bias: jax.Array | None = None, *,
                norm: jax.Array | None = None, base_sq_norm: jax.Array | None = None,
-               precision=None, backend: str | None = None) -> jax.Array:
+               precision=None, backend: str | None = None,
+               options: KernelOptions | None = None, detach_norm: bool = True) -> jax.Array:
   """DoRA Dense layer: ``(m / ‖W + s·a·b‖) ⊙ (x·W + s·(x·a)·b) + bias``.
 
   Args:
@@ -232,11 +219,23 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
       The norm's own matmuls always run at full float32 precision.
     backend: ``"auto"``, ``"xla"``, ``"pallas"``, ``"mosaic"`` or ``None`` (process default, see
       :mod:`dora_jax.backend`).
+    options: what the kernel backends run (:class:`dora_jax.KernelOptions`;
+      ``None``: the defaults, measured fastest). Static, like ``backend``.
+    detach_norm: ``True`` (PEFT's semantics, the DoRA paper's §4.3 memory
+      trick): the norm is a constant in the backward. ``False``: the exact
+      gradient of DoRA as defined: the norm's cotangent ``−g ⊙ dm`` flows back
+      through :func:`factored_norm`'s terms ``‖W‖² + 2s⟨aᵀW, b⟩ + s²⟨b, aᵀa·b⟩``
+      (one more product of ``W`` with an ``[r, d_out]`` cotangent for
+      ``lora_a``, ``[r, r]``-sized work otherwise; no ``[d_in, d_out]``
+      temporary); a given ``norm`` then passes its cotangent to whatever
+      computed it.
 
   Returns:
-    ``[..., d_out]`` in ``x.dtype``. Differentiable with respect to ``x``,
-    ``lora_a``, ``lora_b``, ``magnitude``, ``bias`` (and ``kernel``/``scale`` if
-    asked); the norm is held constant as in PEFT.
+    ``[..., d_out]`` in ``x.dtype``. Differentiable in reverse mode with
+    respect to ``x``, ``lora_a``, ``lora_b``, ``magnitude``, ``bias`` (and
+    ``kernel``/``scale`` if asked), to any order; the norm is held constant as
+    in PEFT unless ``detach_norm=False``. Forward mode (``jax.jvp``,
+    ``jax.jacfwd``) raises ``TypeError``.
 
   Example:
     >>> import jax, jax.numpy as jnp, dora_jax
@@ -250,18 +249,37 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
     (2, 5, 8)
   """
   dims = check_dora_args(x, kernel, lora_a, lora_b, magnitude, scale, bias)
+  if options is None:
+    options = KernelOptions()
+  elif not isinstance(options, KernelOptions):
+    raise TypeError(f"options must be a dora_jax.KernelOptions or None, got "
+                    f"{type(options).__name__}")
+  _check_reverse_mode(x, kernel, lora_a, lora_b, magnitude, scale, bias)
+  if options.interpret is None:
+    options = dataclasses.replace(options, interpret=default_interpret())
   acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, dims.d_in)
-  impl, norm_kernel = _resolve(backend, x2, kernel, lora_a, lora_b, magnitude, bias,
+  impl, norm_kernel = _resolve(backend, options, x2, kernel, lora_a, lora_b, magnitude, bias,
                                cached=base_sq_norm is not None)
+  if not isinstance(detach_norm, bool):
+    raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
   if norm is None:
-    norm = _weight_norm(norm_kernel, kernel, lora_a, lora_b, scale, base_sq_norm)
+    norm = _weight_norm(norm_kernel and detach_norm, kernel, lora_a, lora_b, scale,
+                        base_sq_norm, options.interpret)
   else:
     check_vector("norm", norm, dims.d_out)
-  norm = lax.stop_gradient(norm.astype(acc))
+  norm = norm.astype(acc)
+  if detach_norm:
+    norm = lax.stop_gradient(norm)
   scale = jnp.asarray(scale, acc)
-  y2 = _dora_core(_Config(impl, precision_name(precision)), x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
+  cfg = _Config(impl, precision_name(precision), options)
+  try:
+    y2 = _dora_core(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
+  except TypeError as err:  # forward mode the check above could not see (under jax.vmap, say)
+    if "forward-mode" in str(err):
+      raise TypeError(_FORWARD_MODE) from err
+    raise
   return y2.reshape(*lead, dims.d_out)
 
 

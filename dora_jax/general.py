@@ -52,6 +52,7 @@ from jax import lax
 from jax.custom_derivatives import custom_vjp_primal_tree_values
 
 from dora_jax._checks import accumulation_dtype, check_float, check_scale
+from dora_jax.backend import KernelOptions
 from dora_jax.dense import _resolve, dora_dense
 from dora_jax.norm import (NORM_EPS, _combine as _combine_terms, _gram_times_b,
                            _low_rank_columns, _overflow_limit, _split_bf16, gram,
@@ -741,7 +742,7 @@ _native_core = jax.custom_vjp(_native_primal, nondiff_argnums=(0,))
 _native_core.defvjp(_native_fwd, _native_bwd, symbolic_zeros=True)
 
 
-def _routes_to_dense(op: _Op, x, kernel, lora_a, lora_b, magnitude, backend) -> bool:
+def _routes_to_dense(op: _Op, x, kernel, lora_a, lora_b, magnitude, backend, options) -> bool:
   """Whether the op is a plain ``x·W`` that :func:`dora_dense` computes with the same bits."""
   if op.quantized:
     return False
@@ -756,13 +757,13 @@ def _routes_to_dense(op: _Op, x, kernel, lora_a, lora_b, magnitude, backend) -> 
     return True
   # several contracted axes: only where a kernel backend runs (see the module doc)
   x2 = x.reshape(-1, layout.d_in)
-  impl, _ = _resolve(backend, x2, kernel.reshape(layout.d_in, layout.d_out),
+  impl, _ = _resolve(backend, options, x2, kernel.reshape(layout.d_in, layout.d_out),
                      lora_a.reshape(layout.d_in, -1), lora_b, magnitude)
   return impl != "xla"
 
 
 def _dora_op(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, *, norm, base_sq_norm,
-             backend, detach_norm) -> jax.Array:
+             backend, options, detach_norm) -> jax.Array:
   check_float("x", x)
   check_float("kernel", kernel)
   check_scale(scale)
@@ -773,19 +774,25 @@ def _dora_op(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, *, norm, base
   for name, value in (("norm", norm), ("base_sq_norm", base_sq_norm)):
     if value is not None and tuple(np.shape(value)) != want:
       raise ValueError(f"{name} must have shape {want}, got {tuple(np.shape(value))}")
-  return _compute(op, backend, bool(detach_norm), x, kernel, lora_a, lora_b, magnitude, scale,
+  if not isinstance(detach_norm, bool):
+    raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
+  if options is None:
+    options = KernelOptions()
+  elif not isinstance(options, KernelOptions):
+    raise TypeError(f"options must be a dora_jax.KernelOptions or None, got "
+                    f"{type(options).__name__}")
+  return _compute(op, backend, options, detach_norm, x, kernel, lora_a, lora_b, magnitude, scale,
                   norm, base_sq_norm)
 
 
 # One compiled program per call structure (inlined under an outer trace): an
 # eager call rounds exactly as a jitted one, so the exact init holds eagerly too.
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _compute(op: _Op, backend, detach_norm: bool, x, kernel, lora_a, lora_b, magnitude, scale,
-             norm, base_sq_norm):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _compute(op: _Op, backend, options: KernelOptions, detach_norm: bool, x, kernel, lora_a,
+             lora_b, magnitude, scale, norm, base_sq_norm):
   layout = op.labels.layout(kernel.shape)
   rank = lora_a.shape[-1]
-  # dora_dense detaches its norm: the exact gradient runs the native path
-  if detach_norm and _routes_to_dense(op, x, kernel, lora_a, lora_b, magnitude, backend):
+  if _routes_to_dense(op, x, kernel, lora_a, lora_b, magnitude, backend, options):
     lead = x.shape[:len(x.shape) - len(layout.contracted)]
     flat = lambda v, shape: None if v is None else v.reshape(shape)
     y = dora_dense(x.reshape(*lead, layout.d_in), kernel.reshape(layout.d_in, layout.d_out),
@@ -793,7 +800,8 @@ def _compute(op: _Op, backend, detach_norm: bool, x, kernel, lora_a, lora_b, mag
                    magnitude.reshape(layout.d_out), scale,
                    norm=flat(norm, (layout.d_out,)),
                    base_sq_norm=flat(base_sq_norm, (layout.d_out,)),
-                   precision=op.precision, backend=backend)
+                   precision=op.precision, backend=backend, options=options,
+                   detach_norm=detach_norm)
     return y.reshape(*lead, *layout.out_shape)
   acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
   if norm is None:
@@ -808,7 +816,7 @@ def dora_einsum(spec: str, x: jax.Array, kernel: jax.Array, lora_a: jax.Array,
                 lora_b: jax.Array, magnitude: jax.Array, scale, *, precision=None,
                 preferred_element_type=None, norm: jax.Array | None = None,
                 base_sq_norm: jax.Array | None = None, backend: str | None = None,
-                detach_norm: bool = True) -> jax.Array:
+                options: KernelOptions | None = None, detach_norm: bool = True) -> jax.Array:
   """DoRA on ``jnp.einsum(spec, x, kernel)``, in the kernel's own layout.
 
   Args:
@@ -829,7 +837,7 @@ def dora_einsum(spec: str, x: jax.Array, kernel: jax.Array, lora_a: jax.Array,
     norm: optional precomputed :func:`weight_norm` ``[*B, *O]`` (a constant
       when ``detach_norm``; otherwise its cotangent flows to what computed it).
     base_sq_norm: optional cached :func:`weight_sq_norm` ``[*B, *O]`` (a constant).
-    backend: as :func:`dora_jax.dora_dense` (used where the op routes there).
+    backend, options: as :func:`dora_jax.dora_dense` (used where the op routes there).
     detach_norm: ``True`` (PEFT's semantics, the DoRA paper's §4.3 memory
       trick): the norm is a constant in the backward. ``False``: the exact
       gradient of DoRA as defined, through ``n = ‖W + s·a·b‖`` in factored
@@ -848,14 +856,16 @@ def dora_einsum(spec: str, x: jax.Array, kernel: jax.Array, lora_a: jax.Array,
   op = _Op(labels, "einsum", spec, precision, preferred_element_type,
            isinstance(kernel, QuantizedWeight))
   return _dora_op(op, x, kernel, lora_a, lora_b, magnitude, scale, norm=norm,
-                  base_sq_norm=base_sq_norm, backend=backend, detach_norm=detach_norm)
+                  base_sq_norm=base_sq_norm, backend=backend, options=options,
+                  detach_norm=detach_norm)
 
 
 def dora_dot_general(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                      magnitude: jax.Array, scale, dimension_numbers, *, precision=None,
                      preferred_element_type=None, norm: jax.Array | None = None,
                      base_sq_norm: jax.Array | None = None,
-                     backend: str | None = None, detach_norm: bool = True) -> jax.Array:
+                     backend: str | None = None, options: KernelOptions | None = None,
+                     detach_norm: bool = True) -> jax.Array:
   """DoRA on ``lax.dot_general(x, kernel, dimension_numbers)`` (the kernel is the rhs).
 
   Output axes follow ``dot_general``'s order (batch, the input's free axes,
@@ -866,7 +876,8 @@ def dora_dot_general(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b:
   op = _Op(labels, "dot_general", dn, precision, preferred_element_type,
            isinstance(kernel, QuantizedWeight))
   return _dora_op(op, x, kernel, lora_a, lora_b, magnitude, scale, norm=norm,
-                  base_sq_norm=base_sq_norm, backend=backend, detach_norm=detach_norm)
+                  base_sq_norm=base_sq_norm, backend=backend, options=options,
+                  detach_norm=detach_norm)
 
 
 __all__ = ["QuantizedWeight", "WeightLayout", "dora_dot_general", "dora_einsum", "dot_general_layout",

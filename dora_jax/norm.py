@@ -340,7 +340,7 @@ def _refine_mode(refine: str, acc, *arrays) -> str:
                      "(use refine='columns')")
   if refine != "auto":
     return refine
-  if acc == jnp.float32 and dispatch.on_cuda_gpu() and dispatch.partitioned_reason(*arrays) is None:
+  if acc == jnp.float32 and dispatch.Device.current().cuda and dispatch.partitioned_reason(*arrays) is None:
     return "kernel"
   return "columns"
 
@@ -475,15 +475,3 @@ def _factored_norm(kernel, lora_a, lora_b, scale, base_sq_norm, *, chunk: int, m
     sq = _refined(refined, sq, flagged)
   return combined.c * jnp.sqrt(jnp.maximum(sq, 0.0))
 
-
-def dense_norm_reference(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
-                         scale) -> jax.Array:
-  """The naive norm that materialises ``kernel + scale·lora_a·lora_b [d_in, d_out]``.
-
-  For tests and benchmarks only: this is the memory wall :func:`factored_norm` removes.
-  """
-  check_weights(kernel, lora_a, lora_b)
-  acc = accumulation_dtype(kernel, lora_a, lora_b)
-  dense = kernel.astype(acc) + scale * jnp.dot(
-      lora_a.astype(acc), lora_b.astype(acc), precision=lax.Precision.HIGHEST)
-  return jnp.sqrt(jnp.sum(jnp.square(dense), axis=0))

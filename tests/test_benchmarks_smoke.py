@@ -4,26 +4,38 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_module_suite_and_report_smoke(tmp_path):
+def test_module_suite_report_and_benchmarks_md(tmp_path):
+  """The one-command form (suite, then module.md, plots and the doc's tables),
+  and report.py rerun by hand on the suite's JSON."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  doc = tmp_path / "BENCHMARKS.md"
+  doc.write_text("# x\n<!-- module:start -->\nold\n<!-- module:end -->\ntail\n")
   run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "module_suite.py"),
-                        "--out", str(tmp_path), "--smoke"], capture_output=True, text=True,
-                       timeout=600, env=env, cwd=ROOT)
+                        "--out", str(tmp_path), "--smoke", "--commit", "abc1234",
+                        "--benchmarks-md", str(doc)],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
   assert run.returncode == 0, run.stderr[-3000:]
   data = json.loads((tmp_path / "module_results.json").read_text())
   impls = {r["impl"] for r in data["rows"]}
   assert {"lora", "dora_auto", "dora_xla", "dora_naive", "dora_cached"} <= impls
   assert all(r["ms"] > 0 for r in data["rows"])
-  doc = tmp_path / "BENCHMARKS.md"
+  text = doc.read_text()
+  assert "old" not in text and "tail" in text and "Forward+backward" in text
+  assert "commit abc1234" in text and "--commit" not in text
+  assert (tmp_path / "module.md").exists() and (tmp_path / "time_vs_tokens.png").exists()
+  assert (tmp_path / "time_vs_rank.png").read_bytes()[:4] == b"\x89PNG"
   doc.write_text("# x\n<!-- module:start -->\nold\n<!-- module:end -->\ntail\n")
   rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"),
                         str(tmp_path / "module_results.json"), "--benchmarks-md", str(doc)],
@@ -31,7 +43,6 @@ def test_module_suite_and_report_smoke(tmp_path):
   assert rep.returncode == 0, rep.stderr[-3000:]
   text = doc.read_text()
   assert "old" not in text and "tail" in text and "Forward+backward" in text
-  assert (tmp_path / "time_vs_rank.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_decoder_layer_smoke(tmp_path):
@@ -43,21 +54,6 @@ def test_decoder_layer_smoke(tmp_path):
   rows = json.loads((tmp_path / "decoder_results.json").read_text())["rows"]
   assert {r["impl"] for r in rows} == {"lora", "dora"}
   assert all(r["ms"] > 0 and r["temp_mb"] > 0 for r in rows)
-
-
-def test_module_suite_regenerates_benchmarks_md(tmp_path):
-  """The one-command form: suite, then module.md, plots and the doc's tables."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  doc = tmp_path / "BENCHMARKS.md"
-  doc.write_text("# x\n<!-- module:start -->\nold\n<!-- module:end -->\ntail\n")
-  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "module_suite.py"),
-                        "--out", str(tmp_path), "--smoke", "--only", "tokens",
-                        "--commit", "abc1234", "--benchmarks-md", str(doc)],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-  assert run.returncode == 0, run.stderr[-3000:]
-  text = doc.read_text()
-  assert "old" not in text and "commit abc1234" in text and "--commit" not in text
-  assert (tmp_path / "module.md").exists() and (tmp_path / "time_vs_tokens.png").exists()
 
 
 def test_overhead_breakdown_and_grad_accum_smoke(tmp_path):
@@ -91,3 +87,60 @@ def test_qdora_smoke(tmp_path):
   assert all(r["rel_diff"] < 1e-2 for r in data["rows"] if r["impl"].startswith("qdora"))
   per_param = {r["qtype"]: r["bytes_per_param"] for r in data["memory"]}
   assert per_param["bf16"] == 2 and per_param["nf4"] < 0.6 and per_param["int8"] < 1.1
+
+
+def test_step_profile_variants_pass_their_options():
+  """Each A/B step of benchmarks/step_profile.py traces, and its KernelOptions
+  reach the kernels (traced only: no kernel runs)."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import step_profile  # noqa: PLC0415
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  sd = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+  f32 = jnp.float32
+  args = (sd(128, 256), sd(256, 16), sd(16, 256), sd(256, dt=f32), sd(256, 256), sd(256, dt=f32),
+          sd(256, dt=f32), sd(128, 256))
+  kernels = {name: set(re.findall(r"name=(dora_\w+)", str(jax.make_jaxpr(fn)(*args))))
+             for name, fn in step_profile.step_functions(["xla", "pallas", "mosaic"]).items()}
+  assert kernels["lora"] == set() == kernels["dora_xla"]
+  assert "dora_dual_matmul" in kernels["dora_pallas"]
+  for backend in ("pallas", "mosaic"):
+    assert "dora_column_norm" in kernels[f"dora_{backend}"]
+    assert "dora_column_norm" not in kernels[f"dora_{backend}_factored_norm"]
+    assert "dora_column_norm" not in kernels[f"dora_{backend}_nonorm"]
+  assert "dora_flagged_dy_dot_pre" in kernels["dora_mosaic_y"]
+  assert "dora_flagged_dy_dot_pre" not in kernels["dora_mosaic"]  # pre kept
+  assert "dora_scale_reduce" not in kernels["dora_mosaic_xla_prologue"]
+  assert "dora_scale_reduce" in kernels["dora_mosaic_y_sr_wide"]
+  assert not any(k.startswith("dora_matmul_wt") for k in kernels["dora_mosaic_xla_dx"])
+  assert any(k.startswith("dora_matmul_wt") for k in kernels["dora_mosaic"])
+
+
+def test_model_step_smoke(tmp_path):
+  """The model-level step benchmark (JAX sides; PEFT's needs a GPU or a torch env)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "model_step.py"),
+                        "--out", str(tmp_path), "--smoke", "--impls", "jax_dora,jax_lora"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = json.loads((tmp_path / "model_step.json").read_text())["rows"]
+  assert [r["impl"] for r in rows] == ["jax_dora", "jax_lora"]
+  assert all(r["ms"] > 0 and r["trainable"] > 0 and len(r["losses"]) == 4 for r in rows)
+
+
+def test_op_level_and_ab_backend_smoke(tmp_path):
+  """The native-layout op benchmark, and the two-checkout A/B (this checkout against itself)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "op_level.py"),
+                        "--out", str(tmp_path), "--smoke"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = json.loads((tmp_path / "op_level.json").read_text())["rows"]
+  assert {r["impl"] for r in rows} == {"dense", "native", "native_exact", "lora"}
+  ab = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_backend.py"), "--smoke",
+                       "--out", str(tmp_path), "--baseline", str(ROOT), "--rounds", "1"],
+                      capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+  assert ab.returncode == 0, ab.stderr[-3000:]
+  data = json.loads((tmp_path / "ab_backend.json").read_text())
+  assert all(r["new_fwd_bwd"] > 0 and r["baseline_fwd_bwd"] > 0 for r in data["rows"])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dora_jax.kernels import cancelled_columns as cc
-from reference import f64
+from helpers.reference import f64
 
 GPU = jax.default_backend() == "gpu"
 SMALL = cc.RefineConfig(block_m=16, block_n=16, block_k=16)

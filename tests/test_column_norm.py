@@ -17,18 +17,18 @@ import pytest
 import dora_jax
 from dora_jax.kernels import column_norm as cn
 from dora_jax.kernels import dispatch
-from reference import dense_norm
+from helpers.layers import make_layer, normal, rng, uniform
+from helpers.reference import dense_norm
 
 GPU = jax.default_backend() == "gpu"
 SMALL = cn.ColumnNormConfig(block_m=32, block_n=32, block_k=16, programs=8)
 
 
 def _weights(key, d_in, d_out, rank, dtype, *, adapter=0.5):
-  ks = jax.random.split(key, 3)
-  w = (jax.random.normal(ks[0], (d_in, d_out)) / d_in**0.5).astype(dtype)
-  a = (jax.random.uniform(ks[1], (d_in, rank), minval=-1, maxval=1) / d_in**0.5).astype(dtype)
-  b = (adapter * jax.random.normal(ks[2], (rank, d_out))).astype(dtype)
-  return w, a, b
+  g = rng(key)
+  return (normal(g, (d_in, d_out), dtype, d_in**-0.5),
+          uniform(g, (d_in, rank), -(d_in**-0.5), d_in**-0.5, dtype),
+          normal(g, (rank, d_out), dtype, adapter))
 
 
 def _rel(value, expected):
@@ -36,12 +36,11 @@ def _rel(value, expected):
   return float(np.max(np.abs(value - expected) / np.abs(expected)))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("d_in,d_out,rank,cfg", [
-    (37, 53, 1, SMALL),       # rank 1, everything ragged
-    (257, 130, 16, SMALL),    # several row splits, last one partial
-    (70, 41, 384, SMALL),     # the high rank, 24 rank steps
-    (130, 300, 20, None),     # default tiling, ragged rank step
+@pytest.mark.parametrize("dtype,d_in,d_out,rank,cfg", [
+    (jnp.bfloat16, 37, 53, 1, SMALL),       # rank 1, everything ragged
+    (jnp.float16, 257, 130, 16, SMALL),     # several row splits, last one partial
+    (jnp.bfloat16, 70, 41, 384, SMALL),     # the high rank, 24 rank steps
+    (jnp.float16, 130, 300, 20, None),      # default tiling, ragged rank step
 ])
 def test_column_norm_vs_twin_and_f64(fresh_key, dtype, d_in, d_out, rank, cfg):
   w, a, b = _weights(fresh_key(), d_in, d_out, rank, dtype)
@@ -98,7 +97,7 @@ def test_column_norm_rejects_bad_input():
 def test_column_norm_builds_no_dense_product():
   """Outside the kernel, nothing of ``[d_in, d_out]`` size is formed (the
   update lives in ``[block_m, block_n]`` register tiles)."""
-  from test_memory import dense_shaped_dots
+  from helpers.jaxprs import dense_shaped_dots
   d_in, d_out, r = 96, 160, 8
   spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
   jaxpr = jax.make_jaxpr(lambda w, a, b: cn.column_norm(w, a, b, 1.0, config=SMALL,
@@ -108,7 +107,7 @@ def test_column_norm_builds_no_dense_product():
   assert "dora_column_norm" in str(jaxpr)
 
 
-def _norm_in_jaxpr(backend, dtype=jnp.bfloat16, *, cached=False):
+def _norm_in_jaxpr(backend, dtype=jnp.bfloat16, *, cached=False, options=None):
   x = jax.ShapeDtypeStruct((256, 128), dtype)
   w = jax.ShapeDtypeStruct((128, 256), dtype)
   a = jax.ShapeDtypeStruct((128, 16), dtype)
@@ -116,32 +115,37 @@ def _norm_in_jaxpr(backend, dtype=jnp.bfloat16, *, cached=False):
   m = jax.ShapeDtypeStruct((256,), jnp.float32)
   q = jax.ShapeDtypeStruct((256,), jnp.float32) if cached else None
   fn = lambda x, w, a, b, m, q: dora_jax.dora_dense(  # noqa: E731
-      x, w, a, b, m, 2.0, backend=backend, base_sq_norm=q)
+      x, w, a, b, m, 2.0, backend=backend, base_sq_norm=q, options=options)
   return "dora_column_norm" in str(jax.make_jaxpr(fn)(x, w, a, b, m, q))
 
 
-def test_dora_dense_uses_the_norm_kernel_where_allowed(monkeypatch):
+def test_dora_dense_uses_the_norm_kernel_where_allowed():
   """The kernel backends use it (interpret mode off the GPU); ``"xla"`` never;
-  ``"auto"`` only on a CUDA GPU; float32 weights never; the switch turns it off."""
+  ``"auto"`` only on a CUDA GPU; float32 weights never; the options turn it off."""
   assert _norm_in_jaxpr("pallas") and _norm_in_jaxpr("mosaic")
   assert not _norm_in_jaxpr("xla")
-  assert _norm_in_jaxpr("auto") == dispatch.on_cuda_gpu()
+  assert _norm_in_jaxpr("auto") == dispatch.Device.current().cuda
   assert not _norm_in_jaxpr("pallas", jnp.float32)
+  assert not _norm_in_jaxpr("pallas", options=dora_jax.KernelOptions(norm_kernel=False))
+  assert _norm_in_jaxpr("pallas", cached=True)  # 128×256: within the size rule
   # only where it was measured faster: small layers, or small ranks without the ‖W‖² cache
-  monkeypatch.setattr(dispatch, "NORM_KERNEL_MAX_SIZE", 128 * 255)
-  assert _norm_in_jaxpr("pallas") and not _norm_in_jaxpr("pallas", cached=True)
-  monkeypatch.setattr(dispatch, "NORM_KERNEL_MAX_RANK_UNCACHED", 8)
-  assert not _norm_in_jaxpr("pallas")
-  monkeypatch.setattr(dispatch, "NORM_KERNEL_MAX_SIZE", 128 * 256)
-  monkeypatch.setattr(dispatch, "NORM_KERNEL", False)
-  assert not _norm_in_jaxpr("pallas")
+  allowed = lambda impl, shape, rank, cached, auto=False, device=None: (  # noqa: E731
+      dispatch.norm_kernel_allowed(impl, auto, shape, rank, cached, device=device))
+  assert allowed("pallas", (4096, 4096), 384, True)
+  assert not allowed("pallas", (4096, 4097), 384, False)
+  assert allowed("mosaic", (8192, 28672), 16, False)      # uncached, r ≤ 16
+  assert not allowed("mosaic", (8192, 28672), 16, True)   # the cache makes the factored norm win
+  assert not allowed("pallas", (8192, 28672), 17, False)
+  cuda = dispatch.Device(gpu=True, cuda=True)
+  assert allowed("xla", (4096, 4096), 64, True, auto=True, device=cuda)
+  assert not allowed("xla", (4096, 4096), 64, True, auto=False, device=cuda)  # backend="xla"
+  assert not allowed("xla", (4096, 4096), 64, True, auto=True, device=dispatch.Device())
 
 
 @pytest.mark.parametrize("backend", ["pallas", "mosaic"])
 def test_dora_dense_with_the_norm_kernel_matches_xla(fresh_key, backend):
   """Forward and gradients through a kernel backend (its norm from the kernel)
   agree with the XLA backend (factored norm) to bf16 rounding."""
-  from conftest import make_layer
   x, w, a, b, m, _, cot = make_layer(fresh_key(), 128, 256, 16, lead=(256,),
                                      dtype=jnp.bfloat16, bias=False)
 

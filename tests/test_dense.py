@@ -8,19 +8,21 @@ import numpy as np
 import pytest
 
 import dora_jax
-from conftest import make_layer
-from reference import dense_norm, dora_forward, dora_value_and_grads, f64, rel_err
+from dora_jax import compose
+from helpers.layers import make_layer
+from helpers.reference import dense_norm, dora_forward, dora_value_and_grads, f64, rel_err
 
 # Relative (Frobenius) error bounds against float64, per activation dtype. bf16
 # keeps 8 mantissa bits: its matmul outputs alone are off by ~2^-9 relative.
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 
-# (d_in, d_out, rank, leading dims): odd sizes, r = 1, r > d_out, batched.
+# (d_in, d_out, rank, leading dims, bias): odd sizes, r = 1, r > d_out, batched;
+# every dtype runs each shape, with and without a bias across the shapes.
 SHAPES = [
-    (37, 53, 1, (7,)),
-    (70, 41, 64, (3, 5)),
-    (129, 66, 16, (2, 3, 4)),
-    (16, 9, 12, ()),
+    (37, 53, 1, (7,), True),
+    (70, 41, 64, (3, 5), False),
+    (129, 66, 16, (2, 3, 4), True),
+    (16, 9, 12, (), False),
 ]
 
 
@@ -37,9 +39,8 @@ def _grads(x, kernel, lora_a, lora_b, magnitude, scale, bias, cot, backend="xla"
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_forward_and_grads_match_float64(fresh_key, dtype, shape, with_bias):
-  d_in, d_out, rank, lead = shape
+def test_forward_and_grads_match_float64(fresh_key, dtype, shape):
+  d_in, d_out, rank, lead, with_bias = shape
   x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(
       fresh_key(), d_in, d_out, rank, lead, dtype=dtype, bias=with_bias)
   scale = dora_jax.lora_scale(2.0 * rank, rank)
@@ -235,19 +236,11 @@ def test_precision_reaches_forward_and_backward(fresh_key):
     dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 0.5, precision="fastest")
 
 
-@pytest.mark.parametrize("backend,chunk,output_residual",
-                         [("xla", 256, True), ("xla", 4, True), ("pallas", 5, True),
-                          ("xla", 4, False), ("pallas", 5, False)])
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_zero_magnitude_columns_get_the_true_magnitude_gradient(fresh_key, monkeypatch,
-                                                                backend, chunk, output_residual,
-                                                                dtype):
-  """With the output as the dm residual, dm is recovered from y = g ⊙ pre; where
-  g = 0 that is 0/0, and the backward must fall back to recomputing pre (in
-  token chunks, 21 tokens: one partial chunk, or full chunks and a remainder)
-  rather than return 0 or NaN. With pre kept (the default) no fallback is needed."""
-  monkeypatch.setattr(dora_jax.compose, "RECOMPUTE_CHUNK", chunk)
-  monkeypatch.setattr(dora_jax.dense, "_OUTPUT_AS_RESIDUAL", output_residual)
+def test_zero_magnitude_columns_get_the_true_magnitude_gradient(fresh_key, backend, dtype):
+  """g = 0 columns (zero magnitudes): dm comes from pre, not 0 or NaN (21 tokens,
+  bias-free: the case where the mosaic backend keeps y instead, see test_mosaic)."""
   x, kernel, lora_a, lora_b, magnitude, _, cot = make_layer(
       fresh_key(), 45, 38, 6, (3, 7), dtype=dtype, bias=False)
   magnitude = magnitude.at[jnp.array([0, 5, 37])].set(0)
@@ -264,18 +257,135 @@ def test_zero_magnitude_columns_get_the_true_magnitude_gradient(fresh_key, monke
                              atol=tol * np.max(np.abs(g_ref["magnitude"])))
 
 
-@pytest.mark.parametrize("with_bias,output_residual",
-                         [(False, True), (True, True), (False, False), (True, False)])
-def test_the_backward_keeps_one_wide_residual(fresh_key, monkeypatch, with_bias,
-                                             output_residual):
-  """The backward keeps one [T, d_out] activation: pre by default; y itself
-  when the private A/B switch asks for it and there is no bias."""
-  monkeypatch.setattr(dora_jax.dense, "_OUTPUT_AS_RESIDUAL", output_residual)
+def test_xla_backward_from_the_output_residual(fresh_key):
+  """``backward_xla`` given y instead of pre (the kernel backends' derivative
+  twin): dm from Σ dy ⊙ y / g, and zero-magnitude columns from pre recomputed."""
+  x, kernel, lora_a, lora_b, magnitude, _, cot = make_layer(
+      fresh_key(), 45, 38, 6, (21,), bias=False)
+  magnitude = magnitude.at[jnp.array([0, 5, 37])].set(0)
+  norm = dora_jax.factored_norm(kernel, lora_a, lora_b, 1.5)
+  g, inv_norm = magnitude / norm, 1.0 / norm
+  scale = jnp.float32(1.5)
+  y, pre, h = compose.forward_xla(x, kernel, lora_a, lora_b, g, scale, None)
+  wants = compose.Wants(bias=False)
+  from_pre = compose.backward_xla(compose.Residuals(x, kernel, lora_a, lora_b, h, pre, None, g,
+                                                    inv_norm, scale), cot, wants)
+  from_y = compose.backward_xla(compose.Residuals(x, kernel, lora_a, lora_b, h, None, y, g,
+                                                  inv_norm, scale), cot, wants)
+  _, g_ref = dora_value_and_grads(x, kernel, lora_a, lora_b, magnitude, 1.5, None, cot)
+  assert rel_err(from_y.magnitude, g_ref["magnitude"]) < 2 * TOL[jnp.float32]
+  np.testing.assert_allclose(f64(from_y.magnitude)[[0, 5, 37]], g_ref["magnitude"][[0, 5, 37]],
+                             rtol=0, atol=2e-5 * np.max(np.abs(g_ref["magnitude"])))
+  for name in ("x", "lora_a", "lora_b"):
+    np.testing.assert_array_equal(getattr(from_y, name), getattr(from_pre, name))
+
+
+def _wide_residuals(backend, with_bias, options, *args):
+  """The ``[T, d_out]`` residuals of a vjp, and whether each is the output itself."""
+  x, kernel, lora_a, lora_b, magnitude, bias = args
+
+  def forward(x, a, b, m):
+    y, vjp = jax.vjp(lambda x, a, b, m: dora_jax.dora_dense(
+        x, kernel, a, b, m, 2.0, bias if with_bias else None, backend=backend,
+        options=options), x, a, b, m)
+    return y, jax.tree.leaves(vjp)
+
+  closed = jax.make_jaxpr(forward)(x, lora_a, lora_b, magnitude)
+  y_var, *leaves = closed.jaxpr.outvars
+  return [leaf is y_var for leaf in leaves if leaf.aval.shape == y_var.aval.shape]
+
+
+@pytest.mark.parametrize("backend,with_bias,options,keeps_output", [
+    ("xla", False, None, False), ("xla", True, None, False),
+    ("mosaic", False, None, True), ("mosaic", True, None, False),
+    ("mosaic", False, dora_jax.KernelOptions(mosaic_residual="pre"), False)])
+def test_the_backward_keeps_one_wide_residual(fresh_key, backend, with_bias, options,
+                                             keeps_output):
+  """One [T, d_out] activation is kept: pre, or on the mosaic backend without a
+  bias the output y itself (unless the options ask for pre)."""
   x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(
-      fresh_key(), 30, 22, 4, (9,), bias=with_bias)
-  y, vjp = jax.vjp(lambda x, a, b, m: dora_jax.dora_dense(x, kernel, a, b, m, 2.0, bias,
-                                                           backend="xla"),
-                   x, lora_a, lora_b, magnitude)
-  wide = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, "shape", None) == y.shape]
-  assert len(wide) == 1
-  assert np.array_equal(np.asarray(wide[0]), np.asarray(y)) == (output_residual and not with_bias)
+      fresh_key(), 64, 256, 4, (128,), dtype=jnp.bfloat16)
+  wide = _wide_residuals(backend, with_bias, options, x, kernel, lora_a, lora_b, magnitude, bias)
+  assert wide == [keeps_output]
+
+
+def test_kernel_options_are_validated_and_static(fresh_key):
+  with pytest.raises(ValueError, match="mosaic_residual"):
+    dora_jax.KernelOptions(mosaic_residual="y")
+  with pytest.raises(ValueError, match="scale_reduce_max_width"):
+    dora_jax.KernelOptions(scale_reduce_max_width=-1)
+  with pytest.raises(TypeError, match="norm_kernel"):
+    dora_jax.KernelOptions(norm_kernel=1)
+  with pytest.raises(TypeError, match="pallas_dx"):
+    dora_jax.KernelOptions(pallas_dx="yes")
+  with pytest.raises(TypeError, match="pallas_tiles"):
+    dora_jax.KernelOptions(pallas_tiles=(128, 256, 64))
+  with pytest.raises(ValueError, match="block_n"):
+    dora_jax.kernels.MatmulConfig(block_n=100)
+  options = dora_jax.KernelOptions(pallas_tiles=dora_jax.kernels.MatmulConfig(16, 32, 16))
+  assert hash(options) == hash(dora_jax.KernelOptions(
+      pallas_tiles=dora_jax.kernels.MatmulConfig(16, 32, 16)))
+  x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(fresh_key(), 12, 10, 2)
+  with pytest.raises(TypeError, match="options"):
+    dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 1.0, options={"norm_kernel": False})
+
+
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "jit_jvp", "vmap_jvp"])
+def test_forward_mode_says_reverse_mode_only(fresh_key, transform):
+  x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(fresh_key(), 12, 10, 2, (3,))
+  f = lambda x: dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 1.0, bias)
+  run = {"jvp": lambda: jax.jvp(f, (x,), (x,)),
+         "jacfwd": lambda: jax.jacfwd(f)(x),
+         "jit_jvp": lambda: jax.jit(lambda x: jax.jvp(f, (x,), (x,)))(x),
+         "vmap_jvp": lambda: jax.jvp(jax.vmap(f), (x[None],), (x[None],))}[transform]
+  with pytest.raises(TypeError, match="reverse mode only") as info:
+    run()
+  assert "jax.jacrev" in str(info.value) and "custom_jvp" in str(info.value)
+
+
+def _second_order(backend, x, kernel, lora_a, lora_b, magnitude, bias, cot, options=None):
+  """∂/∂(a, b, m) of ‖∂L/∂(x, a)‖² with L = Σ cot ⊙ dora_dense(...)."""
+  def loss(x, a, b, m):
+    y = dora_jax.dora_dense(x, kernel, a, b, m, 0.5, bias, backend=backend, options=options)
+    return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32))
+
+  def grad_norm(a, b, m):
+    dx, da = jax.grad(loss, argnums=(0, 1))(x, a, b, m)
+    return jnp.sum(jnp.square(dx.astype(jnp.float32))) + jnp.sum(jnp.square(da))
+
+  return jax.jit(jax.grad(grad_norm, argnums=(0, 1, 2)))(lora_a, lora_b, magnitude)
+
+
+def _second_order_f64(x, kernel, lora_a, lora_b, magnitude, bias, cot):
+  with jax.enable_x64(True):
+    args = [jnp.asarray(f64(v)) for v in (x, kernel, lora_a, lora_b, magnitude, bias, cot)]
+    x, kernel, a0, b0, m0, bias, cot = args
+    norm = jax.lax.stop_gradient(dense_norm(kernel, a0, b0, 0.5))
+
+    def loss(x, a, b, m):
+      pre = x @ kernel + 0.5 * (x @ a) @ b
+      return jnp.sum((m / jnp.asarray(norm) * pre + bias) * cot)
+
+    def grad_norm(a, b, m):
+      dx, da = jax.grad(loss, argnums=(0, 1))(x, a, b, m)
+      return jnp.sum(dx * dx) + jnp.sum(da * da)
+
+    return [np.asarray(g) for g in jax.grad(grad_norm, argnums=(0, 1, 2))(a0, b0, m0)]
+
+
+@pytest.mark.parametrize("backend,dtype", [("xla", jnp.float32), ("pallas", jnp.float32),
+                                           ("mosaic", jnp.bfloat16)])
+def test_second_order_reverse_mode(fresh_key, backend, dtype):
+  """A gradient of a gradient: the kernel backends differentiate their backward
+  through its XLA twin (pallas_call has no usable JVP rule), the Mosaic one
+  from its output residual (bias-free); float64 oracle."""
+  shape = (256, 256, 16, (128,)) if backend == "mosaic" else (37, 29, 5, (11,))
+  x, kernel, lora_a, lora_b, magnitude, bias, cot = make_layer(
+      fresh_key(), *shape, dtype=dtype, bias=backend != "mosaic")
+  bias64 = jnp.zeros(kernel.shape[1]) if bias is None else bias
+  got = _second_order(backend, x, kernel, lora_a, lora_b, magnitude, bias, cot,
+                      options=dora_jax.KernelOptions(pallas_dx=True))
+  want = _second_order_f64(x, kernel, lora_a, lora_b, magnitude, bias64, cot)
+  tol = TOL[dtype]
+  for name, g, w in zip(("lora_a", "lora_b", "magnitude"), got, want):
+    assert rel_err(g, w) < tol, (name, rel_err(g, w))

@@ -24,10 +24,10 @@ from flax import nnx
 import dora_jax
 from dora_jax.conv import DoRAConv, conv_norm, dora_conv
 from dora_jax.embed import DoRAEmbed, dora_attend, dora_embed
-from adapter_helpers import build
-from reference import f64, rel_err
+from helpers.adapter_helpers import build
+from helpers.reference import f64, rel_err
 
-from torch_env import ENV_VAR, PEFT_PYTHON, ROOT
+from helpers.torch_env import ENV_VAR, PEFT_PYTHON, ROOT
 TOL = 1e-5
 
 
@@ -477,7 +477,7 @@ def peft_run(tmp_path_factory):
                            "padding": _torch_padding(case["padding"], n)},
                  "inputs": str(tmp / f"{name}-in.npz"), "out": str(tmp / f"{name}-out.npz")})
   (tmp / "jobs.json").write_text(json.dumps(jobs))
-  proc = subprocess.run([PEFT_PYTHON, str(ROOT / "tests" / "peft_embed_conv_side.py"),
+  proc = subprocess.run([PEFT_PYTHON, str(ROOT / "tests" / "scripts" / "peft_embed_conv_side.py"),
                          str(tmp / "jobs.json")], capture_output=True, text=True, timeout=300)
   if proc.returncode != 0:
     pytest.fail(f"the PyTorch side failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")

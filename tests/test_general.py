@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from dora_jax import general
-from reference import f64, rel_err
-from test_memory import dot_equations, dot_output_shapes
+from helpers.reference import f64, rel_err
+from helpers.jaxprs import dot_equations, dot_output_shapes
 
 # (equation, input shape, kernel shape): gemma's q/kv/gating einsums, the
 # attention output (two contracted axes), a block-diagonal (batched) kernel,

@@ -24,7 +24,7 @@ from flax import nnx
 import dora_jax
 from dora_jax.io import AdapterFormatError, atomic, naming, safetensors_format
 from dora_jax.io import peft as peft_io
-from io_models import EmbedConvNet, ToyLM, inputs, randomize, rel_err
+from helpers.io_models import EmbedConvNet, ToyLM, inputs, randomize, rel_err
 
 ALL_PROJ = r"layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 

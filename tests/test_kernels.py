@@ -19,15 +19,17 @@ import numpy as np
 import pytest
 
 import dora_jax
-from dora_jax.compose import Wants, backward_xla, forward_xla
+from dora_jax.compose import Residuals, Wants, backward_xla, forward_xla
 from dora_jax.kernels import dispatch, fused_dense
 from dora_jax.kernels._common import MatmulConfig, default_interpret
 from dora_jax.kernels.dual_matmul import dual_matmul, dual_matmul_reference
 
-from conftest import make_layer
-import reference
+from helpers.layers import make_layer, normal, rng
+from helpers import reference
 
 SMALL = MatmulConfig(block_m=16, block_n=32, block_k=16, block_k2=16, group_m=2)
+# small tiles for both launches, and the fused dx launch whatever the dtype
+OPTIONS = dora_jax.KernelOptions(pallas_tiles=SMALL, pallas_dx_tiles=SMALL, pallas_dx=True)
 TOL_F64 = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 GPU = jax.default_backend() == "gpu"
 
@@ -44,21 +46,18 @@ def assert_written(*arrays):
 
 
 def _operands(key, m, n, k1, k2, dtype, trans_b):
-  ks = jax.random.split(key, 7)
-  a1 = jax.random.normal(ks[0], (m, k1)).astype(dtype)
-  b1 = (jax.random.normal(ks[1], (n, k1) if trans_b else (k1, n)) / np.sqrt(k1)).astype(dtype)
-  a2 = jax.random.normal(ks[2], (m, k2)).astype(dtype)
-  b2 = (jax.random.normal(ks[3], (n, k2) if trans_b else (k2, n)) / np.sqrt(k2)).astype(dtype)
-  k_scale = 1.0 + 0.3 * jax.random.normal(ks[4], (k1,))
-  col_scale = 1.0 + 0.3 * jax.random.normal(ks[5], (n,))
-  col_bias = jax.random.normal(ks[6], (n,))
-  return a1, b1, a2, b2, k_scale, col_scale, col_bias
+  g = rng(key)
+  a1 = normal(g, (m, k1), dtype)
+  b1 = normal(g, (n, k1) if trans_b else (k1, n), dtype, 1 / np.sqrt(k1))
+  a2 = normal(g, (m, k2), dtype)
+  b2 = normal(g, (n, k2) if trans_b else (k2, n), dtype, 1 / np.sqrt(k2))
+  col_scale = 1.0 + normal(g, (n,), scale=0.3)
+  col_bias = normal(g, (n,))
+  return a1, b1, a2, b2, col_scale, col_bias
 
 
-def _dual_f64(a1, b1, a2, b2, k_scale, col_scale, col_bias, trans_b):
-  a1 = reference.f64(a1) if k_scale is None else reference.f64(
-      (a1.astype(jnp.float32) * k_scale).astype(a1.dtype))
-  b1, a2, b2 = reference.f64(b1), reference.f64(a2), reference.f64(b2)
+def _dual_f64(a1, b1, a2, b2, col_scale, col_bias, trans_b):
+  a1, b1, a2, b2 = (reference.f64(v) for v in (a1, b1, a2, b2))
   acc = a1 @ (b1.T if trans_b else b1) + a2 @ (b2.T if trans_b else b2)
   out = acc
   if col_scale is not None:
@@ -72,19 +71,19 @@ def test_interpret_is_default_off_gpu():
   assert default_interpret() == (jax.default_backend() != "gpu")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("k2", [1, 40])  # 16 runs at the DoRA level below
+# each dtype with both operand layouts and both low-rank widths (16 runs at the DoRA level below)
+@pytest.mark.parametrize("dtype,trans_b,k2", [(jnp.float32, False, 1), (jnp.float32, True, 40),
+                                              (jnp.bfloat16, False, 40), (jnp.bfloat16, True, 1)])
 def test_dual_matmul_vs_twin_and_f64(fresh_key, dtype, trans_b, k2):
   m, n, k1 = 37, 90, 70  # none a multiple of SMALL's blocks
   ops = _operands(fresh_key(), m, n, k1, k2, dtype, trans_b)
-  a1, b1, a2, b2, ks, cs, cb = ops
-  kw = dict(k_scale=ks, col_scale=cs, col_bias=cb, trans_b=trans_b, want_pre=True)
+  a1, b1, a2, b2, cs, cb = ops
+  kw = dict(col_scale=cs, col_bias=cb, trans_b=trans_b, want_pre=True)
   out, pre = dual_matmul(a1, b1, a2, b2, config=SMALL, **kw)
   assert out.shape == pre.shape == (m, n) and out.dtype == pre.dtype == dtype
   assert_written(out, pre)
   ref_out, ref_pre = dual_matmul_reference(a1, b1, a2, b2, **kw)
-  out64, pre64 = _dual_f64(a1, b1, a2, b2, ks, cs, cb, trans_b)
+  out64, pre64 = _dual_f64(a1, b1, a2, b2, cs, cb, trans_b)
   twin_tol = 1e-6 if dtype == jnp.float32 else 8e-3
   assert rel(out, ref_out) <= twin_tol and rel(pre, ref_pre) <= twin_tol
   assert rel(out, out64) <= TOL_F64[dtype] and rel(pre, pre64) <= TOL_F64[dtype]
@@ -93,28 +92,27 @@ def test_dual_matmul_vs_twin_and_f64(fresh_key, dtype, trans_b, k2):
 @pytest.mark.parametrize("options", [
     dict(),                                            # plain dual GEMM
     dict(col_scale=True),                              # forward without bias
-    dict(k_scale=True, trans_b=True),                  # dx
+    dict(trans_b=True),                                # dx
 ])
 def test_dual_matmul_optional_edges(fresh_key, options):
   trans_b = options.get("trans_b", False)
-  a1, b1, a2, b2, ks, cs, cb = _operands(fresh_key(), 45, 33, 50, 16, jnp.float32, trans_b)
-  kw = dict(k_scale=ks if options.get("k_scale") else None,
-            col_scale=cs if options.get("col_scale") else None, trans_b=trans_b)
+  a1, b1, a2, b2, cs, cb = _operands(fresh_key(), 45, 33, 50, 16, jnp.float32, trans_b)
+  kw = dict(col_scale=cs if options.get("col_scale") else None, trans_b=trans_b)
   cfg = MatmulConfig(block_m=16, block_n=16, block_k=32, group_m=1)
   out, pre = dual_matmul(a1, b1, a2, b2, config=cfg, **kw)
   assert pre is None
   assert_written(out)
-  out64, _ = _dual_f64(a1, b1, a2, b2, kw["k_scale"], kw["col_scale"], None, trans_b)
+  out64, _ = _dual_f64(a1, b1, a2, b2, kw["col_scale"], None, trans_b)
   assert rel(out, out64) <= 1e-5
 
 
 def test_dual_matmul_aligned_shapes_and_default_config(fresh_key):
   # Multiples of the blocks take the unmasked path; the default config shrinks.
-  a1, b1, a2, b2, ks, cs, cb = _operands(fresh_key(), 32, 64, 48, 16, jnp.float32, False)
+  a1, b1, a2, b2, cs, cb = _operands(fresh_key(), 32, 64, 48, 16, jnp.float32, False)
   out, pre = dual_matmul(a1, b1, a2, b2, col_scale=cs, col_bias=cb, want_pre=True,
                          config=MatmulConfig(16, 32, 16, 16))
   out2, _ = dual_matmul(a1, b1, a2, b2, col_scale=cs, col_bias=cb)
-  out64, pre64 = _dual_f64(a1, b1, a2, b2, None, cs, cb, False)
+  out64, pre64 = _dual_f64(a1, b1, a2, b2, cs, cb, False)
   assert_written(out, pre, out2)
   assert rel(out, out64) <= 1e-5 and rel(out2, out64) <= 1e-5 and rel(pre, pre64) <= 1e-5
 
@@ -136,14 +134,13 @@ def _layer(key, rank, dtype, bias, lead=(37,), d_in=70, d_out=90):
   return make_layer(key, d_in, d_out, rank, lead, dtype=dtype, bias=bias)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rank", [1, 16, 40])
+# each rank once (every dtype × rank runs through dora_dense below)
+@pytest.mark.parametrize("dtype,rank", [(jnp.float32, 1), (jnp.bfloat16, 16), (jnp.float32, 40)])
 def test_forward_pallas_vs_xla_twin(fresh_key, dtype, rank):
   x, w, a, b, m, bias, _ = _layer(fresh_key(), rank, dtype, True)
   g = dora_jax.dora_norm_scale(w, a, b, m, 0.7)
   scale = jnp.asarray(0.7, jnp.float32)
-  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
-    y, pre, h = fused_dense.forward_pallas(x, w, a, b, g, scale, bias)
+  y, pre, h = fused_dense.forward_pallas(x, w, a, b, g, scale, bias, options=OPTIONS)
   yx, prex, hx = forward_xla(x, w, a, b, g, scale, bias)
   assert_written(y, pre)
   assert y.dtype == pre.dtype == h.dtype == dtype
@@ -159,17 +156,16 @@ def test_dora_dense_pallas_forward_and_grads(fresh_key, dtype, rank, bias):
   scale = 0.7
   names = ["x", "lora_a", "lora_b", "magnitude"] + (["bias"] if bias else [])
 
-  def loss(backend, x, a, b, m, bb):
-    y = dora_jax.dora_dense(x, w, a, b, m, scale, bb, backend=backend)
-    return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32))
+  def step(backend):
+    def loss(x, a, b, m, bb):
+      y = dora_jax.dora_dense(x, w, a, b, m, scale, bb, backend=backend, options=OPTIONS)
+      return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32)), y
+    argnums = tuple(range(len(names)))
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(
+        x, a, b, m, bb)
+    return y, grads
 
-  argnums = tuple(range(1, 1 + len(names)))
-  args = (x, a, b, m, bb) if bias else (x, a, b, m, None)
-  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
-    y = dora_jax.dora_dense(x, w, a, b, m, scale, bb, backend="pallas")
-    grads = jax.grad(loss, argnums=argnums)("pallas", *args)
-  y_xla = dora_jax.dora_dense(x, w, a, b, m, scale, bb, backend="xla")
-  grads_xla = jax.grad(loss, argnums=argnums)("xla", *args)
+  (y, grads), (_, grads_xla) = step("pallas"), step("xla")
   y64, g64 = reference.dora_value_and_grads(x, w, a, b, m, scale, bb, cot)
   assert_written(y, *grads)
   tol = TOL_F64[dtype]
@@ -182,19 +178,18 @@ def test_dora_dense_pallas_forward_and_grads(fresh_key, dtype, rank, bias):
 
 def test_backward_pallas_honours_wants(fresh_key):
   x, w, a, b, m, bias, dy = _layer(fresh_key(), 16, jnp.float32, True)
-  g, inv = dora_jax.dora_norm_scale(w, a, b, m, 0.5), None
   n = dora_jax.factored_norm(w, a, b, 0.5)
-  inv = 1.0 / n
+  g, inv = m / n, 1.0 / n
   scale = jnp.asarray(0.5, jnp.float32)
-  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
-    _, pre, h = fused_dense.forward_pallas(x, w, a, b, g, scale, bias)
-    full = Wants(x=True, kernel=True, lora_a=True, lora_b=True, magnitude=True, scale=True,
-                 bias=True)
-    gp = fused_dense.backward_pallas(x, w, a, b, h, pre, g, inv, scale, dy, full)
-    only_b = fused_dense.backward_pallas(x, w, a, b, h, pre, g, inv, scale, dy,
-                                         Wants(x=False, lora_a=False, lora_b=True,
-                                               magnitude=False, bias=False))
-  gx = backward_xla(x, w, a, b, h, pre, g, inv, scale, dy, full)
+  _, pre, h = fused_dense.forward_pallas(x, w, a, b, g, scale, bias, options=OPTIONS)
+  res = Residuals(x, w, a, b, h, pre, None, g, inv, scale)
+  full = Wants(x=True, kernel=True, lora_a=True, lora_b=True, magnitude=True, scale=True,
+               bias=True)
+  gp = fused_dense.backward_pallas(res, dy, full, options=OPTIONS)
+  only_b = fused_dense.backward_pallas(res, dy, Wants(x=False, lora_a=False, lora_b=True,
+                                                      magnitude=False, bias=False),
+                                       options=OPTIONS)
+  gx = backward_xla(res, dy, full)
   for name, u, v in zip(gp._fields, gp, gx):
     assert rel(u, v) <= 1e-5, name
   assert only_b.lora_b is not None
@@ -205,13 +200,12 @@ def test_dora_dense_pallas_grads_wrt_kernel_and_scale(fresh_key):
   x, w, a, b, m, bias, cot = _layer(fresh_key(), 16, jnp.float32, True)
 
   def loss(backend, w, s):
-    y = dora_jax.dora_dense(x, w, a, b, m, s, bias, backend=backend,
+    y = dora_jax.dora_dense(x, w, a, b, m, s, bias, backend=backend, options=OPTIONS,
                             norm=dora_jax.factored_norm(w, a, b, 0.7))
     return jnp.sum(y * cot)
 
-  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
-    gp = jax.grad(loss, argnums=(1, 2))("pallas", w, jnp.float32(0.7))
-  gx = jax.grad(loss, argnums=(1, 2))("xla", w, jnp.float32(0.7))
+  gp = jax.jit(jax.grad(lambda *v: loss("pallas", *v), argnums=(0, 1)))(w, jnp.float32(0.7))
+  gx = jax.jit(jax.grad(lambda *v: loss("xla", *v), argnums=(0, 1)))(w, jnp.float32(0.7))
   assert rel(gp[0], gx[0]) <= 1e-5 and rel(gp[1], gx[1]) <= 1e-5
 
 
@@ -220,14 +214,15 @@ def test_pallas_under_jit_and_vmap(fresh_key):
 
   def f(backend):
     def one(xi):
-      return dora_jax.dora_dense(xi, w, a, b, m, 0.7, bias, backend=backend)
-    return jax.jit(jax.vmap(one))
+      return dora_jax.dora_dense(xi, w, a, b, m, 0.7, bias, backend=backend, options=OPTIONS)
+    return jax.vmap(one)
 
-  with fused_dense.block_configs(forward=SMALL, dx=SMALL):
-    yp = f("pallas")(x)
-    gp = jax.grad(lambda x: jnp.sum(f("pallas")(x) * cot))(x)
-  yx = f("xla")(x)
-  gx = jax.grad(lambda x: jnp.sum(f("xla")(x) * cot))(x)
+  def step(backend):
+    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(f(backend)(x) * cot)))(x), \
+        jax.jit(f(backend))(x)
+
+  (_, gp), yp = step("pallas")
+  (_, gx), yx = step("xla")
   assert yp.shape == (3, 13, 90)
   assert_written(yp, gp)
   assert rel(yp, yx) <= 1e-5 and rel(gp, gx) <= 1e-5
@@ -239,20 +234,24 @@ def test_dispatch_is_xla_off_gpu():
   assert dispatch.choose(4096, (4096, 4096), 16, jnp.bfloat16) == "xla"
 
 
-def test_dispatch_table_on_cuda(monkeypatch):
-  monkeypatch.setattr(dispatch, "on_cuda_gpu", lambda: True)
-  monkeypatch.setattr(dispatch, "on_hopper", lambda: False)  # the Triton table alone
-  bf16 = jnp.bfloat16
-  assert dispatch.choose(4096, (4096, 4096), 16, bf16) == "pallas"
-  assert dispatch.choose(8192, (4096, 4096), 64, bf16) == "pallas"
+def test_dispatch_table_on_cuda():
+  ampere = dispatch.Device(gpu=True, cuda=True, hopper=False)  # the Triton table alone
+  choose = lambda tokens, shape, rank, dtype=jnp.bfloat16: dispatch.choose(  # noqa: E731
+      tokens, shape, rank, dtype, ampere)
+  assert choose(4096, (4096, 4096), 16) == "pallas"
+  assert choose(8192, (4096, 4096), 64) == "pallas"
   # Outside the measured region: XLA.
-  assert dispatch.choose(4096, (4096, 4096), 384, bf16) == "xla"
-  assert dispatch.choose(4096, (4096, 4096), 16, jnp.float32) == "xla"
-  assert dispatch.choose(4096, (4096, 4096), 16, jnp.float16) == "xla"
-  assert dispatch.choose(16, (4096, 4096), 16, bf16) == "xla"
-  assert dispatch.choose(4100, (4096, 4096), 16, bf16) == "xla"
+  assert choose(4096, (4096, 4096), 384) == "xla"
+  assert choose(4096, (4096, 4096), 16, jnp.float32) == "xla"
+  assert choose(4096, (4096, 4096), 16, jnp.float16) == "xla"
+  assert choose(16, (4096, 4096), 16) == "xla"
+  assert choose(4100, (4096, 4096), 16) == "xla"
   for shape in ((8192, 28672), (4096, 14336), (14336, 4096), (8192, 8192)):
-    assert dispatch.choose(4096, shape, 16, bf16) == "xla"
+    assert choose(4096, shape, 16) == "xla"
+  # the fused dx launch where it beat XLA's two GEMMs: 2-byte dtypes, T·d_in·d_out ≤ 4096³
+  assert fused_dense.use_dx_kernel(4096, 4096, 4096, jnp.bfloat16)
+  assert not fused_dense.use_dx_kernel(4096, 4096, 4100, jnp.bfloat16)
+  assert not fused_dense.use_dx_kernel(64, 64, 64, jnp.float32)
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -281,11 +280,11 @@ def test_gpu_pallas_matches_xla_and_f64(fresh_key, rank):
 
 @pytest.mark.gpu
 def test_gpu_dual_matmul_poisoned(fresh_key):
-  a1, b1, a2, b2, ks, cs, cb = _operands(fresh_key(), 1000, 1500, 1100, 40, jnp.bfloat16, True)
-  out, pre = dual_matmul(a1, b1, a2, b2, k_scale=ks, col_scale=cs, col_bias=cb, trans_b=True,
+  a1, b1, a2, b2, cs, cb = _operands(fresh_key(), 1000, 1500, 1100, 40, jnp.bfloat16, True)
+  out, pre = dual_matmul(a1, b1, a2, b2, col_scale=cs, col_bias=cb, trans_b=True,
                          want_pre=True, poison=True)
   assert_written(out, pre)
-  out64, _ = _dual_f64(a1, b1, a2, b2, ks, cs, cb, True)
+  out64, _ = _dual_f64(a1, b1, a2, b2, cs, cb, True)
   assert rel(out, out64) <= 1e-2
 
 
@@ -314,10 +313,10 @@ def test_triton_lowering_on_cpu(monkeypatch, dtype, shape):
 
   def fwd(x, w, hs, b, g, bias):
     return dual_matmul(x, w, hs, b, col_scale=g, col_bias=bias, want_pre=True,
-                       config=fused_dense._config("forward", dtype), interpret=False)
+                       config=MatmulConfig.default_for(dtype), interpret=False)
 
   def dx(dpre, w, ts, a):
-    return dual_matmul(dpre, w, ts, a, trans_b=True, config=fused_dense._config("dx", dtype),
+    return dual_matmul(dpre, w, ts, a, trans_b=True, config=MatmulConfig.default_for(dtype),
                        interpret=False)[0]
 
   checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]

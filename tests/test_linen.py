@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 import dora_jax
-from adapter_helpers import kernel_reductions, randomize_adapters, reproduces_base, require_bit_exact
+from helpers.adapter_helpers import kernel_reductions, randomize_adapters, reproduces_base, require_bit_exact
 from dora_jax.linen import DoRADense, intercept_dora, merge_params
-from reference import dora_forward, f64, rel_err
+from helpers.reference import dora_forward, f64, rel_err
 
 FP32_TOL = 2e-6
 

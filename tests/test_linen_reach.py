@@ -21,10 +21,10 @@ import optax
 import pytest
 from jax import lax
 
-from adapter_helpers import np_rng
+from helpers.adapter_helpers import np_rng
 from dora_jax.linen import cache_base_norms, intercept_dora, merge_params
-from layout_reference import merged_weight64, perturb
-from reference import f64, rel_err
+from helpers.layout_reference import merged_weight64, perturb
+from helpers.reference import f64, rel_err
 
 RANK, ALPHA = 2, 3.0
 SCALE = ALPHA / RANK
@@ -406,7 +406,7 @@ def test_dropout_and_cached_norm_op_level(fresh_key):
 def test_training_step_has_no_kernel_sized_product(fresh_key):
   """The intercepted native-layout einsum's training step (gradients of the ``dora``
   collection) forms nothing kernel-sized: no ``W + s·a·b`` and no kernel cotangent."""
-  from test_memory import dot_output_shapes
+  from helpers.jaxprs import dot_output_shapes
 
   model = nn.Einsum((4, 16, 8), "BTD,NDH->BTNH", use_bias=False)
   x = jnp.ones((1, 3, 16))

@@ -42,7 +42,7 @@ from dora_jax.models import (ALL_PROJECTIONS, HFCheckpointError, LlamaConfig, Ll
                              causal_lm_loss, config_from_hf, config_to_hf, load_hf_llama,
                              random_llama, save_hf_llama)
 
-from torch_env import ENV_VAR, PEFT_PYTHON, ROOT
+from helpers.torch_env import ENV_VAR, PEFT_PYTHON, ROOT
 
 TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
@@ -127,7 +127,7 @@ def torch_side(tmp_path_factory):
                "out": str(tmp / "train.npz")})
   (tmp / "jobs.json").write_text(json.dumps({"jobs": jobs}))
   start = time.perf_counter()
-  proc = subprocess.run([PEFT_PYTHON, str(ROOT / "tests" / "llama_torch_side.py"),
+  proc = subprocess.run([PEFT_PYTHON, str(ROOT / "tests" / "scripts" / "llama_torch_side.py"),
                          str(tmp / "jobs.json")], capture_output=True, text=True, timeout=600,
                         env={**os.environ, "TRANSFORMERS_VERBOSITY": "error",
                              "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})

@@ -9,51 +9,14 @@ dense product.
 
 from __future__ import annotations
 
-import math
-
 import jax
-import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr)
 import jax.numpy as jnp
 import pytest
 
 import dora_jax
+from helpers.jaxprs import dense_shaped_dots
 
 D_IN, D_OUT, RANK, TOKENS = 1536, 2560, 64, 512
-
-
-def _sub_jaxprs(eqn):
-  for value in eqn.params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if isinstance(item, jax.extend.core.ClosedJaxpr):
-        yield item.jaxpr
-      elif isinstance(item, jax.extend.core.Jaxpr):
-        yield item
-
-
-def dot_equations(closed_jaxpr) -> list:
-  """Every dot_general equation in ``closed_jaxpr``, recursively."""
-  found = []
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        found.append(eqn)
-      for sub in _sub_jaxprs(eqn):
-        visit(sub)
-
-  visit(closed_jaxpr.jaxpr)
-  return found
-
-
-def dot_output_shapes(closed_jaxpr) -> list[tuple[int, ...]]:
-  """The output shape of every dot_general in ``closed_jaxpr``, recursively."""
-  return [tuple(out.aval.shape) for eqn in dot_equations(closed_jaxpr) for out in eqn.outvars]
-
-
-def dense_shaped_dots(closed_jaxpr, d_in: int, d_out: int) -> list[str]:
-  """Every dot_general (recursively) whose output has ``d_in·d_out`` or more elements."""
-  return [f"dot_general -> {shape}" for shape in dot_output_shapes(closed_jaxpr)
-          if math.prod(shape) >= d_in * d_out and {d_in, d_out} <= set(shape)]
 
 
 def _train_step(norm_fn):

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 import dora_jax
-from adapter_helpers import (build, einsum_reference, randomize_adapters, reproduces_base,
-                             require_bit_exact)
-from reference import dora_forward, dora_value_and_grads, f64, rel_err
+from helpers.adapter_helpers import (build, einsum_reference, randomize_adapters, reproduces_base,
+                                     require_bit_exact)
+from helpers.reference import dora_forward, dora_value_and_grads, f64, rel_err
 from dora_jax.nnx import DoRACache, DoRADense, DoRAEinsum, DoRALinearGeneral, DoRAParam
 
 FP32_TOL = 2e-6  # rel-L2 vs float64 for small fp32 layers

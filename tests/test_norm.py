@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import dora_jax
-from conftest import make_layer
-from reference import dense_norm, dora_forward, f64, rel_err
+from helpers.layers import make_layer
+from helpers.layers import normal, rng
+from helpers.reference import dense_norm, dense_norm_jax, dora_forward, f64, rel_err
 
 NORM_TOL = {jnp.float32: 2e-6, jnp.bfloat16: 2e-6, jnp.float16: 2e-6}
 
@@ -23,7 +24,7 @@ def test_factored_norm_matches_dense_float64(fresh_key, dtype, d_in, d_out, rank
   # Inputs are exactly representable in fp32 and accumulated in fp32: the
   # error is fp32 rounding, whatever the storage dtype.
   assert rel_err(norm, dense_norm(kernel, lora_a, lora_b, 1.7)) < 1e-5
-  dense = dora_jax.dense_norm_reference(kernel, lora_a, lora_b, 1.7)
+  dense = dense_norm_jax(kernel, lora_a, lora_b, 1.7)
   assert rel_err(norm, dense) < 1e-5
 
 
@@ -31,10 +32,10 @@ def test_factored_norm_matches_dense_float64(fresh_key, dtype, d_in, d_out, rank
 def test_bf16_gram_term_keeps_float32_accuracy(fresh_key, rank):
   """bf16 adapters run G·b as split-bf16 tensor-core products: with the adapter
   dominating the column (s·a·b ≫ W), each column's norm still has float32 accuracy."""
-  key = fresh_key()
-  kernel = (1e-3 * jax.random.normal(key, (211, 77))).astype(jnp.bfloat16)
-  lora_a = jax.random.normal(jax.random.fold_in(key, 1), (211, rank)).astype(jnp.bfloat16)
-  lora_b = jax.random.normal(jax.random.fold_in(key, 2), (rank, 77)).astype(jnp.bfloat16)
+  g = rng(fresh_key())
+  kernel = normal(g, (211, 77), jnp.bfloat16, 1e-3)
+  lora_a = normal(g, (211, rank), jnp.bfloat16)
+  lora_b = normal(g, (rank, 77), jnp.bfloat16)
   norm = jax.jit(lambda *a: dora_jax.factored_norm(*a, 3.0))(kernel, lora_a, lora_b)
   expected = dense_norm(kernel, lora_a, lora_b, 3.0)
   np.testing.assert_allclose(f64(norm), expected, rtol=3e-6)
@@ -49,12 +50,15 @@ def test_chunked_norm_equals_unchunked(fresh_key, chunk):
   np.testing.assert_allclose(chunked, whole, rtol=2e-6)
 
 
-def test_auto_chunking_bounds_intermediates(monkeypatch, fresh_key):
-  _, kernel, lora_a, lora_b, *_ = make_layer(fresh_key(), 31, 300, 4)
-  whole = dora_jax.factored_norm(kernel, lora_a, lora_b, 0.9)
-  monkeypatch.setattr(dora_jax.norm, "NORM_CHUNK_BYTES", 3 * 4 * 4 * 130)  # -> chunks of 128
-  assert dora_jax.norm._auto_chunk(4, 300) == 128
-  np.testing.assert_allclose(dora_jax.factored_norm(kernel, lora_a, lora_b, 0.9), whole, rtol=2e-6)
+def test_auto_chunking_bounds_intermediates():
+  """``chunk_size=None``: whole-layer while the ``3·r·d_out`` float32
+  intermediates fit in NORM_CHUNK_BYTES, else the largest multiple of 128 that
+  fits (the chunked path itself: test_chunked_norm_equals_unchunked)."""
+  budget = dora_jax.norm.NORM_CHUNK_BYTES
+  assert dora_jax.norm._auto_chunk(4, 300) == 300
+  assert dora_jax.norm._auto_chunk(1024, 30000) == (budget // (3 * 1024 * 4)) // 128 * 128
+  assert 3 * 1024 * 4 * dora_jax.norm._auto_chunk(1024, 30000) <= budget
+  assert dora_jax.norm._auto_chunk(1 << 20, 1 << 20) == 128  # floor of one block
 
 
 def test_base_sq_norm_cache(fresh_key):
@@ -69,21 +73,21 @@ def test_base_sq_norm_cache(fresh_key):
 
 def test_cancelling_update_gives_zero_norm_not_nan(fresh_key):
   """W ≈ −s·a·b: the factored sum can round below 0; it is clamped, and g stays finite."""
-  key = fresh_key()
-  lora_a = jax.random.normal(key, (24, 4))
-  lora_b = jax.random.normal(jax.random.fold_in(key, 1), (4, 10))
+  g = rng(fresh_key())
+  lora_a = normal(g, (24, 4))
+  lora_b = normal(g, (4, 10))
   kernel = -2.0 * lora_a @ lora_b
   norm = dora_jax.factored_norm(kernel, lora_a, lora_b, 2.0)
   assert np.all(np.isfinite(norm)) and np.all(norm >= 0)
   assert float(jnp.max(norm)) < 1e-2 * float(jnp.max(jnp.linalg.norm(kernel, axis=0)))
-  x = jax.random.normal(jax.random.fold_in(key, 2), (3, 24))
+  x = normal(g, (3, 24))
   y = dora_jax.dora_dense(x, kernel, lora_a, lora_b, jnp.ones(10), 2.0)
   assert np.all(np.isfinite(y))
 
 
 def test_norm_never_builds_dense_product():
   """No dot_general in the norm's jaxpr produces a [d_in, d_out] value."""
-  from test_memory import dense_shaped_dots
+  from helpers.jaxprs import dense_shaped_dots
   d_in, d_out, r = 96, 160, 8
   jaxpr = jax.make_jaxpr(lambda w, a, b: dora_jax.factored_norm(w, a, b, 1.0))(
       jnp.ones((d_in, d_out)), jnp.ones((d_in, r)), jnp.ones((r, d_out)))

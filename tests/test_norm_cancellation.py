@@ -19,7 +19,7 @@ import pytest
 import dora_jax
 from dora_jax import norm as norm_lib
 from dora_jax.kernels import column_norm as cn
-from reference import f64
+from helpers.reference import f64
 
 GPU = jax.default_backend() == "gpu"
 

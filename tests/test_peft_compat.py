@@ -42,10 +42,10 @@ from flax import nnx
 
 import dora_jax
 from dora_jax.io import safetensors_format
-from io_models import (LLAMA_SPEC, SPEC, TinyLlama, ToyLM, inputs, randomize, rel_err,
-                       torch_base_weights, torch_llama_weights)
+from helpers.io_models import (LLAMA_SPEC, SPEC, TinyLlama, ToyLM, inputs, randomize, rel_err,
+                               torch_base_weights, torch_llama_weights)
 
-from torch_env import ENV_VAR, PEFT_PYTHON, ROOT
+from helpers.torch_env import ENV_VAR, PEFT_PYTHON, ROOT
 TOL = 1e-5
 
 
@@ -139,7 +139,7 @@ def crosscheck(tmp_path_factory):
   cases = {**_jax_cases(tmp, key), **_peft_cases(tmp)}
   request = {"spec": SPEC, "jobs": [case["job"] for case in cases.values()]}
   (tmp / "jobs.json").write_text(json.dumps(request))
-  proc = subprocess.run([PEFT_PYTHON, str(ROOT / "tests" / "peft_side.py"), str(tmp / "jobs.json")],
+  proc = subprocess.run([PEFT_PYTHON, str(ROOT / "tests" / "scripts" / "peft_side.py"), str(tmp / "jobs.json")],
                         capture_output=True, text=True, timeout=600)
   if proc.returncode != 0:
     pytest.fail(f"the PyTorch side failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
@@ -217,7 +217,7 @@ def test_embed_conv_adapter_in_peft_and_back(tmp_path, fresh_key):
   """Embed + Conv2d + Linear: PEFT's ``from_pretrained`` reproduces dora_jax's outputs,
   and PEFT's re-save loads back bit-identically."""
   from test_io import embed_conv_adapted, embed_conv_ids
-  from io_models import EmbedConvNet
+  from helpers.io_models import EmbedConvNet
   model = embed_conv_adapted(fresh_key())
   dora_jax.save_adapter(model, tmp_path / "adapter")
   plain = EmbedConvNet(seed=0)
@@ -228,7 +228,7 @@ def test_embed_conv_adapter_in_peft_and_back(tmp_path, fresh_key):
              "head.bias": plain.head.bias[...]}
   np.savez(tmp_path / "inputs.npz", ids=ids, **{k: np.asarray(v) for k, v in weights.items()})
   proc = subprocess.run(
-      [PEFT_PYTHON, str(ROOT / "tests" / "peft_io_embed_conv_side.py"), str(tmp_path / "adapter"),
+      [PEFT_PYTHON, str(ROOT / "tests" / "scripts" / "peft_io_embed_conv_side.py"), str(tmp_path / "adapter"),
        str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz"), str(tmp_path / "resave")],
       capture_output=True, text=True, timeout=300)
   if proc.returncode != 0:

@@ -25,8 +25,8 @@ pytest.importorskip("qwix")
 
 from dora_jax import _qwix_compat, general, quantized
 from dora_jax.quantized import QTYPES, quantize_kernel
-from reference import f64, rel_err
-from test_memory import _sub_jaxprs
+from helpers.reference import f64, rel_err
+from helpers.jaxprs import sub_jaxprs as _sub_jaxprs
 
 SCALE, RANK = 0.7, 3
 # (spec, x shape, kernel shape, block size of the 4-bit types): a Dense kernel,

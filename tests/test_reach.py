@@ -17,10 +17,10 @@ from flax import nnx
 from jax import lax
 
 import dora_jax
-from adapter_helpers import build, np_rng
+from helpers.adapter_helpers import build, np_rng
 from dora_jax.nnx import DoRADense, DoRAEinsum, DoRALinearGeneral, intercept
 from dora_jax.nnx.op import DoRAOp
-from reach_helpers import (assert_base_unchanged, assert_exact, base_state, f64,
+from helpers.reach_helpers import (assert_base_unchanged, assert_exact, base_state, f64,
                            merged_reference, randomize, rel_err, train)
 
 RANK, ALPHA = 2, 4.0
@@ -377,7 +377,7 @@ def test_train_step_has_no_kernel_sized_matmul(make, x_shape):
   ``a·b``, a transposed kernel copy, or the frozen kernel's cotangent). The norm's
   cancellation refinement forms ``REFINE_COLUMNS`` (16) gathered columns densely, so every
   layer here has more output columns than that."""
-  from test_memory import dot_output_shapes
+  from helpers.jaxprs import dot_output_shapes
   layer = build(lambda: make(nnx.Rngs(0)), jax.random.key(1))
   x = jax.random.normal(jax.random.key(2), x_shape)
   layer = dora_jax.apply_dora(layer, targets=".*", rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1),

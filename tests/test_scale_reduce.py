@@ -15,16 +15,15 @@ import numpy as np
 import pytest
 
 from dora_jax.kernels import scale_reduce as sr
+from helpers.layers import normal, rng, uniform
 
 GPU = jax.default_backend() == "gpu"
 
 
 def _inputs(key, tokens, n, dtype):
-  ks = jax.random.split(key, 3)
-  dy = jax.random.normal(ks[0], (tokens, n)).astype(dtype)
-  pre = (3.0 * jax.random.normal(ks[1], (tokens, n))).astype(dtype)
-  g = jax.random.uniform(ks[2], (n,), minval=0.3, maxval=2.0)
-  return dy, pre, g
+  g = rng(key)
+  return (normal(g, (tokens, n), dtype), normal(g, (tokens, n), dtype, 3.0),
+          uniform(g, (n,), 0.3, 2.0))
 
 
 def _check(dy, pre, g, dpre, dy_pre):
@@ -71,62 +70,3 @@ def test_gpu_scale_reduce_at_a_projection_shape(fresh_key):
   dy, pre, g = _inputs(fresh_key(), 4096, 4096 + 96, jnp.bfloat16)
   dpre, dy_pre = jax.jit(sr.scale_reduce)(dy, pre, g)
   _check(dy, pre, g, dpre, dy_pre)
-
-
-# ----------------------------------------------------------------------------- with t and hᵀ·dpre
-
-
-def _check_lowrank(dy, v, g, b, h, out):
-  dpre, dy_v, t, hd = out
-  _check(dy, v, g, dpre, dy_v)
-  twin = sr.scale_reduce_lowrank_reference(dy, v, g, b, h)
-  assert t.shape == twin[2].shape and hd.shape == twin[3].shape
-  assert t.dtype == hd.dtype == jnp.float32
-  # from the same rounded dpre: float32 reassociation vs the twin; the float64
-  # products of the rounded dpre vs the kernel's float32 sums
-  d64 = np.asarray(twin[0], np.float64)
-  for got, twin_v, f64 in ((t, twin[2], d64 @ np.asarray(b, np.float64).T),
-                           (hd, twin[3], np.asarray(h, np.float64).T @ d64)):
-    scale = np.max(np.abs(f64))
-    assert np.max(np.abs(np.asarray(got, np.float64) - np.asarray(twin_v, np.float64))) \
-        <= 1e-5 * scale
-    assert np.max(np.abs(np.asarray(got, np.float64) - f64)) <= 1e-5 * scale
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("tokens,n,rank,cfg", [
-    (37, 50, 1, sr.ScaleReduceConfig(block_t=16, block_n=16, programs=8)),   # all ragged
-    (130, 300, 16, None),                                                     # default tiling
-    (96, 64, 24, sr.ScaleReduceConfig(block_t=16, block_n=32, programs=4)),  # rank padded to 32
-])
-def test_scale_reduce_lowrank_vs_twin_and_f64(fresh_key, dtype, tokens, n, rank, cfg):
-  dy, v, g = _inputs(fresh_key(), tokens, n, dtype)
-  ks = jax.random.split(fresh_key(), 2)
-  b = jax.random.normal(ks[0], (rank, n)).astype(dtype)
-  h = jax.random.normal(ks[1], (tokens, rank)).astype(dtype)
-  out = jax.jit(lambda *a: sr.scale_reduce_lowrank(*a, config=cfg, interpret=not GPU))(
-      dy, v, g, b, h)
-  _check_lowrank(dy, v, g, b, h, out)
-
-
-def test_scale_reduce_lowrank_rejects_bad_input():
-  dy = jnp.ones((8, 16), jnp.bfloat16)
-  b, h = jnp.ones((4, 16), jnp.bfloat16), jnp.ones((8, 4), jnp.bfloat16)
-  with pytest.raises(ValueError, match=r"h \(8, 3\)"):
-    sr.scale_reduce_lowrank(dy, dy, jnp.ones(16), b, h[:, :3])
-  with pytest.raises(ValueError, match="lora_b must be 2-D"):
-    sr.scale_reduce_lowrank(dy, dy, jnp.ones(16), b[0], h)
-  with pytest.raises(ValueError, match="rank 65 is above"):
-    sr.scale_reduce_lowrank(dy, dy, jnp.ones(16), jnp.ones((65, 16), jnp.bfloat16),
-                            jnp.ones((8, 65), jnp.bfloat16))
-
-
-@pytest.mark.gpu
-def test_gpu_scale_reduce_lowrank_at_a_projection_shape(fresh_key):
-  if not GPU:
-    pytest.skip("needs a GPU")
-  dy, v, g = _inputs(fresh_key(), 4096, 4096 + 96, jnp.bfloat16)
-  ks = jax.random.split(fresh_key(), 2)
-  b = jax.random.normal(ks[0], (16, 4096 + 96)).astype(jnp.bfloat16)
-  h = jax.random.normal(ks[1], (4096, 16)).astype(jnp.bfloat16)
-  _check_lowrank(dy, v, g, b, h, jax.jit(sr.scale_reduce_lowrank)(dy, v, g, b, h))

@@ -1,6 +1,6 @@
 """Sharding rules, HLO diagnostics, and the 8-device checks (run in a subprocess).
 
-The multi-device checks live in ``tests/sharded_checks.py``: JAX must start
+The multi-device checks live in ``tests/scripts/sharded_checks.py``: JAX must start
 with 8 (simulated CPU) devices, which this process cannot do once JAX is up,
 so they run once in a fresh interpreter and each group below asserts on its
 results.
@@ -161,13 +161,13 @@ GROUPS = [
 
 @pytest.fixture(scope="module")
 def eight_device_run(tmp_path_factory):
-  """Run ``tests/sharded_checks.py`` on 8 simulated CPU devices; its JUnit results."""
+  """Run ``tests/scripts/sharded_checks.py`` on 8 simulated CPU devices; its JUnit results."""
   junit = tmp_path_factory.mktemp("sharded") / "junit.xml"
   flags = os.environ.get("XLA_FLAGS", "")
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip()}
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", str(ROOT / "tests" / "sharded_checks.py"), "-q",
+      [sys.executable, "-m", "pytest", str(ROOT / "tests" / "scripts" / "sharded_checks.py"), "-q",
        "-p", "no:cacheprovider", f"--junitxml={junit}"],
       capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
   results: dict[str, str] = {}

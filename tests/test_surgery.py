@@ -13,8 +13,8 @@ from flax import nnx
 import dora_jax
 from dora_jax.nnx import DoRADense, DoRAEinsum, DoRALinearGeneral
 from dora_jax.surgery import adaptable_paths, adapted_paths
-from adapter_helpers import build, kernel_reductions, randomize_adapters
-from reference import rel_err
+from helpers.adapter_helpers import build, kernel_reductions, randomize_adapters
+from helpers.reference import rel_err
 
 _fwd = nnx.jit(lambda m, x: m(x))
 

@@ -14,5 +14,11 @@
 
 Each kernel has a pure ``jax.numpy`` twin (``*_reference``, or
 :mod:`dora_jax.compose` for the compositions the ``"xla"`` backend runs) that
-the tests compare against, in interpret mode off the GPU.
+the tests compare against, in interpret mode off the GPU. Shared helpers
+(interpret mode, grids, masked tiles, :class:`MatmulConfig`) are in
+``_common``.
 """
+
+from dora_jax.kernels._common import MatmulConfig
+
+__all__ = ["MatmulConfig"]

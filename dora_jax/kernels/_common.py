@@ -1,4 +1,4 @@
-"""Helpers shared by the Pallas kernels: the interpret switch and block configs."""
+"""Helpers shared by the Pallas kernels: interpret mode, grids, block configs, masked tiles."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 
 def default_interpret() -> bool:
@@ -27,6 +29,11 @@ def next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _is_block(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 16 \
+      and value & (value - 1) == 0
+
+
 class SplitGrid(NamedTuple):
   """A column-blocks × row-splits grid (see :func:`split_grid`)."""
 
@@ -35,11 +42,6 @@ class SplitGrid(NamedTuple):
   col_blocks: int
   splits: int
   rows_per_split: int
-
-  @property
-  def padded_rows(self) -> int:
-    """Rows the splits cover (``≥`` the array's; the rest are masked)."""
-    return self.splits * self.rows_per_split
 
 
 def split_grid(rows: int, cols: int, block_rows: int, block_cols: int,
@@ -76,6 +78,17 @@ class MatmulConfig:
   num_warps: int = 8
   num_stages: int = 3
 
+  def __post_init__(self):
+    for name in ("block_m", "block_n", "block_k") + (("block_k2",) if self.block_k2 is not None
+                                                     else ()):
+      if not _is_block(getattr(self, name)):
+        raise ValueError(f"MatmulConfig.{name} must be a power of two >= 16, got "
+                         f"{getattr(self, name)!r}")
+    for name in ("group_m", "num_warps", "num_stages"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"MatmulConfig.{name} must be a positive int, got {value!r}")
+
   @staticmethod
   def default_for(dtype) -> "MatmulConfig":
     """The default tiling for an operand dtype: 2-byte types get the H100-tuned
@@ -96,3 +109,50 @@ class MatmulConfig:
         block_m=max(16, min(self.block_m, next_pow2(m))),
         block_n=max(16, min(self.block_n, next_pow2(n))),
         block_k=max(16, min(self.block_k, next_pow2(k))))
+
+
+# ---------------------------------------------------------------------------
+# masked tiles (Triton lowering): ragged edges read as 0 and are not written
+
+
+def _mask_2d(r0, nr, c0, nc, rows, cols, check_r: bool, check_c: bool):
+  mask = None
+  if check_r:
+    mask = (r0 + jnp.arange(nr))[:, None] < rows
+  if check_c:
+    col = (c0 + jnp.arange(nc))[None, :] < cols
+    mask = col if mask is None else mask & col
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (nr, nc))
+  return mask
+
+
+def load_2d(ref, r0, nr, c0, nc, check_r: bool, check_c: bool):
+  """Load ``ref[r0:r0+nr, c0:c0+nc]``; out-of-range elements (checked dims) are 0."""
+  rows, cols = ref.shape
+  view = ref.at[pl.ds(r0, nr), pl.ds(c0, nc)]
+  mask = _mask_2d(r0, nr, c0, nc, rows, cols, check_r, check_c)
+  if mask is None:
+    return view[...]
+  return plt.load(view, mask=mask, other=0)
+
+
+def store_2d(ref, r0, c0, value, check_r: bool, check_c: bool):
+  """Store ``value`` at ``ref[r0:, c0:]``, skipping out-of-range elements (checked dims)."""
+  rows, cols = ref.shape
+  nr, nc = value.shape
+  view = ref.at[pl.ds(r0, nr), pl.ds(c0, nc)]
+  mask = _mask_2d(r0, nr, c0, nc, rows, cols, check_r, check_c)
+  if mask is None:
+    view[...] = value
+  else:
+    plt.store(view, value, mask=mask)
+
+
+def load_1d(ref, c0, nc, check: bool):
+  """Load ``ref[c0:c0+nc]``; out-of-range elements (when checked) are 0."""
+  (size,) = ref.shape
+  view = ref.at[pl.ds(c0, nc)]
+  if not check:
+    return view[...]
+  return plt.load(view, mask=(c0 + jnp.arange(nc)) < size, other=0)

@@ -41,8 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dora_jax._checks import check_float, check_weights
-from dora_jax.kernels._common import cdiv, next_pow2, resolve_interpret
-from dora_jax.kernels.dual_matmul import _load_1d, _load_2d
+from dora_jax.kernels._common import cdiv, load_1d, load_2d, next_pow2, resolve_interpret
 
 _F32 = jnp.float32
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -85,24 +84,24 @@ def _kernel(w_ref, a_ref, b_ref, t_ref, inv_c_ref, flag_ref, sq_ref, out_ref, *,
   c0 = pl.program_id(0) * cfg.block_n
   check_m, check_n, check_k = (d_in % cfg.block_m != 0, d_out % cfg.block_n != 0,
                                rank % cfg.block_k != 0)
-  flags = _load_1d(flag_ref, c0, cfg.block_n, check_n)
+  flags = load_1d(flag_ref, c0, cfg.block_n, check_n)
 
   @pl.when(jnp.max(flags) > 0)
   def _():
-    t = _load_1d(t_ref, c0, cfg.block_n, check_n)
-    inv_c = _load_1d(inv_c_ref, c0, cfg.block_n, check_n)
+    t = load_1d(t_ref, c0, cfg.block_n, check_n)
+    inv_c = load_1d(inv_c_ref, c0, cfg.block_n, check_n)
 
     def k_step(r0, kk, acc):
       k0 = kk * cfg.block_k
-      a = _load_2d(a_ref, r0, cfg.block_m, k0, cfg.block_k, check_m, check_k).astype(dtype)
-      b = _load_2d(b_ref, k0, cfg.block_k, c0, cfg.block_n, check_k, check_n).astype(dtype)
+      a = load_2d(a_ref, r0, cfg.block_m, k0, cfg.block_k, check_m, check_k).astype(dtype)
+      b = load_2d(b_ref, k0, cfg.block_k, c0, cfg.block_n, check_k, check_n).astype(dtype)
       return acc + jnp.dot(a, b, precision=precision, preferred_element_type=_F32)
 
     def row_step(i, total):
       r0 = i * cfg.block_m
       update = lax.fori_loop(0, cdiv(rank, cfg.block_k), functools.partial(k_step, r0),
                              jnp.zeros((cfg.block_m, cfg.block_n), _F32))
-      w = _load_2d(w_ref, r0, cfg.block_m, c0, cfg.block_n, check_m, check_n).astype(_F32)
+      w = load_2d(w_ref, r0, cfg.block_m, c0, cfg.block_n, check_m, check_n).astype(_F32)
       v = w * inv_c[None, :] + t[None, :] * update
       return total + v * v  # summed over rows once, after the loop
 

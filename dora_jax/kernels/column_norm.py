@@ -3,7 +3,7 @@
 The factored norm (:func:`dora_jax.factored_norm`) needs ``U = aᵀW`` (one
 GEMM over ``W``), the Gram matrix ``G = aᵀa``, ``G·b`` and the reductions
 around them. On a GPU the small, badly shaped ``G·b`` product and those passes
-cost more than ``U`` itself (H100, 4096×4096, r = 384: about 55 of 80 µs).
+can cost more than ``U`` itself (BENCHMARKS.md, "One-pass norm").
 This kernel instead forms the update tile by tile and never stores it::
 
   for a block of columns j and a block of rows i of W:
@@ -39,8 +39,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dora_jax._checks import check_scale, check_weights
-from dora_jax.kernels._common import cdiv, next_pow2, resolve_interpret, split_grid
-from dora_jax.kernels.dual_matmul import _load_1d, _load_2d, _store_2d
+from dora_jax.kernels._common import (cdiv, load_1d, load_2d, next_pow2, resolve_interpret,
+                                       split_grid, store_2d)
 
 _F32 = jnp.float32
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -80,19 +80,19 @@ def _kernel(w_ref, a_ref, b_ref, s_ref, part_ref, *, rank, rows_per_split, block
             block_k, check_m, check_n):
   j, split = pl.program_id(0), pl.program_id(1)
   c0 = j * block_n
-  s = _load_1d(s_ref, c0, block_n, check_n)
+  s = load_1d(s_ref, c0, block_n, check_n)
   check_k = rank % block_k != 0
   k_steps = cdiv(rank, block_k)
   row_steps = rows_per_split // block_m
 
   def product(r0, kk, acc):
     k0 = kk * block_k
-    a = _load_2d(a_ref, r0, block_m, k0, block_k, check_m, check_k)
-    b = _load_2d(b_ref, k0, block_k, c0, block_n, check_k, check_n)
+    a = load_2d(a_ref, r0, block_m, k0, block_k, check_m, check_k)
+    b = load_2d(b_ref, k0, block_k, c0, block_n, check_k, check_n)
     return acc + jnp.dot(a, b, preferred_element_type=_F32)
 
   def squares(r0, acc, total):
-    w = _load_2d(w_ref, r0, block_m, c0, block_n, check_m, check_n).astype(_F32)
+    w = load_2d(w_ref, r0, block_m, c0, block_n, check_m, check_n).astype(_F32)
     v = w + acc * s[None, :]
     return total + v * v  # summed over rows once, after the loop (no per-step shuffles)
 
@@ -103,7 +103,7 @@ def _kernel(w_ref, a_ref, b_ref, s_ref, part_ref, *, rank, rows_per_split, block
     return squares(r0, acc, total)
 
   total = lax.fori_loop(0, row_steps, row_step, jnp.zeros((block_m, block_n), _F32))
-  _store_2d(part_ref, split, c0, jnp.sum(total, axis=0)[None, :], False, check_n)
+  store_2d(part_ref, split, c0, jnp.sum(total, axis=0)[None, :], False, check_n)
 
 
 def column_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale, *,

@@ -1,77 +1,78 @@
-"""``backend="auto"``: which implementation a call gets.
+"""``backend="auto"``: which implementation a call gets, and when its norm uses the kernel.
 
 The fused kernels (Pallas Triton, Pallas Mosaic GPU) only on CUDA GPUs, and
 only inside the measured region where they beat XLA end to end (forward and
-forward+backward of ``dora_dense``); XLA everywhere else. The measurements (H100, jax 0.11.2, bf16) are in
-``benchmarks/KERNELS.md``; the override is ``DORA_JAX_BACKEND`` or
-``dora_dense(..., backend=...)``.
+forward+backward of ``dora_dense``); XLA everywhere else. The measurements
+behind each rule are in benchmarks/KERNELS.md and BENCHMARKS.md; the override
+is ``DORA_JAX_BACKEND`` or ``dora_dense(..., backend=...)``.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 
+from dora_jax import backend as backend_lib
+
 _log = logging.getLogger("dora_jax")
-_fallbacks_logged: set[str] = set()
+_fallbacks_logged: set[str] = set()  # log each fallback reason once per process
 
 
-def on_cuda_gpu() -> bool:
-  """Whether the default JAX backend is an NVIDIA GPU."""
-  try:
-    return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
-  except Exception:  # noqa: BLE001 - any failure to inspect means "not a CUDA GPU"
-    return False
+class Device(NamedTuple):
+  """What the rules need to know about the default device."""
+
+  gpu: bool = False     # the default JAX backend is a GPU
+  cuda: bool = False    # ... an NVIDIA one
+  hopper: bool = False  # ... of compute capability 9.x (wgmma, TMA)
+
+  @staticmethod
+  def current() -> "Device":
+    """The default device's."""
+    gpu = jax.default_backend() == "gpu"
+    try:
+      cuda = gpu and "cuda" in jax.devices()[0].client.platform_version.lower()
+    except Exception:  # noqa: BLE001 - any failure to inspect means "not a CUDA GPU"
+      cuda = False
+    capability = str(getattr(jax.devices()[0], "compute_capability", "")) if cuda else ""
+    return Device(gpu, cuda, capability.startswith("9"))
 
 
-#: ``(d_in, d_out) -> largest rank`` where the fused path was measured faster
-#: than XLA on an H100 (bf16, T = 4096, forward and forward+backward; see
-#: ``benchmarks/KERNELS.md``). 4096×4096: fwd+bwd 0.624 vs 0.661 ms at r = 16
-#: (0.614 vs 0.675 and 0.636 vs 0.705 at r = 16/64 in the module suite); at
-#: r = 384 a tie (0.785 vs 0.789), so not listed. Not listed because measured
-#: slower or tied end to end: 4096×14336 (forward 6–8% faster at r ≤ 64 but
-#: forward+backward within ±6% either way), 8192×8192, 8192×28672, 14336×4096
-#: (cuBLAS' main loop beats the Pallas/Triton one by ~5% at these sizes).
+#: ``(d_in, d_out) -> largest rank`` where the Pallas (Triton) path beat XLA
+#: end to end on an H100 (bf16, T = 4096); other shapes measured tied or slower.
 PALLAS_WINS: dict[tuple[int, int], int] = {(4096, 4096): 64}
 
-#: Token counts measured: T = 4096. Larger T only adds row tiles; below it the
-#: 128-row tiles run partly masked and XLA is kept.
+#: Fewest tokens measured for the Pallas path (below, 128-row tiles run partly masked).
 PALLAS_MIN_TOKENS = 4096
 
-
-#: Tokens measured for the Mosaic kernel: T = 4096 (bf16, H100). Below it XLA.
+#: Fewest tokens measured for the Mosaic kernels (bf16, H100); below it XLA.
 MOSAIC_MIN_TOKENS = 4096
 
 
-def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
+def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype,
+           device: Device | None = None) -> str:
   """Return ``"pallas"``, ``"mosaic"`` or ``"xla"`` for one call of ``dora_dense``.
 
   Only bf16 activations on a CUDA GPU get a kernel; everything else is XLA,
   which is also what runs off the GPU.
 
-  * ``"mosaic"`` (Hopper): when their tiles divide the shape and ``tokens >=
-    MOSAIC_MIN_TOKENS``, at any rank: ranks 16 and 32 have the LoRA term fused
-    in-kernel (:func:`~dora_jax.kernels.scaled_matmul.fusable_rank`), others
-    hand it over as the GEMMs' addend. Measured on an H100 (jax 0.11.2,
-    ``benchmarks/module_suite.py --only rank``, commit 566618f; BENCHMARKS.md),
-    forward+backward ms, mosaic vs XLA's DoRA, five shapes × r = 16/64/384:
-    faster at 13 of 15 (e.g. 4096×4096 r = 384: 0.685 vs 0.742; 14336×4096
-    r = 384: 1.790 vs 1.901), behind by 0.5% and 0.7% at 8192×28672 r = 64
-    and 384 (within the run-to-run spread); forward faster at 14 of 15
-    (14336×4096 r = 64: +1.4%).
+  * ``"mosaic"`` (Hopper): when its tiles divide the shape and ``tokens >=
+    MOSAIC_MIN_TOKENS``, at any rank (16 and 32 fused in-kernel, others as the
+    GEMMs' addend): faster than XLA's DoRA in forward+backward at 13 of the 15
+    measured shape × rank points and within noise at the other two.
   * ``"pallas"`` (Triton): otherwise, ``tokens`` at least
     :data:`PALLAS_MIN_TOKENS` and a multiple of 128, and ``kernel_shape`` in
     :data:`PALLAS_WINS` with ``rank`` at most its entry.
   """
-  if jnp.dtype(dtype) != jnp.bfloat16 or not on_cuda_gpu():
+  device = Device.current() if device is None else device
+  if jnp.dtype(dtype) != jnp.bfloat16 or not device.cuda:
     return "xla"
   shape = tuple(int(d) for d in kernel_shape)
-  from dora_jax.kernels import fused_mosaic  # noqa: PLC0415
-  if (on_hopper() and tokens >= MOSAIC_MIN_TOKENS
-      and fused_mosaic.shapes_supported(tokens, *shape)):
+  if (device.hopper and tokens >= MOSAIC_MIN_TOKENS
+      and backend_lib.implementation("mosaic").shapes_supported(tokens, *shape)):
     return "mosaic"
   max_rank = PALLAS_WINS.get(shape)
   if max_rank is not None and rank <= max_rank:
@@ -79,28 +80,17 @@ def choose(tokens: int, kernel_shape: tuple[int, int], rank: int, dtype) -> str:
   return "xla"
 
 
-#: Whether ``dora_dense`` may compute its norm with the one-pass kernel
-#: (:mod:`dora_jax.kernels.column_norm`) instead of :func:`dora_jax.factored_norm`
-#: (private, for A/B benchmarks; read at trace time).
-NORM_KERNEL = True
-
 #: Largest ``d_in·d_out`` where the one-pass norm kernel beat the factored norm
-#: with ``‖W‖²`` cached. H100, jax 0.11.2, bf16, GPU µs per call
-#: (``benchmarks/column_norm.py``): 4096×4096 18.7 vs 21.8 (r = 16) and 47.9 vs
-#: 63.8 (r = 384); slower at 4096×14336 (64 vs 53, 230 vs 151) and 8192×28672
-#: (187 vs 172, 672 vs 406), where cuBLAS's ``aᵀW`` outruns the kernel's
-#: Triton product (~250 TFLOP/s).
+#: with ``‖W‖²`` cached (beyond it cuBLAS's ``aᵀW`` outruns the kernel's product).
 NORM_KERNEL_MAX_SIZE = 4096 * 4096
 
-#: Largest rank where the kernel beat the factored norm *without* the cache
-#: (which then re-reads ``W`` for ``‖W‖²``) at every measured shape: r = 16,
-#: 18.7 vs 39.3, 64 vs 95, 187 vs 338 µs (same run); at r = 384 it lost beyond
-#: 4096×4096 (230 vs 195, 672 vs 574).
+#: Largest rank where it beat the factored norm without the cache at every
+#: measured shape.
 NORM_KERNEL_MAX_RANK_UNCACHED = 16
 
 
 def norm_kernel_allowed(impl: str, auto: bool, kernel_shape, rank: int, cached: bool,
-                        *arrays) -> bool:
+                        *arrays, device: Device | None = None) -> bool:
   """Whether a call's norm runs :mod:`dora_jax.kernels.column_norm`.
 
   Only where it was measured faster than :func:`dora_jax.factored_norm`:
@@ -112,37 +102,31 @@ def norm_kernel_allowed(impl: str, auto: bool, kernel_shape, rank: int, cached: 
   layer's GEMMs got; never with ``backend="xla"``.
   """
   d_in, d_out = (int(d) for d in kernel_shape)
-  if not NORM_KERNEL or not (d_in * d_out <= NORM_KERNEL_MAX_SIZE
-                             or (not cached and rank <= NORM_KERNEL_MAX_RANK_UNCACHED)):
+  if not (d_in * d_out <= NORM_KERNEL_MAX_SIZE
+          or (not cached and rank <= NORM_KERNEL_MAX_RANK_UNCACHED)):
     return False
   if impl in ("pallas", "mosaic"):
     return True
-  return auto and on_cuda_gpu() and partitioned_reason(*arrays) is None
+  device = Device.current() if device is None else device
+  return auto and device.cuda and partitioned_reason(*arrays) is None
 
 
-def on_hopper() -> bool:
-  """Whether the default device is a CUDA GPU of compute capability 9.x (wgmma, TMA)."""
-  if not on_cuda_gpu():
-    return False
-  capability = str(getattr(jax.devices()[0], "compute_capability", ""))
-  return capability.startswith("9")
-
-
-def mosaic_or_xla(tokens: int, kernel_shape: tuple[int, int], dtype) -> str:
+def mosaic_or_xla(tokens: int, kernel_shape: tuple[int, int], dtype,
+                  device: Device | None = None) -> str:
   """``"mosaic"`` if the Hopper kernels can run this call, else ``"xla"`` (logged once).
 
   They need a 2-byte dtype (bf16/fp16), dimensions their tiles divide
   (:func:`dora_jax.kernels.fused_mosaic.shapes_supported`) and, on a GPU, a
   Hopper one; off the GPU they run in interpret mode.
   """
-  from dora_jax.kernels import fused_mosaic  # noqa: PLC0415 - Mosaic GPU is optional
+  device = Device.current() if device is None else device
   d_in, d_out = (int(d) for d in kernel_shape)
   reason = None
   if jnp.dtype(dtype).itemsize != 2:
     reason = f"dtype {jnp.dtype(dtype).name} (bf16/fp16 only)"
-  elif not fused_mosaic.shapes_supported(tokens, d_in, d_out):
+  elif not backend_lib.implementation("mosaic").shapes_supported(tokens, d_in, d_out):
     reason = f"T={tokens}, d_in={d_in}, d_out={d_out} not multiples of the kernels' tiles"
-  elif jax.default_backend() == "gpu" and not on_hopper():
+  elif device.gpu and not device.hopper:
     reason = "the GPU is not a Hopper (compute capability 9.x) one"
   if reason is None:
     return "mosaic"
@@ -186,10 +170,10 @@ def partitioned_reason(*arrays) -> str | None:
 
 
 def unpartitioned(choice: str, *arrays, requested: bool = True) -> str:
-  """``choice``, or ``"xla"`` when it is ``"pallas"`` and the call may be partitioned.
+  """``choice``, or ``"xla"`` when it is a kernel backend and the call may be partitioned.
 
   The fallback is logged once per process on the ``"dora_jax"`` logger
-  (warning when Pallas was requested explicitly, info under ``"auto"``).
+  (warning when the kernels were requested explicitly, info under ``"auto"``).
   """
   if choice not in ("pallas", "mosaic"):
     return choice

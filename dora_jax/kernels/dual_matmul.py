@@ -2,13 +2,13 @@
 
 The fused DoRA kernels are all this one Pallas kernel (Triton lowering)::
 
-  acc = (a1 ⊙ k_scale) · b1  +  a2 · b2          fp32 accumulator, one K loop
+  acc = a1 · b1  +  a2 · b2                      fp32 accumulator, one K loop
   out = col_scale ⊙ acc + col_bias                epilogue, per output column
   pre = acc                                       optional second output
 
 Shapes (``trans_b=False``)::
 
-  a1 [M, K1]   b1 [K1, N]   a2 [M, K2]   b2 [K2, N]   k_scale [K1]
+  a1 [M, K1]   b1 [K1, N]   a2 [M, K2]   b2 [K2, N]
   col_scale, col_bias [N]   out, pre [M, N]
 
 With ``trans_b=True`` the right operands are read transposed in place:
@@ -16,9 +16,8 @@ With ``trans_b=True`` the right operands are read transposed in place:
 
 * DoRA forward: ``a1 = x``, ``b1 = W``, ``a2 = s·h``, ``b2 = b``,
   ``col_scale = g``: ``y = g ⊙ (x·W + s·h·b) + bias`` and ``pre`` in one pass.
-* DoRA ``dx``: ``a1 = dy``, ``k_scale = g`` (the prologue ``dpre = dy ⊙ g``),
-  ``b1 = W`` read as ``Wᵀ``, ``a2 = s·t`` with ``t = dpre·bᵀ``, ``b2 = a`` read
-  as ``aᵀ``: ``dx = dpre·Wᵀ + s·t·aᵀ``.
+* DoRA ``dx``: ``a1 = dpre = dy ⊙ g``, ``b1 = W`` read as ``Wᵀ``, ``a2 = s·t``
+  with ``t = dpre·bᵀ``, ``b2 = a`` read as ``aᵀ``: ``dx = dpre·Wᵀ + s·t·aᵀ``.
 
 The K loop first walks ``K1`` in steps of ``block_k`` and then ``K2`` in steps
 of ``block_k2``, keeping one float32 accumulator, so the low-rank term costs
@@ -43,7 +42,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dora_jax.kernels._common import MatmulConfig, cdiv, resolve_interpret
+from dora_jax.kernels._common import (MatmulConfig, cdiv, load_1d, load_2d, resolve_interpret,
+                                       store_2d)
 
 _F32 = jnp.float32
 
@@ -51,47 +51,6 @@ _F32 = jnp.float32
 def _dot(a, b, trans_b: bool):
   dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
   return lax.dot_general(a, b, dims, preferred_element_type=_F32)
-
-
-def _mask_2d(r0, nr, c0, nc, rows, cols, check_r: bool, check_c: bool):
-  mask = None
-  if check_r:
-    mask = (r0 + jnp.arange(nr))[:, None] < rows
-  if check_c:
-    col = (c0 + jnp.arange(nc))[None, :] < cols
-    mask = col if mask is None else mask & col
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, (nr, nc))
-  return mask
-
-
-def _load_2d(ref, r0, nr, c0, nc, check_r: bool, check_c: bool):
-  """Load ``ref[r0:r0+nr, c0:c0+nc]``; out-of-range elements (checked dims) are 0."""
-  rows, cols = ref.shape
-  view = ref.at[pl.ds(r0, nr), pl.ds(c0, nc)]
-  mask = _mask_2d(r0, nr, c0, nc, rows, cols, check_r, check_c)
-  if mask is None:
-    return view[...]
-  return plt.load(view, mask=mask, other=0)
-
-
-def _store_2d(ref, r0, c0, value, check_r: bool, check_c: bool):
-  rows, cols = ref.shape
-  nr, nc = value.shape
-  view = ref.at[pl.ds(r0, nr), pl.ds(c0, nc)]
-  mask = _mask_2d(r0, nr, c0, nc, rows, cols, check_r, check_c)
-  if mask is None:
-    view[...] = value
-  else:
-    plt.store(view, value, mask=mask)
-
-
-def _load_1d(ref, c0, nc, check: bool):
-  (size,) = ref.shape
-  view = ref.at[pl.ds(c0, nc)]
-  if not check:
-    return view[...]
-  return plt.load(view, mask=(c0 + jnp.arange(nc)) < size, other=0)
 
 
 def _tile_ids(pid, grid_m: int, grid_n: int, group_m: int):
@@ -107,11 +66,9 @@ def _tile_ids(pid, grid_m: int, grid_n: int, group_m: int):
 
 
 def _kernel(*refs, m, n, k1, k2, cfg: MatmulConfig, bk2: int, trans_b: bool,
-            has_k_scale: bool, has_col_scale: bool, has_col_bias: bool, want_pre: bool,
-            n_poison: int):
+            has_col_scale: bool, has_col_bias: bool, want_pre: bool, n_poison: int):
   it = iter(refs)
   a1_ref, b1_ref, a2_ref, b2_ref = next(it), next(it), next(it), next(it)
-  ks_ref = next(it) if has_k_scale else None
   cs_ref = next(it) if has_col_scale else None
   cb_ref = next(it) if has_col_bias else None
   for _ in range(n_poison):  # aliased to the outputs; never read
@@ -126,40 +83,37 @@ def _kernel(*refs, m, n, k1, k2, cfg: MatmulConfig, bk2: int, trans_b: bool,
   c0 = pl.multiple_of(pid_n * bn, bn)
   check_m, check_n = m % bm != 0, n % bn != 0
 
-  def k_step(a_ref, b_ref, scale_ref, bk, kk, acc, check_k):
+  def k_step(a_ref, b_ref, bk, kk, acc, check_k):
     k0 = pl.multiple_of(kk * bk, bk)
-    a = _load_2d(a_ref, r0, bm, k0, bk, check_m, check_k)
-    if scale_ref is not None:
-      scale = _load_1d(scale_ref, k0, bk, check_k)
-      a = (a.astype(_F32) * scale[None, :]).astype(a_ref.dtype)
+    a = load_2d(a_ref, r0, bm, k0, bk, check_m, check_k)
     if trans_b:
-      b = _load_2d(b_ref, c0, bn, k0, bk, check_n, check_k)
+      b = load_2d(b_ref, c0, bn, k0, bk, check_n, check_k)
     else:
-      b = _load_2d(b_ref, k0, bk, c0, bn, check_k, check_n)
+      b = load_2d(b_ref, k0, bk, c0, bn, check_k, check_n)
     return acc + _dot(a, b, trans_b)
 
-  def segment(a_ref, b_ref, scale_ref, bk, size, acc):
+  def segment(a_ref, b_ref, bk, size, acc):
     full, tail = divmod(size, bk)
     if full:
-      body = functools.partial(k_step, a_ref, b_ref, scale_ref, bk, check_k=False)
+      body = functools.partial(k_step, a_ref, b_ref, bk, check_k=False)
       acc = lax.fori_loop(0, full, body, acc)
     if tail:  # one masked step; a loop of one keeps the index traced (no static bounds check)
-      body = functools.partial(k_step, a_ref, b_ref, scale_ref, bk, check_k=True)
+      body = functools.partial(k_step, a_ref, b_ref, bk, check_k=True)
       acc = lax.fori_loop(full, full + 1, body, acc)
     return acc
 
   acc = jnp.zeros((bm, bn), _F32)
-  acc = segment(a1_ref, b1_ref, ks_ref, cfg.block_k, k1, acc)
-  acc = segment(a2_ref, b2_ref, None, bk2, k2, acc)
+  acc = segment(a1_ref, b1_ref, cfg.block_k, k1, acc)
+  acc = segment(a2_ref, b2_ref, bk2, k2, acc)
 
   out = acc
   if has_col_scale:
-    out = out * _load_1d(cs_ref, c0, bn, check_n).astype(_F32)[None, :]
+    out = out * load_1d(cs_ref, c0, bn, check_n).astype(_F32)[None, :]
   if has_col_bias:
-    out = out + _load_1d(cb_ref, c0, bn, check_n).astype(_F32)[None, :]
-  _store_2d(out_ref, r0, c0, out.astype(out_ref.dtype), check_m, check_n)
+    out = out + load_1d(cb_ref, c0, bn, check_n).astype(_F32)[None, :]
+  store_2d(out_ref, r0, c0, out.astype(out_ref.dtype), check_m, check_n)
   if want_pre:
-    _store_2d(pre_ref, r0, c0, acc.astype(pre_ref.dtype), check_m, check_n)
+    store_2d(pre_ref, r0, c0, acc.astype(pre_ref.dtype), check_m, check_n)
 
 
 def _check_shapes(a1, b1, a2, b2, trans_b):
@@ -179,18 +133,16 @@ def _check_shapes(a1, b1, a2, b2, trans_b):
   return m, n, k1, k2
 
 
-def dual_matmul(a1, b1, a2, b2, *, k_scale=None, col_scale=None, col_bias=None,
+def dual_matmul(a1, b1, a2, b2, *, col_scale=None, col_bias=None,
                 trans_b: bool = False, want_pre: bool = False, out_dtype=None,
                 config: MatmulConfig | None = None, interpret: bool | None = None,
                 poison: bool = False):
-  """``out = col_scale ⊙ ((a1 ⊙ k_scale)·b1 + a2·b2) + col_bias`` (and ``pre``) in one launch.
+  """``out = col_scale ⊙ (a1·b1 + a2·b2) + col_bias`` (and ``pre``) in one launch.
 
   Args:
     a1: ``[M, K1]``; b1: ``[K1, N]`` (``[N, K1]`` with ``trans_b``).
     a2: ``[M, K2]``; b2: ``[K2, N]`` (``[N, K2]`` with ``trans_b``). All four
       share one dtype, the MMA operand dtype.
-    k_scale: optional ``[K1]`` float32, scales ``a1``'s columns before the MMA
-      (the product is rounded back to ``a1.dtype``).
     col_scale, col_bias: optional ``[N]``, the epilogue (float32 math).
     trans_b: read ``b1``/``b2`` transposed.
     want_pre: also return ``pre = acc`` (before the epilogue).
@@ -208,14 +160,13 @@ def dual_matmul(a1, b1, a2, b2, *, k_scale=None, col_scale=None, col_bias=None,
   out_dtype = jnp.dtype(a1.dtype if out_dtype is None else out_dtype)
   cfg = (config or MatmulConfig.default_for(a1.dtype)).shrink_to(m, n, k1)
   bk2 = max(16, min(cfg.k2(k2), 1 << max(0, k2 - 1).bit_length()))
-  extra = [v for v in (k_scale, col_scale, col_bias) if v is not None]
-  for name, vec, size in (("k_scale", k_scale, k1), ("col_scale", col_scale, n),
-                          ("col_bias", col_bias, n)):
+  extra = [v for v in (col_scale, col_bias) if v is not None]
+  for name, vec, size in (("col_scale", col_scale, n), ("col_bias", col_bias, n)):
     if vec is not None and vec.shape != (size,):
       raise ValueError(f"{name} must be [{size}], got {vec.shape}")
   kernel = functools.partial(
       _kernel, m=m, n=n, k1=k1, k2=k2, cfg=cfg, bk2=bk2, trans_b=trans_b,
-      has_k_scale=k_scale is not None, has_col_scale=col_scale is not None,
+      has_col_scale=col_scale is not None,
       has_col_bias=col_bias is not None, want_pre=want_pre,
       n_poison=(2 if want_pre else 1) if poison else 0)
   out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
@@ -243,13 +194,11 @@ def dual_matmul(a1, b1, a2, b2, *, k_scale=None, col_scale=None, col_bias=None,
   return outs[0], (outs[1] if want_pre else None)
 
 
-def dual_matmul_reference(a1, b1, a2, b2, *, k_scale=None, col_scale=None, col_bias=None,
+def dual_matmul_reference(a1, b1, a2, b2, *, col_scale=None, col_bias=None,
                           trans_b: bool = False, want_pre: bool = False, out_dtype=None):
   """Pure ``jax.numpy`` twin of :func:`dual_matmul` (same roundings)."""
   _check_shapes(a1, b1, a2, b2, trans_b)
   out_dtype = jnp.dtype(a1.dtype if out_dtype is None else out_dtype)
-  if k_scale is not None:
-    a1 = (a1.astype(_F32) * k_scale.astype(_F32)[None, :]).astype(a1.dtype)
   acc = _dot(a1, b1, trans_b) + _dot(a2, b2, trans_b)
   out = acc
   if col_scale is not None:

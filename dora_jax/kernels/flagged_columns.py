@@ -29,8 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dora_jax._checks import check_float
-from dora_jax.kernels._common import cdiv, next_pow2, resolve_interpret
-from dora_jax.kernels.dual_matmul import _load_1d, _load_2d, _store_2d
+from dora_jax.kernels._common import (cdiv, load_1d, load_2d, next_pow2, resolve_interpret,
+                                       store_2d)
 
 _F32 = jnp.float32
 
@@ -62,7 +62,7 @@ def _kernel(x_ref, w_ref, hs_ref, b_ref, dy_ref, flag_ref, part_ref, *, cfg, ran
   j, i = pl.program_id(0), pl.program_id(1)
   r0, c0 = i * cfg.block_t, j * cfg.block_n
   check_t, check_n = tokens % cfg.block_t != 0, n % cfg.block_n != 0
-  flags = _load_1d(flag_ref, c0, cfg.block_n, check_n)
+  flags = load_1d(flag_ref, c0, cfg.block_n, check_n)
   any_flag = jnp.max(flags) > 0
 
   @pl.when(any_flag)
@@ -70,8 +70,8 @@ def _kernel(x_ref, w_ref, hs_ref, b_ref, dy_ref, flag_ref, part_ref, *, cfg, ran
     def k_step(kk, acc, a_ref, b_ref_, size, block):
       k0 = kk * block
       check_k = size % block != 0
-      a = _load_2d(a_ref, r0, cfg.block_t, k0, block, check_t, check_k).astype(dtype)
-      b = _load_2d(b_ref_, k0, block, c0, cfg.block_n, check_k, check_n).astype(dtype)
+      a = load_2d(a_ref, r0, cfg.block_t, k0, block, check_t, check_k).astype(dtype)
+      b = load_2d(b_ref_, k0, block, c0, cfg.block_n, check_k, check_n).astype(dtype)
       return acc + jnp.dot(a, b, preferred_element_type=_F32)
 
     acc = jnp.zeros((cfg.block_t, cfg.block_n), _F32)
@@ -79,14 +79,14 @@ def _kernel(x_ref, w_ref, hs_ref, b_ref, dy_ref, flag_ref, part_ref, *, cfg, ran
         k_step, a_ref=x_ref, b_ref_=w_ref, size=k_dim, block=cfg.block_k), acc)
     acc = lax.fori_loop(0, cdiv(rank, cfg.block_r), functools.partial(
         k_step, a_ref=hs_ref, b_ref_=b_ref, size=rank, block=cfg.block_r), acc)
-    dy = _load_2d(dy_ref, r0, cfg.block_t, c0, cfg.block_n, check_t, check_n).astype(_F32)
+    dy = load_2d(dy_ref, r0, cfg.block_t, c0, cfg.block_n, check_t, check_n).astype(_F32)
     pre = acc.astype(dtype).astype(_F32)
     total = jnp.sum(dy * pre, axis=0)
-    _store_2d(part_ref, i, c0, jnp.where(flags > 0, total, 0.0)[None, :], False, check_n)
+    store_2d(part_ref, i, c0, jnp.where(flags > 0, total, 0.0)[None, :], False, check_n)
 
   @pl.when(jnp.logical_not(any_flag))
   def _():
-    _store_2d(part_ref, i, c0, jnp.zeros((1, cfg.block_n), _F32), False, check_n)
+    store_2d(part_ref, i, c0, jnp.zeros((1, cfg.block_n), _F32), False, check_n)
 
 
 def flagged_dy_dot_pre(x2: jax.Array, kernel: jax.Array, hs: jax.Array, lora_b: jax.Array,

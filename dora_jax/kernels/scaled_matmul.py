@@ -1,26 +1,22 @@
-"""Column-scaled matmuls for Hopper GPUs (Pallas Mosaic GPU: TMA + wgmma).
+"""The column-scaled matmul for Hopper GPUs (Pallas Mosaic GPU: TMA + wgmma).
 
-DoRA's products that XLA cannot fuse into cuBLAS, each as one GEMM with the
-scale folded in (so no extra ``[T, d_out]`` pass):
+DoRA's products that XLA cannot fuse into cuBLAS as one GEMM with the scale
+folded in (so no extra ``[T, d_out]`` pass): :func:`scaled_matmul` computes
+``out = (x·w + l·r + addend) ⊙ col_scale``: the forward, with ``g`` applied in
+the epilogue and the LoRA term either added in-kernel (``l·r = h·(s·b)``,
+rank 16 or 32) or handed over as the ``addend`` (any rank), and, with ``w``
+read transposed and a unit scale, the backward's ``dx``. Shapes ``x [M, K]``,
+``w [K, N]``, ``l [M, r]``, ``r [r, N]``, ``col_scale [N]`` (float32) →
+``[M, N]`` in ``x.dtype``.
 
-* :func:`scaled_matmul` — ``out = (x·w + l·r) ⊙ col_scale``: the forward, with
-  ``g`` applied in the epilogue and, optionally, the LoRA term ``l·r``
-  (``h·(s·b)``, rank 16 or 32) added in-kernel. Shapes ``x [M, K]``,
-  ``w [K, N]``, ``l [M, r]``, ``r [r, N]``, ``col_scale [N]`` (float32) →
-  ``[M, N]`` in ``x.dtype``.
-* :func:`matmul_scaled_k` — ``out = (dy ⊙ k_scale)·wᵀ``: ``dx = (dy ⊙ g)·Wᵀ``
-  with the scale applied to each ``dy`` tile before the tensor-core product.
-  Shapes ``dy [M, K]``, ``w [N, K]`` (the Flax kernel ``[d_in, d_out]`` as is),
-  ``k_scale [K]`` (float32) → ``[M, N]``. Measured slower than XLA on an H100,
-  so :mod:`dora_jax.kernels.fused_mosaic` keeps it off by default.
-
-Both accumulate in float32 and apply the scale in float32; each has its
-``*_reference`` twin in ``jax.numpy``. Operands are bf16 or fp16. The kernels
-are persistent (one CTA per SM), warp specialised (one TMA producer warpgroup,
-two wgmma consumer warpgroups), and need every dimension divisible by its
-tile (:func:`supported` says whether a shape qualifies; the dispatcher sends
-anything else to XLA). ``interpret=True`` runs them through Mosaic GPU's
-interpreter on any backend (slow; for tests), except the fused low-rank term.
+It accumulates in float32 and applies the scale in float32;
+:func:`scaled_matmul_reference` is its ``jax.numpy`` twin. Operands are bf16
+or fp16. The kernel is persistent (one CTA per SM), warp specialised (one TMA
+producer warpgroup, two wgmma consumer warpgroups), and needs every dimension
+divisible by its tile (:func:`supported` says whether a shape qualifies; the
+dispatcher sends anything else to XLA). ``interpret=True`` runs it through
+Mosaic GPU's interpreter on any backend (slow; for tests), except the fused
+low-rank term.
 """
 
 from __future__ import annotations
@@ -40,7 +36,7 @@ class Tiles:
   """Tiling of one kernel launch.
 
   ``tile_m × tile_n`` is one consumer warpgroup's accumulator; the CTA covers
-  two of them, side by side along ``split`` (``"n"`` or ``"m"``). ``stages``
+  two of them, side by side along N (``cta_m × cta_n``). ``stages``
   TMA buffers are in flight. Output tiles are visited in a planar snake of
   width ``snake`` along ``snake_dim`` (0: M, 1: N) for L2 reuse, and stored
   in ``[epi_m, epi_n]`` pieces through two shared-memory buffers per
@@ -52,27 +48,23 @@ class Tiles:
   tile_n: int = 128
   tile_k: int = 64
   stages: int = 4
-  split: str = "n"
   snake_dim: int = 1
   snake: int = 8
   epi_m: int = 64
   epi_n: int = 64
-  a_in_registers: bool = True  # matmul_scaled_k: feed wgmma the scaled tile from registers
 
   @property
   def cta_m(self) -> int:
-    return self.tile_m * (2 if self.split == "m" else 1)
+    return self.tile_m
 
   @property
   def cta_n(self) -> int:
-    return self.tile_n * (2 if self.split == "n" else 1)
+    return 2 * self.tile_n
 
 
-#: Measured on an H100 (benchmarks/scaled_matmul.py, KERNELS.md): 128×256 CTA
-#: tiles, K step 64, 4 stages, 64×64 output pieces (≈ 227 KiB of shared memory).
+#: The fastest tiling measured (benchmarks/scaled_matmul.py; KERNELS.md): 128×256
+#: CTA tiles, K step 64, 4 stages, 64×64 output pieces (≈ 227 KiB of shared memory).
 FORWARD_TILES = Tiles()
-#: 128×256 CTA tiles split over M; the fastest of the measured ``dx`` tilings.
-BACKWARD_TILES = Tiles(split="m", tile_m=64, tile_n=256)
 
 
 def num_sms() -> int:
@@ -82,11 +74,12 @@ def num_sms() -> int:
 
 
 def supported(m: int, n: int, k: int, tiles: Tiles) -> bool:
-  """Whether ``[M, K]·[K, N]`` divides into ``tiles`` (no masking in these kernels)."""
+  """Whether ``[M, K]·[K, N]`` divides into ``tiles`` (no masking in the kernel)."""
   return m % tiles.cta_m == 0 and n % tiles.cta_n == 0 and k % tiles.tile_k == 0
 
 
-def _check_operand(name: str, arg: str, value, dtype=None):
+def _check_operand(arg: str, value, dtype=None):
+  name = "scaled_matmul"
   if value.ndim != 2:
     raise ValueError(f"{name}: {arg} must be 2-D, got shape {value.shape}")
   want = jnp.dtype(dtype) if dtype is not None else None
@@ -99,11 +92,10 @@ def _check_operand(name: str, arg: str, value, dtype=None):
                      f"got {value.dtype}")
 
 
-def _setup(name, m, n, k, tiles, split, dtype):
+def _setup(m, n, k, tiles, dtype):
   """Validate ``tiles`` for an ``[M, N]`` output with K-depth ``k``; return
   ``(in_transforms, out_transforms, m_iters, n_iters, k_iters)``."""
-  if tiles.split != split:
-    raise ValueError(f"{name}: tiles.split must be {split!r}, got {tiles.split!r}")
+  name = "scaled_matmul"
   if tiles.tile_m % 64 or tiles.epi_m % 64 or tiles.tile_m % tiles.epi_m \
       or tiles.tile_n % tiles.epi_n:
     raise ValueError(f"{name}: {tiles} — tile_m and epi_m must be multiples of 64 "
@@ -293,8 +285,8 @@ def scaled_matmul(x: jax.Array, w: jax.Array, col_scale: jax.Array,
 def _scaled_matmul(x, lhs2, addend, w, col_scale, rhs2, *, tiles, interpret, with_unscaled,
                    trans_w):
   name = "scaled_matmul"
-  _check_operand(name, "x", x)
-  _check_operand(name, "w", w, x.dtype)
+  _check_operand("x", x)
+  _check_operand("w", w, x.dtype)
   (m, k), (k2, n) = x.shape, (w.shape[::-1] if trans_w else w.shape)
   if k != k2 or col_scale.shape != (n,):
     w_dims = "[N, K] (trans_w)" if trans_w else "[K, N]"
@@ -302,13 +294,13 @@ def _scaled_matmul(x, lhs2, addend, w, col_scale, rhs2, *, tiles, interpret, wit
                      f"must be [M, K], {w_dims} and [N]")
   has_add = addend is not None
   if has_add:
-    _check_operand(name, "addend", addend, x.dtype)
+    _check_operand("addend", addend, x.dtype)
     if addend.shape != (m, n):
       raise ValueError(f"{name}: addend {addend.shape} must be [M, N] = [{m}, {n}]")
   rank = 0 if lhs2 is None else lhs2.shape[-1]
   if lhs2 is not None:
-    _check_operand(name, "low_rank[0]", lhs2, x.dtype)
-    _check_operand(name, "low_rank[1]", rhs2, x.dtype)
+    _check_operand("low_rank[0]", lhs2, x.dtype)
+    _check_operand("low_rank[1]", rhs2, x.dtype)
     if lhs2.shape != (m, rank) or rhs2.shape != (rank, n):
       raise ValueError(f"{name}: low_rank factors {lhs2.shape} and {rhs2.shape} must be "
                        f"[M, r] and [r, N] with M={m}, N={n}")
@@ -316,7 +308,7 @@ def _scaled_matmul(x, lhs2, addend, w, col_scale, rhs2, *, tiles, interpret, wit
       raise ValueError(f"{name}: low-rank rank {rank} must be a multiple of 16 "
                        f"up to {MAX_FUSED_RANK}")
   dtype = x.dtype
-  in_tf, out_tf, m_iters, n_iters, k_iters = _setup(name, m, n, k, tiles, "n", dtype)
+  in_tf, out_tf, m_iters, n_iters, k_iters = _setup(m, n, k, tiles, dtype)
 
   pipeline = _pipeline([
       plgpu.BlockSpec((tiles.cta_m, tiles.tile_k), lambda kk: (0, kk),
@@ -420,92 +412,3 @@ def _scaled_matmul(x, lhs2, addend, w, col_scale, rhs2, *, tiles, interpret, wit
   kernel.__name__ = ("dora_matmul" + ("_wt" if trans_w else "") + ("_lowrank" if rank else "")
                      + ("_addend" if has_add else "") + ("_pre" if with_unscaled else ""))
   return _launch(kernel, (m, n), dtype, interpret, 2 if with_unscaled else 1)(*operands)
-
-
-# ---------------------------------------------------------------------------
-# out = (dy ⊙ k_scale)·wᵀ
-
-
-def matmul_scaled_k_reference(dy: jax.Array, w: jax.Array, k_scale: jax.Array) -> jax.Array:
-  """``(dy ⊙ k_scale)·wᵀ`` with the scaled ``dy`` rounded to its dtype (as the
-  kernel feeds the tensor cores), float32 accumulation, result in ``dy.dtype``."""
-  scaled = (dy.astype(jnp.float32) * k_scale.astype(jnp.float32)).astype(dy.dtype)
-  acc = lax.dot_general(scaled, w, (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32)
-  return acc.astype(dy.dtype)
-
-
-def matmul_scaled_k(dy: jax.Array, w: jax.Array, k_scale: jax.Array, *,
-                    tiles: Tiles = BACKWARD_TILES, interpret: bool = False) -> jax.Array:
-  """``(dy [M, K] ⊙ k_scale [K]) · w [N, K]ᵀ`` → ``[M, N]`` in ``dy.dtype``, one GEMM."""
-  return _vmappable(functools.partial(_matmul_scaled_k, tiles=tiles, interpret=interpret),
-                    dy, w, k_scale.astype(jnp.float32))
-
-
-def _matmul_scaled_k(dy, w, k_scale, *, tiles, interpret):
-  name = "matmul_scaled_k"
-  _check_operand(name, "dy", dy)
-  _check_operand(name, "w", w, dy.dtype)
-  (m, k), (n, k2) = dy.shape, w.shape
-  if k != k2 or k_scale.shape != (k,):
-    raise ValueError(f"{name}: dy {dy.shape}, w {w.shape} and k_scale {k_scale.shape} "
-                     "must be [M, K], [N, K] and [K]")
-  if interpret and tiles.a_in_registers:  # the interpreter feeds wgmma from SMEM only
-    tiles = dataclasses.replace(tiles, a_in_registers=False)
-  dtype = dy.dtype
-  in_tf, out_tf, m_iters, n_iters, k_iters = _setup(name, m, n, k, tiles, "m", dtype)
-
-  pipeline = _pipeline([
-      plgpu.BlockSpec((tiles.cta_m, tiles.tile_k), lambda kk: (0, kk),
-                      transforms=in_tf, memory_space=plgpu.SMEM),
-      plgpu.BlockSpec((tiles.cta_n, tiles.tile_k), lambda kk: (0, kk),
-                      transforms=in_tf, memory_space=plgpu.SMEM),
-      plgpu.BlockSpec((tiles.tile_k,), lambda kk: (kk,), memory_space=plgpu.SMEM),
-  ], k_iters, tiles)
-
-  def kernel(dy_gmem, w_gmem, s_gmem, out_gmem):
-    @functools.partial(
-        pl.run_scoped,
-        allocs=pipeline(_ignore, _ignore).get_allocations(dy_gmem, w_gmem, s_gmem),
-        out_smem=plgpu.SMEM((2, 2, tiles.epi_m, tiles.epi_n), dtype, transforms=out_tf),
-        a_smem=None if tiles.a_in_registers else plgpu.SMEM(
-            (2, tiles.tile_m, tiles.tile_k), dtype, transforms=in_tf),
-        collective_axes="wg")
-    def _(allocs, out_smem, a_smem):
-      wg = lax.axis_index("wg")
-
-      def one_tile(m_idx, n_idx):
-        rows = pl.ds(m_idx * tiles.cta_m + wg * tiles.tile_m, tiles.tile_m)
-        cols = pl.ds(n_idx * tiles.cta_n, tiles.cta_n)
-
-        def context(run):
-          @functools.partial(pl.run_scoped,
-                             acc_ref=plgpu.ACC((tiles.tile_m, tiles.tile_n), jnp.float32))
-          def _(acc_ref):
-            run(acc_ref)
-            tile = acc_ref[...].astype(dtype)
-            _store_tile(out_smem, [(tile, out_gmem.at[rows, cols])], wg, tiles)
-
-        def body(_, dy_smem, w_smem, s_smem, acc_ref):
-          mine = dy_smem.at[pl.ds(wg * tiles.tile_m, tiles.tile_m)]
-          a = plgpu.load(mine, layout=plgpu.Layout.WGMMA)
-          scale = plgpu.load(s_smem, layout=plgpu.Layout.WGMMA.reduce(0))
-          a = (a.astype(jnp.float32)
-               * lax.broadcast_in_dim(scale, a.shape, [1])).astype(dtype)
-          if a_smem is not None:  # through SMEM (what interpret mode supports)
-            a_smem[wg] = a
-            plgpu.commit_smem()
-            a = a_smem.at[wg]
-          plgpu.wgmma(acc_ref, a, w_smem.transpose((1, 0)))
-          plgpu.wgmma_wait(0)
-          return acc_ref
-
-        pipeline(body, context)(
-            dy_gmem.at[pl.ds(m_idx * tiles.cta_m, tiles.cta_m), :],
-            w_gmem.at[cols, :], s_gmem, allocations=allocs)
-
-      _tile_loop(m_iters, n_iters, tiles, one_tile)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-  kernel.__name__ = "dora_matmul_scaled_k"
-  return _launch(kernel, (m, n), dtype, interpret)(dy, w, k_scale)

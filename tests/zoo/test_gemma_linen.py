@@ -27,8 +27,8 @@ import optax  # noqa: E402
 from gemma import gm  # noqa: E402
 
 from dora_jax.linen import intercept_dora, merge_params  # noqa: E402
-from layout_reference import merged_weight64, perturb  # noqa: E402
-from reference import f64, rel_err  # noqa: E402
+from helpers.layout_reference import merged_weight64, perturb  # noqa: E402
+from helpers.reference import f64, rel_err  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
 SCALE = ALPHA / RANK

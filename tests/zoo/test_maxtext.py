@@ -28,8 +28,8 @@ qwix = require("qwix")
 pytestmark = pytest.mark.xdist_group("maxtext")
 import dora_jax.qwix  # noqa: E402
 
-from adapter_helpers import np_rng  # noqa: E402
-from reach_helpers import (assert_base_unchanged, assert_exact, base_state, f64,  # noqa: E402
+from helpers.adapter_helpers import np_rng  # noqa: E402
+from helpers.reach_helpers import (assert_base_unchanged, assert_exact, base_state, f64,  # noqa: E402
                            merged_reference, randomize, rel_err, train)
 
 RANK, ALPHA, TOL = 4, 8.0, 1e-5

@@ -30,7 +30,7 @@ from flax import traverse_util  # noqa: E402
 
 import dora_jax.qwix  # noqa: E402
 from dora_jax.qwix import _private  # noqa: E402
-from reach_helpers import f64, merged_reference, rel_err  # noqa: E402
+from helpers.reach_helpers import f64, merged_reference, rel_err  # noqa: E402
 
 RANK, ALPHA, TOL = 4, 8.0, 1e-5
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference import f64
+from helpers.reference import f64
 
 
 def merged_weight64(kernel, lora_a, lora_b, magnitude, scale, roles) -> np.ndarray:

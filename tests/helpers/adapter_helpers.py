@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dora_jax
-from reference import f64
+from helpers.reference import f64
 
 
 def np_rng(key) -> np.random.Generator:

@@ -23,12 +23,35 @@ def dense_norm(kernel, lora_a, lora_b, scale) -> np.ndarray:
   return np.sqrt(np.sum(w * w, axis=0))
 
 
+def dense_norm_jax(kernel, lora_a, lora_b, scale) -> jax.Array:
+  """``‖W + s·a·b‖`` per column in JAX, forming the dense ``[d_in, d_out]`` update
+  (what the library never does; float32, float64 under x64)."""
+  acc = jnp.promote_types(jnp.float32, jnp.result_type(kernel, lora_a, lora_b))
+  dense = kernel.astype(acc) + scale * jnp.dot(
+      lora_a.astype(acc), lora_b.astype(acc), precision=jax.lax.Precision.HIGHEST)
+  return jnp.sqrt(jnp.sum(jnp.square(dense), axis=0))
+
+
 def dora_forward(x, kernel, lora_a, lora_b, magnitude, scale, bias=None) -> np.ndarray:
   """``y = m/‖W+s·a·b‖ ⊙ (x·W + s·x·a·b) + bias`` in float64 numpy."""
   xs = f64(x)
   pre = xs @ f64(kernel) + float(scale) * (xs @ f64(lora_a)) @ f64(lora_b)
   y = f64(magnitude) / dense_norm(kernel, lora_a, lora_b, scale) * pre
   return y if bias is None else y + f64(bias)
+
+
+def _dense_forward(p, s):
+  dense = p["kernel"] + s * p["lora_a"] @ p["lora_b"]
+  norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(dense * dense, axis=0)))
+  pre = p["x"] @ p["kernel"] + s * (p["x"] @ p["lora_a"]) @ p["lora_b"]
+  y = p["magnitude"] / norm * pre
+  return y + p["bias"] if "bias" in p else y
+
+
+@jax.jit  # one compiled program per shape (op-by-op float64 dispatch cost seconds per call)
+def _dense_value_and_grads(diff, frozen, cot, s):
+  loss = lambda diff: jnp.sum(_dense_forward({**diff, **frozen}, s) * cot)  # noqa: E731
+  return _dense_forward({**diff, **frozen}, s), jax.grad(loss)(diff)
 
 
 def dora_value_and_grads(x, kernel, lora_a, lora_b, magnitude, scale, bias, cotangent,
@@ -40,31 +63,18 @@ def dora_value_and_grads(x, kernel, lora_a, lora_b, magnitude, scale, bias, cota
   float64 numpy, computed by JAX autodiff of the dense formulation with
   ``stop_gradient`` on the norm.
   """
-  s = float(scale)
   with jax.enable_x64(True):
     args = {k: jnp.asarray(f64(v)) for k, v in
             dict(x=x, kernel=kernel, lora_a=lora_a, lora_b=lora_b, magnitude=magnitude).items()}
     if bias is not None:
       args["bias"] = jnp.asarray(f64(bias))
-    cot = jnp.asarray(f64(cotangent))
-
-    def forward(p):
-      dense = p["kernel"] + s * p["lora_a"] @ p["lora_b"]
-      norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(dense * dense, axis=0)))
-      pre = p["x"] @ p["kernel"] + s * (p["x"] @ p["lora_a"]) @ p["lora_b"]
-      y = p["magnitude"] / norm * pre
-      return y + p["bias"] if "bias" in p else y
-
-    def loss(diff, frozen):
-      return jnp.sum(forward({**diff, **frozen}) * cot)
-
     names = ["x", "lora_a", "lora_b", "magnitude"] + (["bias"] if bias is not None else [])
     if wrt_kernel:
       names.append("kernel")
     diff = {k: args[k] for k in names}
     frozen = {k: v for k, v in args.items() if k not in names}
-    y = forward(args)
-    grads = jax.grad(loss)(diff, frozen)
+    y, grads = _dense_value_and_grads(diff, frozen, jnp.asarray(f64(cotangent)),
+                                      jnp.float64(float(scale)))
     return np.asarray(y), {k: np.asarray(v) for k, v in grads.items()}
 
 

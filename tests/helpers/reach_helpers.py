@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from reference import f64, rel_err
+from helpers.reference import f64, rel_err
 
 #: Base weights: every nnx.Param that is not an adapter.
 BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))

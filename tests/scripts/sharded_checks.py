@@ -6,7 +6,7 @@ this module in a subprocess with
 devices). By hand::
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-      python -m pytest tests/sharded_checks.py -q
+      python -m pytest tests/scripts/sharded_checks.py -q
 
 Layouts on a ``4 × 2`` ``('fsdp', 'tp')`` mesh (``kernel [d_in, d_out]``):
 
@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dora_jax
 from dora_jax import sharding as dsh
+from helpers import reference
 
 if jax.device_count() < 8:
   pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)",
@@ -308,7 +309,7 @@ def test_norm_alone_reduces_with_one_small_all_reduce(name):
   with jax.set_mesh(mesh):
     hlo = norm("off").lower(w, a, b).compile().as_text()
     refined = norm("auto").lower(w, a, b).compile().as_text()
-    naive = jax.jit(lambda w, a, b: dora_jax.dense_norm_reference(w, a, b, 2.0)).lower(w, a, b).compile().as_text()
+    naive = jax.jit(lambda w, a, b: reference.dense_norm_jax(w, a, b, 2.0)).lower(w, a, b).compile().as_text()
   found = dsh.collectives(hlo)
   assert all(c.op == "all-reduce" for c in found), found
   total = sum(math.prod(s) for c in found for s in c.shapes)
@@ -443,7 +444,7 @@ def test_pallas_runs_per_shard_inside_shard_map():
 def test_sharded_finetune_example(capsys, monkeypatch):
   import runpy
   from pathlib import Path
-  example = Path(__file__).resolve().parents[1] / "examples" / "sharded_finetune.py"
+  example = Path(__file__).resolve().parents[2] / "examples" / "sharded_finetune.py"
   monkeypatch.setattr("sys.argv", [str(example), "--steps", "6", "--d-model", "64", "--d-ff",
                                    "128", "--batch", "16", "--seq", "8", "--lr", "1e-2"])
   runpy.run_path(str(example), run_name="__main__")

@@ -27,7 +27,7 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 RANKS = [16, 384]
 
 
-def child(tokens: int, smoke: bool) -> list[dict]:
+def child(tokens: int, smoke: bool, shapes=None) -> list[dict]:
   import functools
   import jax
   sys.path.insert(0, HERE)
@@ -35,7 +35,7 @@ def child(tokens: int, smoke: bool) -> list[dict]:
   import implementations as impls
   import dora_jax
 
-  shapes = [(96, 160)] if smoke else SHAPES
+  shapes = [(96, 160)] if smoke else (shapes or SHAPES)
   ranks = [4] if smoke else RANKS
   dtype = "float32" if smoke else "bfloat16"
   timing = dict(calls=2, repeats=2, warmup=1) if smoke else dict(calls=10, repeats=5)
@@ -61,11 +61,14 @@ def main():
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--tokens", type=int, default=4096)
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--shapes", default=None, help="d_inxd_out,... (default: the module suite's)")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child is not None:
     sys.path.insert(0, args.child)
-    print("RESULT " + json.dumps(child(args.tokens, args.smoke)), flush=True)
+    shapes = None if args.shapes is None else [tuple(int(v) for v in s.split("x"))
+                                               for s in args.shapes.split(",")]
+    print("RESULT " + json.dumps(child(args.tokens, args.smoke, shapes)), flush=True)
     return
   new_root = os.path.dirname(HERE)
   runs = {"baseline": [], "new": []}
@@ -73,6 +76,7 @@ def main():
     for label, root in (("baseline", args.baseline), ("new", new_root)):
       cmd = [sys.executable, os.path.abspath(__file__), "--child", os.path.abspath(root),
              "--tokens", str(args.tokens)] + (["--smoke"] if args.smoke else [])
+      cmd += [] if args.shapes is None else ["--shapes", args.shapes]
       proc = subprocess.run(cmd, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": os.path.abspath(root)})
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

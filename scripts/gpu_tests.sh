@@ -7,8 +7,9 @@
 #    cannot run;
 # 2. the numerics suites of the core on the GPU (matmuls pinned to "highest"
 #    precision there, so float32 is not TF32): dense, norm, memory, kernels,
-#    mosaic, scale_reduce, flagged_columns, column_norm (their kernel tests run
-#    natively there).
+#    mosaic, scale_reduce, flagged_columns, column_norm, cancelled_columns
+#    (their kernel tests run natively there), the norm's cancellation, the
+#    exact gradient, the native-layout op and QDoRA (needs qwix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -21,4 +22,6 @@ PY
 python -m pytest -q -m gpu tests/ "$@"
 python -m pytest -q tests/test_dense.py tests/test_norm.py tests/test_memory.py \
   tests/test_kernels.py tests/test_mosaic.py tests/test_scale_reduce.py \
-  tests/test_flagged_columns.py tests/test_column_norm.py "$@"
+  tests/test_flagged_columns.py tests/test_column_norm.py tests/test_cancelled_columns.py \
+  tests/test_norm_cancellation.py tests/test_exact_gradient.py tests/test_general.py \
+  tests/test_qdora.py "$@"

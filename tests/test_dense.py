@@ -145,8 +145,10 @@ def test_gradients_wrt_kernel_and_scale_when_asked(fresh_key):
   assert rel_err(dk, g_ref["kernel"]) < 2e-5
   # d/ds with the norm detached: Σ cot ⊙ g ⊙ (x·a·b).
   g = f64(magnitude) / dense_norm(kernel, lora_a, lora_b, 0.8)
-  ds_ref = np.sum(f64(cot) * g * ((f64(x) @ f64(lora_a)) @ f64(lora_b)))
-  assert abs(float(ds) - ds_ref) <= 2e-5 * abs(ds_ref)
+  terms = f64(cot) * g * ((f64(x) @ f64(lora_a)) @ f64(lora_b))
+  # A float32 sum of signed terms: its error is bounded by the terms' magnitudes, not by
+  # |Σ terms| (random cotangents can make the sum cancel to a few percent of them).
+  assert abs(float(ds) - np.sum(terms)) <= 2e-5 * np.sum(np.abs(terms))
 
 
 def test_precomputed_norm_gives_identical_values_and_grads(fresh_key):

@@ -154,23 +154,6 @@ class _Weight(NamedTuple):
   chain: tuple
 
 
-def _check_base_dtype(base_dtype, block_size) -> str | None:
-  """The quantization type (``None``: a float base); ``block_size`` needs one."""
-  from dora_jax.quantized import QTYPES
-  if base_dtype is None:
-    if block_size is not None:
-      raise ValueError(f"block_size={block_size!r} is the quantization block of base_dtype; "
-                       f"pass base_dtype= (one of {', '.join(map(repr, QTYPES))}) with it")
-    return None
-  if not isinstance(base_dtype, str) or base_dtype not in QTYPES:
-    raise ValueError(f"base_dtype must be one of {', '.join(map(repr, QTYPES))} (or None: "
-                     f"a float base), got {base_dtype!r}")
-  if block_size is not None and (isinstance(block_size, bool)
-                                 or not isinstance(block_size, int) or block_size < 1):
-    raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
-  return base_dtype
-
-
 def _quantizable_type(module: nnx.Module, where: str, qtype: str) -> None:
   """Refuse, naming the layer kind, a registered layer whose weight cannot be quantized."""
   from dora_jax.nnx import DoRAConv, DoRAEmbed
@@ -332,7 +315,7 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
   if example_inputs is not None and not isinstance(example_inputs, tuple):
     raise TypeError("example_inputs must be a tuple of the model's positional call "
                     f"arguments, got {type(example_inputs).__name__}")
-  qtype = _check_base_dtype(base_dtype, block_size)
+  qtype = _quant.check_base_dtype(base_dtype, block_size)
   all_linear = isinstance(targets, str) and targets == ALL_LINEAR
   match = _matcher(targets)
   wrapped: dict[int, tuple[str, nnx.Module]] = {}

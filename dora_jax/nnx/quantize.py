@@ -45,6 +45,24 @@ from dora_jax.nnx import intercept
 CONFIG_ATTR = "_dora_quantized"
 
 
+def check_base_dtype(base_dtype, block_size) -> str | None:
+  """Validate the ``base_dtype``/``block_size`` arguments: the quantization type, or
+  ``None`` (a float base), with which ``block_size`` is an error."""
+  from dora_jax.quantized import QTYPES
+  if base_dtype is None:
+    if block_size is not None:
+      raise ValueError(f"block_size={block_size!r} is the quantization block of base_dtype; "
+                       f"pass base_dtype= (one of {', '.join(map(repr, QTYPES))}) with it")
+    return None
+  if not isinstance(base_dtype, str) or base_dtype not in QTYPES:
+    raise ValueError(f"base_dtype must be one of {', '.join(map(repr, QTYPES))} (or None: "
+                     f"a float base), got {base_dtype!r}")
+  if block_size is not None and (isinstance(block_size, bool)
+                                 or not isinstance(block_size, int) or block_size < 1):
+    raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+  return base_dtype
+
+
 def is_quantized(value: Any) -> bool:
   """Whether ``value`` is a quantized weight (a :class:`~dora_jax.general.QuantizedWeight`)."""
   return isinstance(value, QuantizedWeight)

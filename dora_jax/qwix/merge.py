@@ -3,7 +3,8 @@
 ``W' = m / ‖W + s·a·b‖ ⊙ (W + s·a·b)`` per adapted weight, in its own layout
 (:func:`dora_jax.general.merge_weight`), using the layouts the provider recorded
 (``provider.adapted``). The merged model is the original, un-intercepted model
-type with merged weights and no adapters.
+type with merged weights and no adapters. A quantized weight (QDoRA,
+``weight_qtype=``) merges to the float weight ``g ⊙ (Ŵ + s·a·b)`` in its float dtype.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def merge(model: nnx.Module, provider: DoraProvider) -> nnx.Module:
     where = "/".join(map(str, path)) or "<root>"
     a, b, m = (getattr(module, name + s)[...] for s in SUFFIXES)
     var = getattr(module, name)
-    var[...] = _merged(var[...], a, b, m, layout, scale, where)
+    var.set_value(_merged(var.get_value(), a, b, m, layout, scale, where))
     for s in SUFFIXES:
       delattr(module, name + s)
   for _, module in nnx.iter_modules(out):

@@ -214,8 +214,7 @@ class QuantizedKernel(QuantizedWeight):
 
   def dequantize(self) -> jax.Array:
     """``Ŵ``, the whole dequantized kernel in ``dtype`` (merge, export and tests only)."""
-    return _decode(self.codes, self.scale, self.qtype, self.blocked_axis, self.block_size,
-                   self.dtype, self.storage_dtype)
+    return _dequantize(self)
 
   def dequantize_part(self, axis: int, start, size: int) -> jax.Array:
     """``Ŵ[..., start:start + size, ...]`` along output ``axis`` (``start`` may be traced)."""
@@ -280,6 +279,12 @@ class QuantizedKernel(QuantizedWeight):
     else:
       codes = self.codes
     return _compat().qarray(codes, self.scale, self.qtype)
+
+
+@jax.jit
+def _dequantize(weight: QuantizedKernel) -> jax.Array:
+  return _decode(weight.codes, weight.scale, weight.qtype, weight.blocked_axis,
+                 weight.block_size, weight.dtype, weight.storage_dtype)
 
 
 # -- contraction part by part -------------------------------------------------------
@@ -576,6 +581,11 @@ def init_magnitude(weight: QuantizedKernel, dtype=None) -> jax.Array:
   return general.init_magnitude(weight, weight.layout, dtype)
 
 
+@functools.partial(jax.jit, static_argnums=(4,))
+def _merge_weight(weight, lora_a, lora_b, magnitude, scale: float):
+  return general.merge_weight(weight, lora_a, lora_b, magnitude, scale, weight.layout)
+
+
 def merge_weight(weight: QuantizedKernel, lora_a: jax.Array, lora_b: jax.Array,
                  magnitude: jax.Array, scale, *, requantize: bool = False
                  ) -> jax.Array | QuantizedKernel:
@@ -585,7 +595,7 @@ def merge_weight(weight: QuantizedKernel, lora_a: jax.Array, lora_b: jax.Array,
   layout (the merged model then carries the quantization error of the
   merged weight).
   """
-  merged = general.merge_weight(weight, lora_a, lora_b, magnitude, scale, weight.layout)
+  merged = _merge_weight(weight, lora_a, lora_b, magnitude, float(scale))
   if not requantize:
     return merged
   return quantize_kernel(merged, weight.qtype, block_size=weight.block_size,

@@ -293,6 +293,10 @@ class OpSite(AdapterSite):
     """The merged weight in its stored shape and dtype (shape ops of the chain undone)."""
     stored = self.kernel[...]
     view = kernel_view(self.module, self.spec, casts=False)
+    if _quant.is_quantized(view):  # g ⊙ (Ŵ + s·a·b), one compiled program per shape
+      from dora_jax import quantized
+      return quantized.merge_weight(view, self.lora_a[...], self.lora_b[...],
+                                    self.magnitude[...], self.scale)
     merged = _base.merged_kernel(view, self.lora_a[...], self.lora_b[...],
                                  self.magnitude[...], self.scale, self.layout, native=True)
     return _trace.invert_chain(merged, self.spec.chain, stored.shape).astype(stored.dtype)

@@ -26,6 +26,9 @@ def _merged(weight, a, b, m, layout: general.WeightLayout, scale: float, where: 
     raise NotImplementedError(
         f"{where}: the weight is stored as {tuple(weight.shape)} but entered its op as "
         f"{layout.shape}; merging through that reshape is not supported")
+  if isinstance(weight, general.QuantizedWeight):  # g ⊙ (Ŵ + s·a·b), compiled once per shape
+    from dora_jax import quantized
+    return quantized.merge_weight(weight, a, b, m, scale)
   return general.merge_weight(weight, a, b, m, scale, layout).astype(weight.dtype)
 
 

@@ -26,6 +26,7 @@ from dora_jax import quantized
 from dora_jax.models import ALL_PROJECTIONS, LlamaConfig, causal_lm_loss, random_llama
 from dora_jax.nnx import quantize as nnx_quantize
 from reference import f64, rel_err
+from test_qdora import _kernel_sized
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -106,6 +107,16 @@ def test_tiny_llama_qdora_trains_over_a_bitwise_frozen_quantized_base(fresh_key,
 
   frozen = _frozen_leaves(model)
   opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+  # the traced training step forms no float value as large as an MLP kernel [64, 128]
+  # (no dequantized copy of a quantized weight; nothing else in this model is that large)
+  graphdef, state = nnx.split((model, opt))
+
+  def pure_step(state, ids):
+    m, o = nnx.merge(graphdef, state)
+    return _train_step(m, o, ids), nnx.state((m, o))
+
+  closed = jax.make_jaxpr(pure_step)(state, ids)
+  assert _kernel_sized(closed, (64, 128)) == []
   losses = [float(_train_step(model, opt, ids)) for _ in range(20)]
   trained_logits = _logits(model, ids)
   final = float(causal_lm_loss(trained_logits, ids))  # after 20 steps

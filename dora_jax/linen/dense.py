@@ -35,6 +35,15 @@ def dropped_input(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
   return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
+def _dropout_input(module: nn.Module, x: jax.Array, rate: float, deterministic):
+  """The adapter path's dropped-out input, or ``None`` (no dropout, or deterministic)."""
+  if rate <= 0.0:
+    return None
+  deterministic = nn.merge_param("deterministic", module.deterministic
+                                 if hasattr(module, "deterministic") else None, deterministic)
+  return None if deterministic else dropped_input(module, x, rate)
+
+
 def dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use_bias: bool,
                dtype, param_dtype, precision, kernel_init, bias_init, rank: int,
                alpha: float, rslora: bool, dropout: float, adapter_dtype,
@@ -95,12 +104,7 @@ def dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use_bias:
   if module.has_variable(CACHE_COLLECTION, "base_sq_norm"):
     base_sq = module.variable(CACHE_COLLECTION, "base_sq_norm").value
 
-  x_dropped = None
-  if rate > 0.0:
-    deterministic = nn.merge_param("deterministic", module.deterministic
-                                   if hasattr(module, "deterministic") else None, deterministic)
-    if not deterministic:
-      x_dropped = dropped_input(module, x, rate)
+  x_dropped = _dropout_input(module, x, rate, deterministic)
   return _adapter.dora_forward(x, kernel, lora_a, lora_b, magnitude, scale, bias, norm=norm,
                                base_sq_norm=base_sq, x_dropped=x_dropped, precision=precision)
 
@@ -148,12 +152,7 @@ def _quantized_call(module: nn.Module, inputs, kernel, bias, path: str, *, dtype
     if module.is_mutable_collection(CACHE_COLLECTION):
       module.put_variable(CACHE_COLLECTION, "norm", new_cache)
       module.put_variable(CACHE_COLLECTION, "stamp", new_stamp)
-  x_dropped = None
-  if rate > 0.0:
-    deterministic = nn.merge_param("deterministic", module.deterministic
-                                   if hasattr(module, "deterministic") else None, deterministic)
-    if not deterministic:
-      x_dropped = dropped_input(module, x, rate)
+  x_dropped = _dropout_input(module, x, rate, deterministic)
   op = ops.WeightOp.dot_general((((x.ndim - 1,), (0,)), ((), ())), precision)
   y = ops._forward(x, kernel, lora_a, lora_b, magnitude, norm, base_sq, x_dropped, op=op,
                    scale=float(scale))

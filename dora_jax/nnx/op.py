@@ -26,6 +26,11 @@ on the very operands the base code passed, with the same ``precision`` and
 ``preferred_element_type``, so at PEFT's init the module's output is the base
 output bit for bit. With dropout (PEFT's: adapter path only) the op is
 ``dora(x̃) + op(x − x̃, W)``. Only ``__call__`` is adapted.
+
+Quantized weights (QDoRA, :mod:`dora_jax.nnx.quantize`): a module whose adapted weights
+hold quantized values needs no trace per call: the op whose kernel operand is one of them
+(by its codes) runs DoRA over it (:class:`QuantizedApplier`), the dropout rest through
+the quantized base op. :func:`strip` leaves such a module a ``Quantized<Base>``.
 """
 
 from __future__ import annotations
@@ -106,14 +111,9 @@ _CLASSES: dict[type, type] = {}
 
 def adapted_class(base_type: type) -> type:
   """``DoRA<Base>``: ``base_type`` with :class:`DoRAOp`'s ``__call__`` (one class per base)."""
-  cls = _CLASSES.get(base_type)
-  if cls is None:
-    cls = type(f"DoRA{base_type.__name__}", (DoRAOp, base_type),
-               {"__module__": base_type.__module__,
-                "__doc__": f"{base_type.__name__} adapted with DoRA at the op level "
-                           "(dora_jax.nnx.op)."})
-    _CLASSES[base_type] = cls
-  return cls
+  return _base.derived_class(_CLASSES, DoRAOp, base_type, "DoRA",
+                             f"{base_type.__name__} adapted with DoRA at the op level "
+                             "(dora_jax.nnx.op).")
 
 
 def is_adapted(module: Any) -> bool:

@@ -244,14 +244,10 @@ _CLASSES: dict[type, type] = {}
 
 def quantized_class(base_type: type) -> type:
   """``Quantized<Base>`` (one class per base type)."""
-  cls = _CLASSES.get(base_type)
-  if cls is None:
-    cls = type(f"Quantized{base_type.__name__}", (QuantizedModule, base_type),
-               {"__module__": base_type.__module__,
-                "__doc__": f"{base_type.__name__} with quantized frozen weights "
-                           "(dora_jax.nnx.quantize)."})
-    _CLASSES[base_type] = cls
-  return cls
+  from dora_jax.nnx.base import derived_class
+  return derived_class(_CLASSES, QuantizedModule, base_type, "Quantized",
+                       f"{base_type.__name__} with quantized frozen weights "
+                       "(dora_jax.nnx.quantize).")
 
 
 def is_quantized_module(module: Any) -> bool:

@@ -330,6 +330,9 @@ def test_bad_input_names_the_argument(fresh_key):
     dora_jax.apply_dora(base, base_dtype="nf4", block_size=8, **kw)
   with pytest.raises(ValueError, match="already quantized"):
     dora_jax.quantize_base(base, base_dtype="int8", targets="up|down")
+  with pytest.raises(TypeError, match="export_merged writes float weights, but (up|down)/kernel is "
+                                      "quantized"):
+    dora_jax.io.export.merged_params(base)
   adapted = fresh()
   dora_jax.apply_dora(adapted, base_dtype="int8", **kw)
   with pytest.raises(ValueError, match="DoRA is already applied"):

@@ -19,9 +19,13 @@ Memory: XLA's buffer assignment of the compiled step: ``temp`` (temporaries) and
 base weight's bytes: codes and scales, or the bf16 kernel). ``rel_diff``:
 QDoRA's output against DoRA over the dequantized bf16 weight.
 
-The memory table (``--memory-only``, also part of every run): the frozen
+The memory tables (``--memory-only``, also part of every run): the frozen
 bytes per parameter of each type on Llama-3-8B's seven projection shapes
-(one decoder layer), from the ``nbytes`` of the arrays quantize_kernel returns.
+(one decoder layer), from the ``nbytes`` of the arrays quantize_kernel returns;
+and a whole model: the tiny Llama of ``examples/finetune_llama.py`` (bf16) after
+``apply_dora(..., base_dtype=q)`` on its seven projections per layer, the bytes
+of the arrays the model holds (projections, everything frozen, adapters) and of
+all live JAX arrays after garbage collection (nothing of the float kernels left).
 
 Writes ``DIR/qdora.json`` and prints the tables.
 """
@@ -164,6 +168,62 @@ def run_shape(d_in, d_out, tokens, rank, qtypes, block_size, timing, key):
   return rows
 
 
+#: The tiny Llama of examples/finetune_llama.py.
+TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+
+
+def _live_bytes() -> int:
+  import gc
+  gc.collect()
+  return sum(int(a.nbytes) for a in jax.live_arrays())
+
+
+def model_memory_table(qtypes, block_size: int | None, rank: int = 16) -> list[dict]:
+  """Measured bytes of a tiny Llama (bf16) adapted with ``apply_dora(base_dtype=q)``."""
+  from flax import nnx
+  import dora_jax
+  from dora_jax.models import ALL_PROJECTIONS, LlamaConfig, random_llama
+  from dora_jax.nnx import quantize as nnx_quantize
+  rows = []
+  for qtype in [None, *qtypes]:
+    model = random_llama(LlamaConfig(**TINY_LLAMA), dtype=jnp.bfloat16, seed=0)
+    block = block_size if qtype in ("nf4", "int4") else None
+    dora_jax.apply_dora(model, targets=ALL_PROJECTIONS, rank=rank, alpha=2.0 * rank,
+                        rngs=nnx.Rngs(0), base_dtype=qtype, block_size=block)
+    proj = proj_params = cache = 0
+    for _, site in dora_jax.surgery.dora_layers(model):
+      value = site.kernel.get_value()
+      proj_params += math.prod(value.shape)
+      if nnx_quantize.is_quantized(value):
+        proj += value.nbytes
+        cache += int(value.sq_norm.nbytes)
+      else:
+        proj += int(value.nbytes)
+    frozen = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    adapters = nnx.state(model, nnx.LoRAParam)
+    rows.append(dict(
+        qtype=qtype or "bf16", block_size=block or (64 if qtype in ("nf4", "int4") else None),
+        proj_params=proj_params, proj_bytes=proj, cache_bytes=cache,
+        proj_bytes_per_param=proj / proj_params,
+        frozen_bytes=sum(int(x.nbytes) for x in jax.tree.leaves(frozen)),
+        adapter_bytes=sum(int(x.nbytes) for x in jax.tree.leaves(adapters)),
+        live_bytes=_live_bytes()))
+    del model, frozen, adapters
+  return rows
+
+
+def print_model_memory(rows):
+  print(f"\ntiny Llama (bf16, {TINY_LLAMA['num_hidden_layers']} layers, "
+        f"{rows[0]['proj_params']:,} projection params), apply_dora(base_dtype=...):")
+  print(f"  {'type':<6} {'block':>5} {'proj B/param':>12} {'proj bytes':>10} "
+        f"{'frozen bytes':>12} {'adapters':>9} {'live bytes':>10}")
+  for r in rows:
+    print(f"  {r['qtype']:<6} {str(r['block_size'] or '-'):>5} {r['proj_bytes_per_param']:>12.4f} "
+          f"{r['proj_bytes']:>10,} {r['frozen_bytes']:>12,} {r['adapter_bytes']:>9,} "
+          f"{r['live_bytes']:>10,}")
+
+
 def print_memory(rows):
   print(f"\nfrozen projection weights, one layer ({rows[0]['params'] / 1e6:.1f} M params):")
   print(f"  {'type':<6} {'block':>5} {'bytes/param':>11} {'+ ‖Ŵ‖² cache':>13} {'MiB':>9}")
@@ -193,6 +253,10 @@ def main():
   result["memory"] = memory_table(layer, sorted(set(qtypes) | {"nf4", "int4", "int8", "fp8"},
                                                 key=quantized.QTYPES.index), args.block_size)
   print_memory(result["memory"])
+  result["model_memory"] = model_memory_table(
+      ["nf4"] if args.smoke else sorted(set(qtypes) | {"nf4", "int4", "int8", "fp8"},
+                                         key=quantized.QTYPES.index), args.block_size)
+  print_model_memory(result["model_memory"])
   if not args.memory_only:
     if args.smoke:
       shapes, tokens, ranks = [(256, 384)], 64, [4]

@@ -8,7 +8,8 @@ Functional core (Flax layout: ``kernel [d_in, d_out]``, ``lora_a [d_in, r]``,
 * :func:`factored_norm` — ``‖W + s·a·b‖`` per column without the dense product.
 * :func:`merge_kernel` — ``g ⊙ (W + s·a·b)`` for serving.
 * :func:`lora_scale` — ``alpha / r`` (or ``alpha / √r`` with rsLoRA).
-* :func:`quantize_kernel` — a quantized frozen weight for QDoRA (:mod:`dora_jax.quantized`).
+* :func:`quantize_kernel` — a quantized frozen weight for QDoRA (:mod:`dora_jax.quantized`);
+  ``apply_dora(..., base_dtype="nf4")`` quantizes a model's adapted layers in place.
 
 Layers and model surgery (:func:`apply_dora` and friends), adapter files
 (:func:`save_adapter`, :func:`load_adapter`, ...), and the submodules
@@ -24,7 +25,7 @@ from dora_jax import conv, embed  # functional cores of the embedding and conv l
 from dora_jax import linen, nnx
 from dora_jax import sharding
 from dora_jax.surgery import (apply_dora, cache_base_norms, freeze_scales, merge,
-                              print_trainable_parameters,
+                              print_trainable_parameters, quantize_base,
                               refresh_scales, unfreeze_scales, unmerge)
 from dora_jax.io import (export_merged, load_adapter, restore_adapter_state, save_adapter,
                          save_adapter_state)
@@ -46,6 +47,7 @@ __all__ = [
     "merge",
     "nnx",
     "print_trainable_parameters",
+    "quantize_base",
     "refresh_scales",
     "sharding",
     "unfreeze_scales",

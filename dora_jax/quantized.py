@@ -144,16 +144,22 @@ def _values(codes: jax.Array, qtype: str, axis: int) -> jax.Array:
   return codes.astype(jnp.float32)
 
 
-def _decode(codes, scale, qtype: str, axis: int, block: int | None, dtype) -> jax.Array:
-  """``values · scale`` (float32, the scale repeated over its block), cast to ``dtype``."""
+def _decode(codes, scale, qtype: str, axis: int, block: int | None, dtype,
+            storage=None) -> jax.Array:
+  """``values · scale`` (float32, the scale repeated over its block), cast to ``dtype``
+  (rounded to ``storage`` first, when given)."""
   values = _values(codes, qtype, axis)
   if block is None:
-    return (values * scale).astype(dtype)
-  shape = values.shape
-  nb = shape[axis] // block
-  v = values.reshape(*shape[:axis], nb, block, *shape[axis + 1:])
-  s = scale.reshape(*scale.shape[:axis], nb, 1, *scale.shape[axis + 1:])
-  return (v * s).reshape(shape).astype(dtype)
+    out = values * scale
+  else:
+    shape = values.shape
+    nb = shape[axis] // block
+    v = values.reshape(*shape[:axis], nb, block, *shape[axis + 1:])
+    s = scale.reshape(*scale.shape[:axis], nb, 1, *scale.shape[axis + 1:])
+    out = (v * s).reshape(shape)
+  if storage is not None:
+    out = out.astype(storage)
+  return out.astype(dtype)
 
 
 # -- the weight -------------------------------------------------------------------
@@ -174,8 +180,11 @@ class QuantizedKernel(QuantizedWeight):
     qtype: ``"nf4"``, ``"int4"``, ``"int8"`` or ``"fp8"``.
     block_size: elements per scale along the last contracted axis, or ``None``.
     layout: the float kernel's :class:`WeightLayout`.
-    dtype: the float dtype ``Ŵ`` is computed in.
+    dtype: the float dtype ``Ŵ`` is computed in (the float kernel's).
     chunk_bytes: bound on one dequantized part inside a contraction.
+    storage_dtype: ``None``, or (after :meth:`astype`) the dtype ``Ŵ`` is
+      rounded to before it is cast to ``dtype``: the weight as a float layer
+      holding ``Ŵ`` in its own dtype would cast it for its contraction.
   """
 
   codes: jax.Array
@@ -186,6 +195,7 @@ class QuantizedKernel(QuantizedWeight):
   layout: WeightLayout = struct.field(pytree_node=False)
   dtype: Any = struct.field(pytree_node=False)
   chunk_bytes: int = struct.field(pytree_node=False, default=DEQUANT_CHUNK_BYTES)
+  storage_dtype: Any = struct.field(pytree_node=False, default=None)
 
   @property
   def blocked_axis(self) -> int:
@@ -204,14 +214,48 @@ class QuantizedKernel(QuantizedWeight):
 
   def dequantize(self) -> jax.Array:
     """``Ŵ``, the whole dequantized kernel in ``dtype`` (merge, export and tests only)."""
-    return _decode(self.codes, self.scale, self.qtype, self.blocked_axis, self.block_size,
-                   self.dtype)
+    return _dequantize(self)
 
   def dequantize_part(self, axis: int, start, size: int) -> jax.Array:
     """``Ŵ[..., start:start + size, ...]`` along output ``axis`` (``start`` may be traced)."""
     codes = lax.dynamic_slice_in_dim(self.codes, start, size, axis)
     scale = lax.dynamic_slice_in_dim(self.scale, start, size, axis)
-    return _decode(codes, scale, self.qtype, self.blocked_axis, self.block_size, self.dtype)
+    return _decode(codes, scale, self.qtype, self.blocked_axis, self.block_size, self.dtype,
+                   self.storage_dtype)
+
+  # -- array-like behaviour, as a model's code treats its kernel ----------------------
+
+  def astype(self, dtype) -> "QuantizedKernel":
+    """The same weight computed in ``dtype`` (the codes shared): ``Ŵ`` in its own
+    dtype, then cast, as a float layer casts its kernel for the contraction."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in _FLOATS:
+      raise TypeError(f"dtype: a quantized weight is computed in a float dtype, got {dtype}")
+    if dtype == jnp.dtype(self.dtype):
+      return self
+    storage = jnp.dtype(self.dtype if self.storage_dtype is None else self.storage_dtype)
+    return self.replace(dtype=dtype, storage_dtype=None if dtype == storage else storage)
+
+  def __getitem__(self, key):
+    if key is Ellipsis or key == ():
+      return self
+    raise TypeError(f"a quantized weight cannot be indexed (got {key!r}): it is frozen, and "
+                    "enters its layer's contraction whole")
+
+  def reshape(self, *shape) -> "QuantizedKernel":
+    shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+    if tuple(int(d) for d in shape) == tuple(self.shape):
+      return self
+    raise NotImplementedError(
+        f"a quantized weight cannot be reshaped from {tuple(self.shape)} to {tuple(shape)}: "
+        "it was quantized in the shape of its contraction")
+
+  def __jax_array__(self):
+    raise TypeError(
+        f"a {self.qtype} QuantizedKernel of shape {tuple(self.shape)} entered an operation "
+        "other than jnp.einsum / jax.lax.dot_general (or a dtype cast); a quantized weight is "
+        "never converted to a float array whole. Contract it with jnp.einsum or "
+        "jax.lax.dot_general, or leave the layer out of base_dtype")
 
   def contract(self, spec: str, lhs: jax.Array, piece: Callable) -> jax.Array:
     """``einsum(spec, lhs, Ŵ)`` as ``piece(lhs_part, Ŵ_part)`` over the parts of :meth:`parts`.
@@ -235,6 +279,12 @@ class QuantizedKernel(QuantizedWeight):
     else:
       codes = self.codes
     return _compat().qarray(codes, self.scale, self.qtype)
+
+
+@jax.jit
+def _dequantize(weight: QuantizedKernel) -> jax.Array:
+  return _decode(weight.codes, weight.scale, weight.qtype, weight.blocked_axis,
+                 weight.block_size, weight.dtype, weight.storage_dtype)
 
 
 # -- contraction part by part -------------------------------------------------------
@@ -531,6 +581,11 @@ def init_magnitude(weight: QuantizedKernel, dtype=None) -> jax.Array:
   return general.init_magnitude(weight, weight.layout, dtype)
 
 
+@functools.partial(jax.jit, static_argnums=(4,))
+def _merge_weight(weight, lora_a, lora_b, magnitude, scale: float):
+  return general.merge_weight(weight, lora_a, lora_b, magnitude, scale, weight.layout)
+
+
 def merge_weight(weight: QuantizedKernel, lora_a: jax.Array, lora_b: jax.Array,
                  magnitude: jax.Array, scale, *, requantize: bool = False
                  ) -> jax.Array | QuantizedKernel:
@@ -540,7 +595,7 @@ def merge_weight(weight: QuantizedKernel, lora_a: jax.Array, lora_b: jax.Array,
   layout (the merged model then carries the quantization error of the
   merged weight).
   """
-  merged = general.merge_weight(weight, lora_a, lora_b, magnitude, scale, weight.layout)
+  merged = _merge_weight(weight, lora_a, lora_b, magnitude, float(scale))
   if not requantize:
     return merged
   return quantize_kernel(merged, weight.qtype, block_size=weight.block_size,

@@ -30,6 +30,7 @@ kernels were never modified (bit-identical), so there is no PEFT-style
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, NamedTuple, Union
 
@@ -42,6 +43,7 @@ from dora_jax import _adapter
 from dora_jax._checks import check_float_dtype, check_real_scalar
 from dora_jax.nnx import discover as _discover
 from dora_jax.nnx import op as _op
+from dora_jax.nnx import quantize as _quant
 from dora_jax.nnx import registry
 from dora_jax.nnx import trace as _trace
 from dora_jax.nnx.base import AdapterSite, DoRALayer
@@ -72,7 +74,8 @@ def adaptable_paths(model: nnx.Module, *, example_inputs: tuple | None = None,
   ``LinearGeneral``, ``Einsum``, ``Embed``, ``Conv``, :func:`dora_jax.nnx.register`\\ ed)
   and, with ``example_inputs``, every module whose own weight enters a contraction in
   ``model(*example_inputs, **example_kwargs)``."""
-  paths = {p for p, m in _modules(model) if registry.wrapper_for(m) is not None}
+  paths = {p for p, m in _modules(model) if registry.wrapper_for(m) is not None
+           or _quant.is_quantized_module(m)}
   if example_inputs is not None:
     others = [(p, m) for p, m in _modules(model)
               if p not in paths and not registry.is_adapted(m) and _owns_params(m)]
@@ -141,10 +144,111 @@ def _replace_modules(root: nnx.Module, replacements: dict[int, nnx.Module]) -> N
             f"{type(node).__name__} is immutable; use nnx.List/nnx.Dict or a list")
 
 
+# -- QDoRA: quantized frozen weights ------------------------------------------------
+
+
+class _Weight(NamedTuple):
+  """How a weight enters its contraction (what :func:`dora_jax.nnx.op.site_specs` reads)."""
+
+  layout: Any
+  chain: tuple
+
+
+def _quantizable_type(module: nnx.Module, where: str, qtype: str) -> None:
+  """Refuse, naming the layer kind, a registered layer whose weight cannot be quantized."""
+  from dora_jax.nnx import DoRAConv, DoRAEmbed
+  wrapper = registry.wrapper_for(module)
+  if isinstance(module, _quant.LINEAR_TYPES) and wrapper in (
+      registry.WRAPPERS[nnx.Linear], registry.WRAPPERS[nnx.LinearGeneral],
+      registry.WRAPPERS[nnx.Einsum]):
+    return
+  if wrapper is DoRAEmbed:
+    why = ("nnx.Embed layers cannot have a quantized base: DoRA on an embedding gathers "
+           "rows of the table, which a quantized weight's contraction does not do")
+  elif wrapper is DoRAConv:
+    why = "nnx.Conv layers cannot have a quantized base (no quantized convolution here)"
+  else:
+    why = (f"{type(module).__name__} is adapted by the registered wrapper "
+           f"{getattr(wrapper, '__name__', wrapper)}, which has no quantized form")
+  raise NotImplementedError(
+      f"base_dtype={qtype!r}: {why} (layer {where or '<root>'!r}). Leave it out of targets "
+      "(adapt it in another apply_dora call without base_dtype)")
+
+
+def _quantized_plan(wrapped, traced, found, quantized, qtype, block_size):
+  """With ``base_dtype``: every matched layer becomes an op-level site of a quantized
+  weight (registered types from their own layout, traced modules from the trace); matched
+  ``Quantized<Base>`` modules are adapted from their configuration. Validates it all
+  (nothing is changed here). Returns ``(wrapped, traced, found)``."""
+  traced, found = dict(traced), dict(found)
+  if qtype:
+    for key, (path, module) in wrapped.items():
+      _quantizable_type(module, path, qtype)
+      layout, chain = _quant.registered_layout(module, path or "<root>")
+      traced[key] = (path, module)
+      found[path] = {"kernel": _Weight(layout, chain)}
+    wrapped = {}
+  for key, (path, module) in quantized.items():
+    traced[key] = (path, module)
+    found[path] = {p: _Weight(layout, ()) for p, layout in _quant.config(module).sites}
+  if qtype:
+    for key, (path, module) in traced.items():
+      for param, weight in found[path].items():
+        where = f"{path or '<root>'}/{param}"
+        if any(kind != "convert" for kind, _ in weight.chain):
+          raise NotImplementedError(
+              f"base_dtype={qtype!r}: {where} is reshaped or transposed between its storage "
+              f"and its contraction ({weight.chain}); quantizing it is not supported")
+        _quant.check_quantizable(_quant.param_value(module, param), weight.layout, qtype,
+                                 block_size, where)
+  return wrapped, traced, found
+
+
+def _quantize_in_place(traced, specs, quantized, qtype, block_size) -> None:
+  """Quantize the traced modules' adapted weights (``qtype``), and give the matched
+  ``Quantized<Base>`` modules their own class back, before they are adapted."""
+  for key, (_, module) in traced.items():
+    if key in quantized:
+      _quant.unmark(module)
+    elif qtype:
+      _quant.quantize_params(module, {s.param: s.layout for s in specs[key]}, qtype,
+                             block_size)
+
+
+def quantize_base(model: nnx.Module, *, targets: Targets, base_dtype: str = "nf4",
+                  block_size: int | None = None, example_inputs: tuple | None = None,
+                  example_kwargs: dict | None = None) -> nnx.Module:
+  """Quantize the frozen weights of the matching layers in place, without adapters.
+
+  The layers :func:`apply_dora` would adapt with ``base_dtype`` (same ``targets``,
+  ``block_size``, ``example_inputs``) keep their Variables, whose values become
+  quantized weights, and become ``Quantized<Base>`` modules computing the quantized
+  base model (:mod:`dora_jax.nnx.quantize`). :func:`apply_dora` then adapts them
+  (QDoRA over a quantized base), and :func:`dora_jax.load_adapter` loads a PEFT
+  adapter into them. In place; returns ``model`` (a bare layer: itself).
+
+  Raises:
+    as :func:`apply_dora` with ``base_dtype``.
+  """
+  if base_dtype is None:
+    raise ValueError("base_dtype must be a quantization type for quantize_base, got None")
+  before = {id(m) for _, m in _adapted_modules(model)}
+  # the same selection, validation and quantization as apply_dora, then the (rank-1,
+  # throwaway) adapters removed again
+  out = apply_dora(model, targets=targets, rank=1, alpha=1.0, rngs=nnx.Rngs(0),
+                   example_inputs=example_inputs, example_kwargs=example_kwargs,
+                   base_dtype=base_dtype, block_size=block_size)
+  for _, module in _adapted_modules(out):
+    if id(module) not in before:
+      _op.strip(module)
+  return out
+
+
 def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
                rslora: bool = False, dropout: float = 0.0, param_dtype=jnp.float32,
                rngs: nnx.Rngs, example_inputs: tuple | None = None,
-               example_kwargs: dict | None = None) -> nnx.Module:
+               example_kwargs: dict | None = None, base_dtype: str | None = None,
+               block_size: int | None = None) -> nnx.Module:
   """Adapt the matching layers of ``model`` with DoRA, in place.
 
   Registered layer types (``Linear``, ``LinearGeneral``, ``Einsum`` in any layout,
@@ -175,17 +279,33 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
     example_inputs: the model's positional call arguments (a tuple of arrays or
       other values), needed to adapt modules that are not of a registered type.
     example_kwargs: the model's keyword call arguments for that trace.
+    base_dtype: QDoRA: ``"nf4"``, ``"int4"`` (blockwise along ``d_in``), ``"int8"`` or
+      ``"fp8"`` (e4m3, one scale per output) quantizes the frozen weight of every
+      adapted layer in place (:func:`dora_jax.quantize_kernel`; the adapters stay in
+      ``param_dtype``) and starts the magnitude at the norm of the dequantized
+      weight ``‖Ŵ‖`` (PEFT's QDoRA), so the model at init computes what the quantized
+      base model (:func:`unmerge`) computes, bit for bit. The quantized layers are
+      adapted at the op level (:mod:`dora_jax.nnx.quantize`); ``Embed`` and ``Conv``
+      layers cannot be quantized (an error names them). ``None``: a float base
+      (already quantized layers, e.g. from :func:`quantize_base`, are adapted as they are).
+    block_size: elements per scale along ``d_in`` for nf4/int4 (default 64; must divide
+      every adapted layer's ``d_in``), or per block for int8/fp8 (default: one scale per
+      output). Only with ``base_dtype``.
 
   Returns:
     ``model``, modified in place (for a bare registered layer passed as ``model``
-    whose empty path matches, e.g. ``"all-linear"``, its new wrapper).
+    whose empty path matches, e.g. ``"all-linear"``, its new wrapper; with
+    ``base_dtype``, the layer itself, adapted in place).
 
   Raises:
     ValueError: nothing adaptable matched (the message lists the adaptable paths),
-      a rank outside ``[1, min(d_in, d_out)]``, or a matched layer is already adapted.
+      a rank outside ``[1, min(d_in, d_out)]``, a matched layer is already adapted,
+      an unknown ``base_dtype``, a ``block_size`` that does not divide a layer's
+      ``d_in``, or ``base_dtype`` on layers that are already quantized.
     TypeError: a matched module of an unregistered type and no ``example_inputs``.
     NotImplementedError: a matched module whose weight never enters a contraction in
-      the trace, or enters one DoRA cannot adapt (the message names it and why).
+      the trace, or enters one DoRA cannot adapt (the message names it and why); a
+      layer kind that cannot be quantized (``Embed``, ``Conv``) with ``base_dtype``.
   """
   if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
     raise ValueError(f"rank must be a positive int, got {rank!r}")
@@ -195,15 +315,21 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
   if example_inputs is not None and not isinstance(example_inputs, tuple):
     raise TypeError("example_inputs must be a tuple of the model's positional call "
                     f"arguments, got {type(example_inputs).__name__}")
+  qtype = _quant.check_base_dtype(base_dtype, block_size)
   all_linear = isinstance(targets, str) and targets == ALL_LINEAR
   match = _matcher(targets)
   wrapped: dict[int, tuple[str, nnx.Module]] = {}
   traced: dict[int, tuple[str, nnx.Module]] = {}
+  quantized: dict[int, tuple[str, nnx.Module]] = {}  # Quantized<Base> modules (no adapters)
   already = []
   for path, module in _modules(model):
     if registry.is_adapted(module):
       if match(path, module) or (all_linear and _op.is_adapted(module)):
         already.append(path)
+      continue
+    if _quant.is_quantized_module(module):
+      if match(path, module) or all_linear:
+        quantized.setdefault(id(module), (path, module))
       continue
     if match(path, module) and registry.wrapper_for(module) is not None:
       wrapped.setdefault(id(module), (path, module))
@@ -215,12 +341,19 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
         "DoRA is already applied to: " + ", ".join(already)
         + ". Applying it twice would stack adapters; merge(model) or unmerge(model) first")
   root_wrapper = registry.wrapper_for(model)
-  if (not wrapped and not traced and root_wrapper is not None and match("", model)):
+  if _quant.is_quantized_module(model) and not wrapped and not traced and not quantized and (
+      match("", model) or all_linear):
+    quantized[id(model)] = ("", model)  # a bare quantized layer: adapted in place
+  if qtype and not wrapped and not traced and root_wrapper is not None and match("", model):
+    wrapped[id(model)] = ("", model)  # a bare layer to quantize: adapted in place
+  if (not wrapped and not traced and not quantized and root_wrapper is not None
+      and match("", model)):
     # A bare layer: nothing holds it, so the wrapper is returned (not in place).
     return root_wrapper(model, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
                         param_dtype=param_dtype, rngs=rngs)
-  if (not wrapped and not traced and root_wrapper is None and _owns_params(model)
-      and not registry.is_adapted(model)
+  if (not wrapped and not traced and not quantized and root_wrapper is None
+      and _owns_params(model) and not registry.is_adapted(model)
+      and not _quant.is_quantized_module(model)
       and (match("", model) or (all_linear and example_inputs is not None))):
     # A bare custom layer: adapted in place at the op level.
     traced[id(model)] = ("", model)
@@ -249,7 +382,7 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
             "embeddings looked up with take, and modules not called are not adaptable); "
             "narrow targets")
     traced = {k: (p, m) for k, (p, m) in traced.items() if found.get(p)}
-  if not wrapped and not traced:
+  if not wrapped and not traced and not quantized:
     available = adaptable_paths(model, example_inputs=example_inputs,
                                 example_kwargs=example_kwargs)
     hint = "" if example_inputs is not None else (
@@ -257,6 +390,9 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
     raise ValueError(
         f"targets {targets!r} matched no adaptable layer. Adaptable paths: "
         + (", ".join(available) if available else "(none)") + hint)
+
+  if qtype or quantized:  # quantized weights: every such layer is adapted at the op level
+    wrapped, traced, found = _quantized_plan(wrapped, traced, found, quantized, qtype, block_size)
 
   # Validate every layer first (rank bounds, layouts, names), then adapt: all or nothing.
   specs = {}
@@ -268,6 +404,7 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
     wrappers[key] = registry.wrapper_for(module)(
         module, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
         param_dtype=param_dtype, rngs=rngs, path=path)
+  _quantize_in_place(traced, specs, quantized, qtype, block_size)
   for key, (path, module) in sorted(traced.items(), key=lambda kv: kv[1][0]):
     _op.adapt(module, specs[key], rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
               param_dtype=param_dtype, rngs=rngs, where=path or "<root>")
@@ -284,7 +421,8 @@ def _require_adapted(model: nnx.Module, what: str) -> list[tuple[str, AdapterSit
   return layers
 
 
-def _swap(model: nnx.Module, inplace: bool, what: str, merged: bool) -> nnx.Module:
+def _swap(model: nnx.Module, inplace: bool, what: str, merged: bool,
+          requantize: bool = False) -> nnx.Module:
   _require_adapted(model, what)
   if isinstance(model, DoRALayer):  # the root itself: nothing to replace it in
     return model.merged_layer() if merged else model.base_layer()
@@ -294,14 +432,14 @@ def _swap(model: nnx.Module, inplace: bool, what: str, merged: bool) -> nnx.Modu
     if isinstance(module, DoRALayer):
       replacements[id(module)] = module.merged_layer() if merged else module.base_layer()
     elif merged:
-      _op.merge_in_place(module)
+      _op.merge_in_place(module, requantize=requantize)
     else:
       _op.strip(module)
   _replace_modules(target, replacements)
   return target
 
 
-def merge(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
+def merge(model: nnx.Module, *, inplace: bool = False, requantize: bool = False) -> nnx.Module:
   """Return ``model`` with every DoRA layer replaced by a plain layer of its base type.
 
   The new layer's kernel is ``g ⊙ (W + s·a·b)`` (:func:`dora_jax.merge_kernel`),
@@ -310,17 +448,25 @@ def merge(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
   default the adapted model is left untouched (the result is a copy sharing its
   unchanged arrays), so training can resume from it.
 
+  Layers with a quantized base (QDoRA) get the float merged weight
+  ``g ⊙ (Ŵ + s·a·b)`` in the weight's float dtype (bf16 for a bf16 model), or, with
+  ``requantize=True``, that weight quantized again with the same type and block size
+  (the layer then computes the quantized base op over it; it carries the
+  quantization error of the merged weight).
+
   Raises:
     ValueError: the model has no DoRA layers.
   """
-  return _swap(model, inplace, "merge", merged=True)
+  return _swap(model, inplace, "merge", merged=True, requantize=bool(requantize))
 
 
 def unmerge(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
   """Return ``model`` with the adapters removed: each DoRA layer becomes its original layer.
 
   The kernels are bit-identical to the ones :func:`apply_dora` wrapped (they are
-  frozen and :func:`merge` never writes them), so this is exact. Keep
+  frozen and :func:`merge` never writes them), so this is exact. Quantized layers
+  (QDoRA) become ``Quantized<Base>`` modules holding the same quantized weights: the
+  quantized base model. Keep
   ``nnx.state(model, nnx.LoRAParam)`` first if the adapters are still needed.
 
   Raises:
@@ -395,7 +541,15 @@ class ParamSummary(NamedTuple):
 
 
 def _count(state) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(state)))
+  """Parameters in ``state`` (a quantized weight counts its float shape's elements)."""
+  total = 0
+  for _, var in nnx.to_flat_state(state):
+    value = var.get_value() if isinstance(var, nnx.Variable) else var
+    if _quant.is_quantized(value):
+      total += math.prod(value.shape)
+    else:
+      total += sum(x.size for x in jax.tree.leaves(value))
+  return int(total)
 
 
 def print_trainable_parameters(model: nnx.Module, *, verbose: bool = True,

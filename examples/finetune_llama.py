@@ -11,6 +11,8 @@
    only (AdamW with warm-up and cosine decay, gradient clipping), with a tqdm
    bar, periodic held-out evaluation and Orbax checkpoints of the adapters and
    optimizer (``--ckpt-dir``; ``--resume`` continues from the latest).
+   ``--base-dtype nf4`` (or ``int4``, ``int8``, ``fp8``; ``--block-size``) is
+   QDoRA: those projections' frozen weights are quantized in place first.
 4. Save the adapter in Hugging Face PEFT's format (``--out``), loadable with
    ``peft.PeftModel.from_pretrained``; ``--merged-out`` also writes the merged
    model as a Hugging Face checkpoint.
@@ -19,6 +21,12 @@ Run on a CPU with a tiny random checkpoint and any text::
 
   python examples/finetune_llama.py /tmp/tiny --init-random tiny --data README.md \\
       --steps 50 --out /tmp/tiny-adapter
+
+QDoRA over an nf4 base (the adapter saved is a normal PEFT DoRA adapter;
+``--merged-out`` writes the merged float model)::
+
+  python examples/finetune_llama.py /tmp/tiny --init-random tiny --data README.md \\
+      --steps 50 --base-dtype nf4 --out /tmp/tiny-qdora-adapter
 
 A Llama-3-8B-shaped slice (two layers) on a GPU, bf16, timing the steps::
 
@@ -181,6 +189,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--alpha", type=float, default=32.0)
   p.add_argument("--dropout", type=float, default=0.0)
+  p.add_argument("--base-dtype", choices=["nf4", "int4", "int8", "fp8"], default=None,
+                 help="QDoRA: quantize the adapted projections' frozen weights to this type")
+  p.add_argument("--block-size", type=int, default=None,
+                 help="with --base-dtype: elements per scale along d_in (nf4/int4 default 64)")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=128)
@@ -226,10 +238,18 @@ def main(argv=None) -> dict:
   eval_batches = [sample_batch(eval_rng, held_out, args.batch, args.seq)
                   for _ in range(args.eval_batches)]
 
+  frozen = lambda: sum(int(x.nbytes) for x in jax.tree.leaves(
+      nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
+  float_bytes = frozen()
   dora_jax.apply_dora(model, targets=args.targets, rank=args.rank, alpha=args.alpha,
                       dropout=args.dropout,
-                      rngs=nnx.Rngs(params=args.seed + 2, dropout=args.seed + 3))
-  dora_jax.cache_base_norms(model)  # the base kernels stay frozen: ‖W‖² once, not per step
+                      rngs=nnx.Rngs(params=args.seed + 2, dropout=args.seed + 3),
+                      base_dtype=args.base_dtype, block_size=args.block_size)
+  if args.base_dtype is None:  # quantized kernels carry their ‖Ŵ‖² already
+    dora_jax.cache_base_norms(model)  # the base kernels stay frozen: ‖W‖² once, not per step
+  else:
+    print(f"QDoRA: {args.base_dtype} base; frozen weights {float_bytes / 2**20:.2f} MiB -> "
+          f"{frozen() / 2**20:.2f} MiB (measured)")
   dora_jax.print_trainable_parameters(model, verbose=False)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, args.lr, min(args.warmup, max(args.steps - 1, 0)), max(args.steps, 1), 0.1 * args.lr)

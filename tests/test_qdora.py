@@ -26,7 +26,7 @@ pytest.importorskip("qwix")
 from dora_jax import _qwix_compat, general, quantized
 from dora_jax.quantized import QTYPES, quantize_kernel
 from helpers.reference import f64, rel_err
-from helpers.jaxprs import sub_jaxprs as _sub_jaxprs
+from helpers.jaxprs import float_values_holding, largest_value_holding, sub_jaxprs as _sub_jaxprs
 
 SCALE, RANK = 0.7, 3
 # (spec, x shape, kernel shape, block size of the 4-bit types): a Dense kernel,
@@ -227,37 +227,6 @@ def test_storage_bytes():
 # -- memory: no dequantized kernel --------------------------------------------------
 
 
-def _float_outputs(closed):
-  """``(primitive, shape)`` of every float value a (nested) jaxpr computes."""
-  found = []
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      for out in eqn.outvars:
-        aval = out.aval
-        if hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.floating):
-          found.append((eqn.primitive.name, tuple(aval.shape)))
-      for sub in _sub_jaxprs(eqn):
-        visit(sub)
-
-  visit(closed.jaxpr)
-  return found
-
-
-def _kernel_sized(closed, kernel_shape):
-  """Float values holding all of the kernel's dimensions and at least its size."""
-  want, size = Counter(kernel_shape), math.prod(kernel_shape)
-  return sorted({(p, s) for p, s in _float_outputs(closed)
-                 if math.prod(s) >= size and not want - Counter(s)})
-
-
-def _largest_with(closed, dims):
-  """The largest float value (elements) whose shape holds all of ``dims``."""
-  want = Counter(dims)
-  return max((math.prod(s) for _, s in _float_outputs(closed) if not want - Counter(s)),
-             default=0)
-
-
 MEM_CASES = [("btd,df->btf", (2, 64, 4096), (4096, 14336), "nf4"),
              ("btd,df->btf", (2, 64, 4096), (4096, 14336), "int8"),
              ("btd,df->btf", (2, 64, 14336), (14336, 4096), "int4"),
@@ -285,19 +254,19 @@ def test_training_step_forms_no_dequantized_kernel(spec, x_shape, k_shape, qtype
     return jax.make_jaxpr(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))))(x, a, b, m, qk, cot)
 
   closed = step(lambda x, qk, a, b, m: general.dora_einsum(spec, x, qk, a, b, m, 2.0))
-  assert _kernel_sized(closed, k_shape) == []
-  largest = _largest_with(closed, layout.in_shape)  # elements of one dequantized part
+  assert float_values_holding(closed, k_shape) == []
+  largest = largest_value_holding(closed, layout.in_shape)  # elements of one dequantized part
   assert largest <= min(quantized.DEQUANT_CHUNK_BYTES // 2, math.prod(k_shape) // 2)
   # the check can fail: dequantizing first, and qwix's QLoRA (dequantizes on its input)
   naive = step(lambda x, qk, a, b, m: general.dora_einsum(spec, x, qk.dequantize(), a, b, m,
                                                           2.0))
-  assert _kernel_sized(naive, k_shape) != []
+  assert float_values_holding(naive, k_shape) != []
   if len(k_shape) == 2:
     import qwix
     qlora = step(lambda x, qk, a, b, m: qwix.dot_general(x, qk.to_qarray(),
                                                          (((2,), (0,)), ((), ())))
                  + 2.0 * (x @ a.astype(x.dtype)) @ b.astype(x.dtype))
-    assert _kernel_sized(qlora, k_shape) != []
+    assert float_values_holding(qlora, k_shape) != []
 
 
 def test_residuals_hold_no_dequantized_kernel(fresh_key):
@@ -437,4 +406,4 @@ def test_exact_gradient_through_the_quantized_norm(fresh_key):
   closed = jax.make_jaxpr(jax.grad(lambda x, a, b, m: jnp.sum(general.dora_einsum(
       spec, x, big, a, b, m, 2.0, detach_norm=False).astype(jnp.float32)),
       argnums=(0, 1, 2, 3)))(*args)
-  assert _kernel_sized(closed, k_shape) == []
+  assert float_values_holding(closed, k_shape) == []

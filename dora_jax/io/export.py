@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from dora_jax import surgery
+from dora_jax.general import QuantizedWeight
 from dora_jax.io import atomic, safetensors_format
 
 
@@ -38,6 +39,11 @@ def merged_params(model: nnx.Module, *, separator: str = "/") -> dict[str, np.nd
   out: dict[str, np.ndarray] = {}
   for path, value in nnx.to_flat_state(nnx.state(plain, nnx.Param)):
     parts = [str(p) for p in path]
+    if isinstance(value.get_value(), QuantizedWeight):
+      raise TypeError(
+          f"export_merged writes float weights, but {'/'.join(parts)} is quantized (a "
+          "quantized base layer without adapters, or merge(requantize=True)); export the "
+          "QDoRA model itself (its merge is float) or dequantize that layer")
     if any(separator in p for p in parts):
       raise ValueError(f"parameter path {parts} contains the separator {separator!r}; use the other one")
     out[separator.join(parts)] = np.asarray(jax.device_get(value[...]))

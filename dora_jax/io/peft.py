@@ -72,6 +72,7 @@ from dora_jax._checks import check_float_dtype
 from dora_jax.io import atomic, naming, safetensors_format
 from dora_jax.io.naming import ModuleNameMap
 from dora_jax.nnx import AdapterSite, DoRAEinsum, DoRALinearGeneral, DoRADense, OpSite, registry
+from dora_jax.nnx import quantize as _quant
 
 #: Base layer types stored as PEFT ``Linear`` adapters (2-D ``lora_A``/``lora_B``), and their
 #: wrappers. Other DoRA layers (embeddings, convolutions) give their PEFT layout through
@@ -162,8 +163,10 @@ def _is_linear(module: nnx.Module) -> bool:
 
 
 def _is_adaptable(module: nnx.Module) -> bool:
-  """A layer ``apply_dora`` can wrap (Linear kinds, Embed, Conv, ...) or a DoRA layer."""
-  return registry.wrapper_for(module) is not None or isinstance(module, AdapterSite)
+  """A layer ``apply_dora`` can wrap (Linear kinds, Embed, Conv, ...), a quantized base
+  layer (``Quantized<Base>``) or a DoRA layer."""
+  return (registry.wrapper_for(module) is not None or isinstance(module, AdapterSite)
+          or _quant.is_quantized_module(module))
 
 
 def _has_peft_layout(layer: AdapterSite) -> bool:
@@ -474,10 +477,28 @@ def _layer_dims(module: nnx.Module, spec: LayerSpec, path: str) -> AdapterSite:
   """A DoRA wrapper of ``module`` with the spec's rank (adapted modules: the layer itself)."""
   if isinstance(module, AdapterSite):
     return module
+  if _quant.is_quantized_module(module):
+    return _QuantizedDims(module, spec, path)
   # A throwaway wrapper (it shares the base Variables and changes nothing in the model):
   # validates the rank against the layer and gives its 2-D view shapes.
   return registry.wrap(module, rank=spec.rank, alpha=spec.alpha, rslora=spec.rslora,
                                 dropout=0.0, rngs=nnx.Rngs(0), path=path)
+
+
+class _QuantizedDims:
+  """The sizes of a quantized base layer (``Quantized<Base>``, one quantized weight) that
+  a PEFT module maps to, its rank validated (what :func:`_layer_dims` gives)."""
+
+  def __init__(self, module: nnx.Module, spec: LayerSpec, path: str):
+    from dora_jax.nnx.base import check_config
+    sites = _quant.config(module).sites
+    if len(sites) != 1:
+      raise NotImplementedError(
+          f"{type(module).__name__} holds {len(sites)} quantized weights "
+          f"({', '.join(p for p, _ in sites)}); a PEFT module adapts one")
+    layout = sites[0][1]
+    check_config(spec.rank, 0.0, layout, path)
+    self.layout, self.d_in, self.d_out = layout, layout.d_in, layout.d_out
 
 
 def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer, PrecisionLike
 
-from dora_jax import _adapter
+from dora_jax import _adapter, general
 from dora_jax.dense import lora_scale
 from dora_jax.linen._common import ADAPTER_COLLECTION, CACHE_COLLECTION, check_settings
 
@@ -35,14 +35,26 @@ def dropped_input(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
   return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
+def _dropout_input(module: nn.Module, x: jax.Array, rate: float, deterministic):
+  """The adapter path's dropped-out input, or ``None`` (no dropout, or deterministic)."""
+  if rate <= 0.0:
+    return None
+  deterministic = nn.merge_param("deterministic", module.deterministic
+                                 if hasattr(module, "deterministic") else None, deterministic)
+  return None if deterministic else dropped_input(module, x, rate)
+
+
 def dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use_bias: bool,
                dtype, param_dtype, precision, kernel_init, bias_init, rank: int,
                alpha: float, rslora: bool, dropout: float, adapter_dtype,
-               cache_norm: bool, deterministic: bool | None) -> jax.Array:
+               cache_norm: bool, deterministic: bool | None, base_dtype: str | None = None,
+               block_size: int | None = None) -> jax.Array:
   """The DoRA Dense computation inside ``module``'s scope (a Dense or DoRADense).
 
   ``inputs [..., d_in] -> [..., features]``; creates the adapters (from the
   current kernel) when the ``dora`` collection is mutable and they are missing.
+  A quantized ``kernel`` (or, with ``base_dtype``, the float one quantized now, see
+  :func:`dora_jax.linen.ops.quantized_weight`) runs :func:`_quantized_call`.
   """
   d_in = jnp.shape(inputs)[-1]
   path = "/".join(module.path) or type(module).__name__
@@ -50,6 +62,12 @@ def dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use_bias:
                         adapter_dtype=adapter_dtype, d_in=d_in, d_out=features)
   kernel = module.param("kernel", kernel_init, (d_in, features), param_dtype)
   bias = module.param("bias", bias_init, (features,), param_dtype) if use_bias else None
+  if base_dtype is not None or isinstance(kernel, general.QuantizedWeight):
+    return _quantized_call(module, inputs, kernel, bias, path, dtype=dtype, precision=precision,
+                           rank=rank, alpha=alpha, rslora=rslora, rate=rate,
+                           adapter_dtype=adapter_dtype, cache_norm=cache_norm,
+                           deterministic=deterministic, base_dtype=base_dtype,
+                           block_size=block_size)
 
   def init_a():
     return _adapter.init_lora_a(module.make_rng("params"), (d_in, rank), d_in, adapter_dtype)
@@ -86,14 +104,61 @@ def dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use_bias:
   if module.has_variable(CACHE_COLLECTION, "base_sq_norm"):
     base_sq = module.variable(CACHE_COLLECTION, "base_sq_norm").value
 
-  x_dropped = None
-  if rate > 0.0:
-    deterministic = nn.merge_param("deterministic", module.deterministic
-                                   if hasattr(module, "deterministic") else None, deterministic)
-    if not deterministic:
-      x_dropped = dropped_input(module, x, rate)
+  x_dropped = _dropout_input(module, x, rate, deterministic)
   return _adapter.dora_forward(x, kernel, lora_a, lora_b, magnitude, scale, bias, norm=norm,
                                base_sq_norm=base_sq, x_dropped=x_dropped, precision=precision)
+
+
+def _quantized_call(module: nn.Module, inputs, kernel, bias, path: str, *, dtype, precision,
+                    rank: int, alpha: float, rslora: bool, rate: float, adapter_dtype,
+                    cache_norm: bool, deterministic, base_dtype, block_size) -> jax.Array:
+  """QDoRA Dense: DoRA over the quantized ``kernel [d_in, features]`` (its own
+  part-by-part contraction; ``magnitude = ‖Ŵ‖``), adapters and caches as the float path."""
+  from dora_jax.linen import ops
+  d_in, features = int(jnp.shape(kernel)[0]), int(jnp.shape(kernel)[1])
+  layout = general.WeightLayout((d_in, features), (0,), (), (1,))
+  settings = ops.Settings(rank=rank, alpha=float(alpha), rslora=bool(rslora), dropout=rate,
+                          adapter_dtype=jnp.dtype(adapter_dtype), cache_norm=bool(cache_norm),
+                          deterministic=deterministic, base_dtype=base_dtype,
+                          block_size=block_size)
+  kernel = ops.quantized_weight(module, "kernel", kernel, layout, settings, f"{path}/kernel")
+  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
+      *[v for v in (inputs, kernel.dtype, bias) if v is not None])
+  x = jnp.asarray(inputs).astype(cdt)
+  kernel = kernel.astype(cdt)
+
+  def init_a():
+    return _adapter.init_lora_a(module.make_rng("params"), (d_in, rank), d_in, adapter_dtype)
+
+  lora_a = module.variable(ADAPTER_COLLECTION, "lora_a", init_a).value
+  lora_b = module.variable(ADAPTER_COLLECTION, "lora_b",
+                           lambda: jnp.zeros((rank, features), adapter_dtype)).value
+  magnitude = module.variable(ADAPTER_COLLECTION, "magnitude",
+                              lambda: general.init_magnitude(kernel, layout, adapter_dtype)).value
+  scale = settings.scale
+  base_sq = None
+  if module.has_variable(CACHE_COLLECTION, "base_sq_norm"):
+    base_sq = module.variable(CACHE_COLLECTION, "base_sq_norm").value
+  norm = None
+  if cache_norm and (module.has_variable(CACHE_COLLECTION, "norm")
+                     or module.is_mutable_collection(CACHE_COLLECTION)):
+    if module.has_variable(CACHE_COLLECTION, "norm"):
+      old, stamp = (module.variable(CACHE_COLLECTION, "norm").value,
+                    module.variable(CACHE_COLLECTION, "stamp").value)
+    else:
+      old, stamp = jnp.zeros((features,), jnp.float32), _adapter.empty_stamp()
+    norm, new_cache, new_stamp = ops._cached_norm(kernel, lora_a, lora_b, scale, layout, old,
+                                                  stamp, base_sq)
+    if module.is_mutable_collection(CACHE_COLLECTION):
+      module.put_variable(CACHE_COLLECTION, "norm", new_cache)
+      module.put_variable(CACHE_COLLECTION, "stamp", new_stamp)
+  x_dropped = _dropout_input(module, x, rate, deterministic)
+  op = ops.WeightOp.dot_general((((x.ndim - 1,), (0,)), ((), ())), precision)
+  y = ops._forward(x, kernel, lora_a, lora_b, magnitude, norm, base_sq, x_dropped, op=op,
+                   scale=float(scale))
+  if bias is not None:
+    y += jnp.reshape(jnp.asarray(bias, cdt), (1,) * (y.ndim - 1) + (-1,))
+  return y
 
 
 class DoRADense(nn.Module):

@@ -18,6 +18,13 @@ interception's configuration is also a ``jax.make_user_context`` value, so
 ``jax.jit`` caches, ``nn.jit``'s included (gemma's ``Transformer.__call__`` is
 ``nn.jit``-decorated), never serve a trace made with different (or no)
 interception.
+
+QDoRA (``base_dtype=``): the adapted weights are quantized when their adapters
+are created and written back to ``params``, and later calls run DoRA over the
+quantized weights found there (:func:`dora_jax.linen.ops.quantized_weight`).
+While a model runs, ``nn.Module.param`` returns a quantized param as it is
+(Flax would check its codes' shape against the float weight's) and
+``jnp.asarray`` passes it through (``promote_dtype``), see :data:`QUANTIZED_PASSTHROUGH`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes as linen_dtypes
 from jax import lax
 
+from dora_jax import general
 from dora_jax.linen import ops
 from dora_jax.linen._common import ADAPTER_COLLECTION, check_settings, join
 from dora_jax.linen.dense import dense_call
@@ -50,6 +58,14 @@ INTERCEPTED_OPS = {
 
 #: Primitives through which an op's operand still counts as the param it came from
 #: (under a trace): dtype casts and sharding annotations, never a change of values.
+#: Also replaced while an intercepted model runs, so that model code hands a quantized
+#: param on unchanged: ``nn.Module.param`` (no shape check of a quantized param) and
+#: ``jnp.asarray`` (``asarray(w, dtype)`` is ``w.astype(dtype)``).
+QUANTIZED_PASSTHROUGH = {
+    "param": (nn.Module, "param"),
+    "asarray": (jnp, "asarray"),
+}
+
 _CAST_PRIMITIVES = frozenset({"convert_element_type", "sharding_constraint", "copy", "copy_p"})
 
 _EINSUM_KWARGS = frozenset({"precision", "preferred_element_type", "optimize"})
@@ -84,7 +100,7 @@ class _Patches:
   def acquire(self) -> None:
     with _lock:
       if self.count == 0:
-        for name, (owner, attr) in INTERCEPTED_OPS.items():
+        for name, (owner, attr) in {**INTERCEPTED_OPS, **QUANTIZED_PASSTHROUGH}.items():
           original = getattr(owner, attr)
           self.originals[name] = original
           setattr(owner, attr, _WRAPPERS[name](original))
@@ -94,7 +110,7 @@ class _Patches:
     with _lock:
       self.count -= 1
       if self.count == 0:
-        for name, (owner, attr) in INTERCEPTED_OPS.items():
+        for name, (owner, attr) in {**INTERCEPTED_OPS, **QUANTIZED_PASSTHROUGH}.items():
           setattr(owner, attr, self.originals.pop(name))
 
 
@@ -123,7 +139,26 @@ def _dot_general_wrapper(original):
   return dot_general
 
 
-_WRAPPERS = {"einsum": _einsum_wrapper, "dot_general": _dot_general_wrapper}
+def _param_wrapper(original):
+  def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    scope = self.scope
+    if scope is not None and scope.has_variable("params", name):
+      value = scope.get_variable("params", name)
+      inner = value.unbox() if isinstance(value, nn.meta.AxisMetadata) else value
+      if isinstance(inner, general.QuantizedWeight):
+        return inner if unbox else value
+    return original(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+  param.__wrapped__ = original
+  return param
+
+
+def _asarray_wrapper(original):
+  from dora_jax.nnx.quantize import _asarray_proxy
+  return _asarray_proxy(original)
+
+
+_WRAPPERS = {"einsum": _einsum_wrapper, "dot_general": _dot_general_wrapper,
+             "param": _param_wrapper, "asarray": _asarray_wrapper}
 
 
 @contextlib.contextmanager
@@ -167,8 +202,15 @@ def find_param(module: nn.Module, x) -> str | None:
   """Name of the param of ``module`` that ``x`` is (or is a dtype cast of), else ``None``.
 
   Traced values are followed back through casts; a concrete array that is not
-  the param object itself must equal exactly one same-shaped param's values.
+  the param object itself must equal exactly one same-shaped param's values. A
+  quantized weight is the param whose codes it shares (a dtype cast shares them).
   """
+  if isinstance(x, general.QuantizedWeight):
+    codes = getattr(x, "codes", None)
+    for n, v in _own_params(module).items():
+      if isinstance(v, general.QuantizedWeight) and (v is x or getattr(v, "codes", 0) is codes):
+        return n
+    return None
   if not hasattr(x, "shape") or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     return None
   params = _own_params(module)
@@ -279,7 +321,13 @@ class Interception:
     matched = bool(self._match(path, module))
     if (type(module) is nn.Dense and context.method_name == "__call__"
         and (matched or self._wants(_Frame(module, path, False), "kernel"))):
-      return self._dense(module, path, args, kwargs)
+      if self._frames:
+        return self._dense(module, path, args, kwargs)
+      _patches.acquire()  # a bare nn.Dense: the quantized passthrough is needed too
+      try:
+        return self._dense(module, path, args, kwargs)
+      finally:
+        _patches.release()
     frame = _Frame(module, path, matched)
     root = not self._frames
     if root and not _is_entry_point(module, context.method_name):
@@ -316,7 +364,8 @@ class Interception:
                      precision=module.precision, kernel_init=module.kernel_init,
                      bias_init=module.bias_init, rank=s.rank, alpha=s.alpha, rslora=s.rslora,
                      dropout=s.dropout, adapter_dtype=s.adapter_dtype, cache_norm=s.cache_norm,
-                     deterministic=s.deterministic)
+                     deterministic=s.deterministic, base_dtype=s.base_dtype,
+                     block_size=s.block_size)
     self._adapted.add(path)
     if self._run is not None:
       self._run.adapted.append(path)
@@ -423,7 +472,8 @@ class Interception:
 @contextlib.contextmanager
 def intercept_dora(targets, *, rank: int, alpha: float, rslora: bool = False,
                    dropout: float = 0.0, adapter_dtype=jnp.float32, cache_norm: bool = False,
-                   deterministic: bool | None = None) -> Iterator[Interception]:
+                   deterministic: bool | None = None, base_dtype: str | None = None,
+                   block_size: int | None = None) -> Iterator[Interception]:
   """Run the weights of matching modules of any Linen model as DoRA (PEFT semantics).
 
   Inside the context, for every module whose path (``'/'``-joined names from
@@ -457,6 +507,15 @@ def intercept_dora(targets, *, rank: int, alpha: float, rslora: bool = False,
     rank, alpha, rslora, dropout, adapter_dtype, cache_norm: as :class:`DoRADense`.
     deterministic: dropout mode for every adapted layer (required when
       ``dropout > 0``, unless the module has a ``deterministic`` attribute).
+    base_dtype: QDoRA: ``"nf4"``, ``"int4"``, ``"int8"`` or ``"fp8"``. The call that
+      creates the adapters (``init``, or ``apply(..., mutable=["dora", "params"])``)
+      quantizes each adapted weight (:func:`dora_jax.quantize_kernel`, in the layout
+      of its op) and returns it in ``params``, with ``magnitude = ‖Ŵ‖`` (PEFT's QDoRA
+      init: the output is the quantized base model's, bit for bit); later calls take
+      the quantized ``params`` and run DoRA over them. Params that hold quantized
+      weights run as QDoRA without it too.
+    block_size: the quantization block along ``d_in`` (nf4/int4 default 64; it must
+      divide each adapted weight's ``d_in``). Only with ``base_dtype``.
 
   Yields:
     An :class:`Interception`: ``.layouts`` for :func:`merge_params`, ``.adapted``.
@@ -473,9 +532,11 @@ def intercept_dora(targets, *, rank: int, alpha: float, rslora: bool = False,
   dtype = jnp.dtype(adapter_dtype) if _is_dtype(adapter_dtype) else adapter_dtype
   rate = check_settings("intercept_dora", rank=rank, alpha=alpha, dropout=dropout,
                         adapter_dtype=dtype)
+  from dora_jax.nnx.quantize import check_base_dtype
+  qtype = check_base_dtype(base_dtype, block_size)
   settings = ops.Settings(rank=rank, alpha=float(alpha), rslora=bool(rslora), dropout=rate,
                           adapter_dtype=dtype, cache_norm=bool(cache_norm),
-                          deterministic=deterministic)
+                          deterministic=deterministic, base_dtype=qtype, block_size=block_size)
   session = Interception(targets, settings)
   if _local.session is not None:
     raise RuntimeError("intercept_dora: contexts cannot be nested")

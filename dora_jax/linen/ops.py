@@ -21,6 +21,11 @@ collection     name / shape                                     notes
 (``C``: the weight's axes contracted with the input, ``B``: batch axes shared by
 input, weight and output, ``O``: output-only axes, each in the weight's own
 order; ``d_in = prod(C)``; see :class:`dora_jax.general.WeightLayout`.)
+
+QDoRA: a param that holds a quantized weight (:class:`dora_jax.quantized.QuantizedKernel`)
+runs DoRA over it (its own part-by-part contractions, ``magnitude = ‖Ŵ‖``). With
+``Settings.base_dtype``, a float param is quantized when its adapters are created
+and written back to ``params`` (which must then be mutable): :func:`quantized_weight`.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class Settings:
   adapter_dtype: Any = jnp.dtype(jnp.float32)
   cache_norm: bool = False
   deterministic: bool | None = None
+  base_dtype: str | None = None
+  block_size: int | None = None
 
   @property
   def scale(self) -> float:
@@ -95,7 +102,13 @@ class WeightOp(NamedTuple):
     return general.dot_general_layout(self.dimension_numbers, x_shape, kernel_shape)
 
   def base(self, x, kernel):
-    """The model's own contraction (the base output)."""
+    """The model's own contraction (the base output; over a quantized weight, the quantized op)."""
+    if isinstance(kernel, general.QuantizedWeight):
+      from dora_jax import quantized
+      kw = dict(precision=self.precision, preferred_element_type=self.preferred_element_type)
+      if self.kind == "einsum":
+        return quantized.quantized_einsum(self.spec, x, kernel, **kw)
+      return quantized.quantized_dot_general(x, kernel, self.dimension_numbers, **kw)
     if self.kind == "einsum":
       return jnp.einsum(self.spec, x, kernel, precision=self.precision,
                         preferred_element_type=self.preferred_element_type)
@@ -240,6 +253,43 @@ def _norm_inputs(module: nn.Module, name: str, layout, kernel, group, settings: 
   return norm, base_sq
 
 
+def quantized_weight(module: nn.Module, name: str, kernel, layout, settings: Settings,
+                     where: str):
+  """The weight the DoRA op runs over: ``kernel`` itself when it is quantized or no
+  ``base_dtype`` is set; else param ``name`` quantized now in ``layout`` (written back
+  to ``params``, which must be mutable), cast as ``kernel`` is."""
+  qtype = settings.base_dtype
+  if isinstance(kernel, general.QuantizedWeight):
+    if qtype is not None and kernel.qtype != qtype:
+      raise ValueError(f"intercept_dora(base_dtype={qtype!r}): {where!r} is quantized as "
+                       f"{kernel.qtype} in 'params'; it is quantized once (drop base_dtype, or "
+                       "quantize the float params)")
+    return kernel
+  if qtype is None:
+    return kernel
+  from dora_jax import quantized
+  scope = module.scope
+  if not scope.is_mutable_collection("params"):
+    raise ValueError(
+        f"intercept_dora(base_dtype={qtype!r}): {where!r} is a float weight; quantize the "
+        "params once: create the adapters with mutable=['dora', 'params'] (or init), and "
+        "use the 'params' that call returns (they hold the quantized weights)")
+  stored = scope.get_variable("params", name)
+  value = stored.unbox() if isinstance(stored, nn.meta.AxisMetadata) else stored
+  if tuple(jnp.shape(value)) != layout.shape:
+    raise NotImplementedError(
+        f"intercept_dora(base_dtype={qtype!r}): {where!r} is stored as "
+        f"{tuple(jnp.shape(value))} but enters its op as {layout.shape}; quantizing it is "
+        "not supported")
+  try:
+    qk = quantized.quantize_kernel(value, qtype, block_size=settings.block_size, layout=layout)
+  except ValueError as err:
+    raise ValueError(f"{err} ({where})") from None
+  scope.put_variable("params", name,
+                     stored.replace_boxed(qk) if isinstance(stored, nn.meta.AxisMetadata) else qk)
+  return qk.astype(kernel.dtype)
+
+
 def adapted_op(module: nn.Module, name: str, op: WeightOp, x: jax.Array, kernel: jax.Array,
                settings: Settings, *, where: str):
   """DoRA in place of ``op(x, kernel)``, ``kernel`` being (a cast of) param ``name``.
@@ -247,6 +297,7 @@ def adapted_op(module: nn.Module, name: str, op: WeightOp, x: jax.Array, kernel:
   Returns ``(y, layout)``: ``y`` has the base op's shape and dtype.
   """
   layout = op.layout(jnp.shape(x), jnp.shape(kernel))
+  kernel = quantized_weight(module, name, kernel, layout, settings, where)
   group = _adapters(module, name, layout, kernel, settings, where)
   norm, base_sq = _norm_inputs(module, name, layout, kernel, group, settings, where)
   x_dropped = None

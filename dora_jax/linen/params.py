@@ -123,7 +123,8 @@ def _targets(params: Mapping[str, Any], adapters: Mapping[str, Any], what: str):
 
 
 def merge_params(params: Mapping[str, Any], adapters: Mapping[str, Any], *, alpha: float,
-                 rslora: bool = False, layouts: Mapping[str, Any] | None = None) -> dict:
+                 rslora: bool = False, layouts: Mapping[str, Any] | None = None,
+                 requantize: bool = False) -> dict:
   """Merged ``params`` for the plain model: every adapted weight ``W ← g ⊙ (W + s·a·b)``.
 
   Covers ``nn.Dense``/``DoRADense`` kernels, ``DoRAConv`` kernels, ``DoRAEmbed``
@@ -137,6 +138,9 @@ def merge_params(params: Mapping[str, Any], adapters: Mapping[str, Any], *, alph
     alpha, rslora: as used in training (the rank is read from ``lora_a``).
     layouts: ``Interception.layouts`` (``with intercept_dora(...) as dora``): the
       layout of each op-level weight; needed where the shapes allow several.
+    requantize: for quantized weights (QDoRA): quantize the merged weight again with
+      the same type and block size. Default: the float merged weight ``g ⊙ (Ŵ + s·a·b)``
+      in the weight's float dtype (the plain model runs it as any float param).
 
   Returns:
     A new ``params`` dict (``{"params": ...}`` if a variables dict was given);
@@ -152,7 +156,10 @@ def merge_params(params: Mapping[str, Any], adapters: Mapping[str, Any], *, alph
     a, b, m = group["lora_a"], group["lora_b"], group["magnitude"]
     scale = lora_scale(alpha, int(a.shape[-1]), rslora=rslora)
     w = holder[name]
-    if op_level:
+    if isinstance(w, general.QuantizedWeight):  # its layout is its own
+      from dora_jax import quantized
+      holder[name] = quantized.merge_weight(w, a, b, m, scale, requantize=bool(requantize))
+    elif op_level:
       layout = weight_layout(join(path), w, group, layouts, "merge_params")
       holder[name] = general.merge_weight(w, a, b, m, scale, layout)
     elif name == "kernel" and w.ndim >= 3:
@@ -199,7 +206,9 @@ def cache_base_norms(variables: Mapping[str, Any], *,
   for path, group, holder, name, op_level in _targets(out["params"], out[ADAPTER_COLLECTION],
                                                       "cache_base_norms"):
     w = holder[name]
-    if op_level:
+    if isinstance(w, general.QuantizedWeight):  # ‖Ŵ‖², cached when it was quantized
+      dict_at(cache, path)["base_sq_norm"] = w.sq_norm
+    elif op_level:
       layout = weight_layout(join(path), w, group, layouts, "cache_base_norms")
       dict_at(cache, path)["base_sq_norm"] = ops.base_sq_norm(w, layout)
     elif name == "kernel" and w.ndim == 2:

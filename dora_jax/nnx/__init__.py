@@ -19,11 +19,16 @@ Dropout (``dropout > 0``) follows PEFT: it applies to the adapter path only, is
 active in training mode and off after ``model.eval()`` (or
 ``nnx.view(model, deterministic=True)``).
 
+QDoRA (``apply_dora(..., base_dtype=)``): the adapted layers' frozen weights are
+quantized in place and the layers adapted at the op level
+(:mod:`~dora_jax.nnx.quantize`; ``Quantized<Base>`` modules are the quantized base).
+
 Modules: :mod:`~dora_jax.nnx.base` (Variable types, the site protocol, the wrapper
 base), :mod:`~dora_jax.nnx.dense`, :mod:`~dora_jax.nnx.einsum`,
 :mod:`~dora_jax.nnx.embed`, :mod:`~dora_jax.nnx.conv` (wrappers),
 :mod:`~dora_jax.nnx.op`, :mod:`~dora_jax.nnx.intercept`,
-:mod:`~dora_jax.nnx.trace` (the op-level layer), :mod:`~dora_jax.nnx.registry`.
+:mod:`~dora_jax.nnx.trace` (the op-level layer), :mod:`~dora_jax.nnx.quantize`
+(quantized weights), :mod:`~dora_jax.nnx.registry`.
 """
 
 from dora_jax.nnx.base import AdapterSite, DoRACache, DoRALayer, DoRAParam

@@ -420,6 +420,16 @@ class DoRALayer(nnx.Module, AdapterSite):
             + (f" dropout={self.dropout_rate:g}" if self.dropout_rate else ""))
 
 
+def derived_class(cache: dict, mixin: type, base_type: type, prefix: str, doc: str) -> type:
+  """``<prefix><Base>(mixin, base_type)``, made once per base type (kept in ``cache``)."""
+  cls = cache.get(base_type)
+  if cls is None:
+    cls = type(f"{prefix}{base_type.__name__}", (mixin, base_type),
+               {"__module__": base_type.__module__, "__doc__": doc})
+    cache[base_type] = cls
+  return cls
+
+
 def check_dtype_promotion(base: nnx.Module) -> None:
   """Refuse a base layer with a custom ``promote_dtype`` (the wrappers run Flax's)."""
   from flax.nnx.nn import dtypes

@@ -26,6 +26,11 @@ on the very operands the base code passed, with the same ``precision`` and
 ``preferred_element_type``, so at PEFT's init the module's output is the base
 output bit for bit. With dropout (PEFT's: adapter path only) the op is
 ``dora(x̃) + op(x − x̃, W)``. Only ``__call__`` is adapted.
+
+Quantized weights (QDoRA, :mod:`dora_jax.nnx.quantize`): a module whose adapted weights
+hold quantized values needs no trace per call: the op whose kernel operand is one of them
+(by its codes) runs DoRA over it (:class:`QuantizedApplier`), the dropout rest through
+the quantized base op. :func:`strip` leaves such a module a ``Quantized<Base>``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from dora_jax import _adapter, general
 from dora_jax.dense import lora_scale
 from dora_jax.nnx import base as _base
 from dora_jax.nnx import intercept
+from dora_jax.nnx import quantize as _quant
 from dora_jax.nnx import trace as _trace
 from dora_jax.nnx.base import AdapterSite, DoRACache, DoRAParam
 
@@ -105,14 +111,9 @@ _CLASSES: dict[type, type] = {}
 
 def adapted_class(base_type: type) -> type:
   """``DoRA<Base>``: ``base_type`` with :class:`DoRAOp`'s ``__call__`` (one class per base)."""
-  cls = _CLASSES.get(base_type)
-  if cls is None:
-    cls = type(f"DoRA{base_type.__name__}", (DoRAOp, base_type),
-               {"__module__": base_type.__module__,
-                "__doc__": f"{base_type.__name__} adapted with DoRA at the op level "
-                           "(dora_jax.nnx.op)."})
-    _CLASSES[base_type] = cls
-  return cls
+  return _base.derived_class(_CLASSES, DoRAOp, base_type, "DoRA",
+                             f"{base_type.__name__} adapted with DoRA at the op level "
+                             "(dora_jax.nnx.op).")
 
 
 def is_adapted(module: Any) -> bool:
@@ -196,14 +197,29 @@ def strip(module: DoRAOp) -> nnx.Module:
     delattr(module, DROPOUT_NAME)
   del vars(module)["_dora"]
   module.__class__ = cfg.base_type
-  return module
+  # quantized weights stay quantized: the module computes the quantized base
+  return _quant.settle(module, tuple((s.param, s.layout) for s in cfg.sites))
 
 
-def merge_in_place(module: DoRAOp) -> nnx.Module:
-  """Write ``g ⊙ (W + s·a·b)`` into each adapted weight, then :func:`strip` (in place)."""
+def merge_in_place(module: DoRAOp, *, requantize: bool = False) -> nnx.Module:
+  """Write ``g ⊙ (W + s·a·b)`` into each adapted weight, then :func:`strip` (in place).
+
+  A quantized weight becomes the float merged weight (``Ŵ`` its dequantized value, in
+  its float dtype), or, with ``requantize=True``, that merged weight quantized again
+  with the same type and block size.
+  """
   for site in sites(module):
     var = site.kernel
-    var[...] = site.merged_weight()
+    stored = var.get_value()
+    if _quant.is_quantized(stored):
+      from dora_jax import quantized
+      merged = site.merged_weight()
+      if requantize:
+        merged = quantized.quantize_kernel(merged, stored.qtype, block_size=stored.block_size,
+                                           layout=stored.layout, chunk_bytes=stored.chunk_bytes)
+      var.set_value(merged)
+    else:
+      var[...] = site.merged_weight()
   return strip(module)
 
 
@@ -277,6 +293,10 @@ class OpSite(AdapterSite):
     """The merged weight in its stored shape and dtype (shape ops of the chain undone)."""
     stored = self.kernel[...]
     view = kernel_view(self.module, self.spec, casts=False)
+    if _quant.is_quantized(view):  # g ⊙ (Ŵ + s·a·b), one compiled program per shape
+      from dora_jax import quantized
+      return quantized.merge_weight(view, self.lora_a[...], self.lora_b[...],
+                                    self.magnitude[...], self.scale)
     merged = _base.merged_kernel(view, self.lora_a[...], self.lora_b[...],
                                  self.magnitude[...], self.scale, self.layout, native=True)
     return _trace.invert_chain(merged, self.spec.chain, stored.shape).astype(stored.dtype)
@@ -284,7 +304,9 @@ class OpSite(AdapterSite):
   def describe(self) -> str:
     batch = (f" x{math.prod(self.layout.batch_shape)} blocks" if self.layout.batch else "")
     cfg = self.config
-    return (f"{cfg.base_type.__name__}.{self.spec.param}({self.d_in} -> {self.d_out}{batch}) "
+    quant = _quant.describe_weight(self.kernel.get_value())
+    return (f"{cfg.base_type.__name__}.{self.spec.param}({self.d_in} -> {self.d_out}{batch}"
+            f"{quant}) "
             f"rank={cfg.rank} alpha={cfg.alpha:g} scale={cfg.scale:g}"
             + (" rslora" if cfg.rslora else "")
             + (f" dropout={cfg.dropout_rate:g}" if cfg.dropout_rate else ""))
@@ -343,35 +365,12 @@ class Applier:
           f"{self.where}: weight {entry.param!r} enters its op in layout {entry.layout} "
           f"(via {entry.chain}) in this call, but was adapted for {spec.layout} (via "
           f"{spec.chain})")
-    site = OpSite(self.module, spec)
+    x, kernel = _quant.operands(op, arguments)
     if op == "einsum":
-      x, kernel = arguments["operands"]
-      kw = dict(precision=arguments["precision"],
-                preferred_element_type=arguments["preferred_element_type"])
-      dora = lambda x_: general.dora_einsum(entry.equation, x_, kernel, *adapters, cfg.scale,
-                                            norm=norm, base_sq_norm=sq, **kw)
       rest = lambda d: intercept.call_original("einsum", {**arguments, "operands": (d, kernel)})
     else:
-      x, kernel = arguments["lhs"], arguments["rhs"]
-      dn = arguments["dimension_numbers"]
-      kw = dict(precision=arguments["precision"],
-                preferred_element_type=arguments["preferred_element_type"])
-      dora = lambda x_: general.dora_dot_general(x_, kernel, *adapters, cfg.scale, dn,
-                                                 norm=norm, base_sq_norm=sq, **kw)
       rest = lambda d: intercept.call_original("dot_general", {**arguments, "lhs": d})
-    adapters = (site.lora_a[...], site.lora_b[...], site.magnitude[...])
-    norm, sq = _norms(site, kernel)
-    x_dropped = None
-    dropout = getattr(self.module, DROPOUT_NAME, None) if cfg.dropout_rate > 0 else None
-    if dropout is not None:
-      x_dropped = dropout(x)
-      if x_dropped is x:
-        x_dropped = None
-    if x_dropped is None:
-      return dora(x)
-    y = dora(x_dropped)
-    acc = jnp.promote_types(y.dtype, jnp.float32)
-    return (y.astype(acc) + rest(x - x_dropped).astype(acc)).astype(y.dtype)
+    return _site_call(self.module, cfg, spec, op, arguments, x, kernel, rest)
 
   def check_done(self) -> None:
     missing = sorted(set(self.plan) - self.done)
@@ -379,11 +378,83 @@ class Applier:
       raise RuntimeError(f"{self.where}: traced contraction(s) {missing} did not run")
 
 
+def _site_call(module: DoRAOp, cfg: OpConfig, spec: SiteSpec, op: str,
+               arguments: dict[str, Any], x, kernel, rest):
+  """The DoRA op on ``kernel`` (the operand the base code passed) for one intercepted call;
+  with dropout, ``dora(x̃) + rest(x − x̃)`` (``rest``: the base op)."""
+  site = OpSite(module, spec)
+  kw = dict(precision=arguments["precision"],
+            preferred_element_type=arguments["preferred_element_type"])
+  if op == "einsum":
+    equation = arguments["subscripts"].replace(" ", "")
+    dora = lambda x_: general.dora_einsum(equation, x_, kernel, *adapters, cfg.scale,
+                                          norm=norm, base_sq_norm=sq, **kw)
+  else:
+    dn = arguments["dimension_numbers"]
+    dora = lambda x_: general.dora_dot_general(x_, kernel, *adapters, cfg.scale, dn,
+                                               norm=norm, base_sq_norm=sq, **kw)
+  adapters = (site.lora_a[...], site.lora_b[...], site.magnitude[...])
+  norm, sq = _norms(site, kernel)
+  x_dropped = None
+  dropout = getattr(module, DROPOUT_NAME, None) if cfg.dropout_rate > 0 else None
+  if dropout is not None:
+    x_dropped = dropout(x)
+    if x_dropped is x:
+      x_dropped = None
+  if x_dropped is None:
+    return dora(x)
+  y = dora(x_dropped)
+  acc = jnp.promote_types(y.dtype, jnp.float32)
+  return (y.astype(acc) + rest(x - x_dropped).astype(acc)).astype(y.dtype)
+
+
+class QuantizedApplier:
+  """Handler of an op-level adapted module whose adapted weights are quantized
+  (:mod:`dora_jax.nnx.quantize`): the op whose kernel operand is one of them (as stored,
+  or a dtype cast of it) runs as DoRA over it; no trace is needed to find it."""
+
+  def __init__(self, module: DoRAOp, where: str):
+    self.module = module
+    self.where = where
+    self.done: set[str] = set()
+
+  def __call__(self, op: str, arguments: dict[str, Any]) -> Any:
+    _quant.check_call(op, arguments, self.where)
+    pair = _quant.operands(op, arguments)
+    if pair is None or not _quant.is_quantized(pair[1]):
+      return intercept.call_original(op, arguments)
+    x, kernel = pair
+    cfg = config(self.module)
+    name = _quant.owner(self.module, kernel, [s.param for s in cfg.sites])
+    if name is None:
+      raise RuntimeError(f"{self.where}: a quantized weight that is not one of the adapted "
+                         f"weights {[s.param for s in cfg.sites]} enters {op}")
+    spec = cfg.site(name)
+    layout = _quant.op_layout(op, arguments, x, kernel)
+    if layout != spec.layout:
+      raise RuntimeError(f"{self.where}: weight {name!r} enters {op} in layout {layout}, but "
+                         f"was adapted for {spec.layout}")
+    self.done.add(name)
+    rest = lambda d: _quant.quantized_op(op, arguments, d, kernel)
+    return _site_call(self.module, cfg, spec, op, arguments, x, kernel, rest)
+
+
 def run(module: DoRAOp, args: tuple, kwargs: dict) -> Any:
   """One call of an op-level adapted module (its base ``__call__`` with DoRA ops)."""
   cfg = config(module)
   call = cfg.base_type.__call__
   where = f"DoRA{cfg.base_type.__name__}"
+  if any(_quant.is_quantized(_quant.param_value(module, s.param)) for s in cfg.sites):
+    applier = QuantizedApplier(module, where)
+    with (intercept.active(applier), intercept.swapped_functions(module),
+          _quant.passthrough()):
+      out = call(module, *args, **kwargs)
+    if not applier.done:
+      raise RuntimeError(
+          f"{where}: none of the adapted (quantized) weights {sorted(s.param for s in cfg.sites)} "
+          "entered a jnp.einsum / lax.dot_general in this call; DoRA would do nothing, so the "
+          "call is refused")
+    return out
   plan = _trace.contractions(module, call, args, kwargs, where=where)
   adapted = {s.param for s in cfg.sites}
   plan = tuple(c for c in plan if c.param in adapted)

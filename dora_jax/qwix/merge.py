@@ -3,7 +3,8 @@
 ``W' = m / ‖W + s·a·b‖ ⊙ (W + s·a·b)`` per adapted weight, in its own layout
 (:func:`dora_jax.general.merge_weight`), using the layouts the provider recorded
 (``provider.adapted``). The merged model is the original, un-intercepted model
-type with merged weights and no adapters.
+type with merged weights and no adapters. A quantized weight (QDoRA,
+``weight_qtype=``) merges to the float weight ``g ⊙ (Ŵ + s·a·b)`` in its float dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def _merged(weight, a, b, m, layout: general.WeightLayout, scale: float, where: 
     raise NotImplementedError(
         f"{where}: the weight is stored as {tuple(weight.shape)} but entered its op as "
         f"{layout.shape}; merging through that reshape is not supported")
+  if isinstance(weight, general.QuantizedWeight):  # g ⊙ (Ŵ + s·a·b), compiled once per shape
+    from dora_jax import quantized
+    return quantized.merge_weight(weight, a, b, m, scale)
   return general.merge_weight(weight, a, b, m, scale, layout).astype(weight.dtype)
 
 
@@ -46,7 +50,7 @@ def merge(model: nnx.Module, provider: DoraProvider) -> nnx.Module:
     where = "/".join(map(str, path)) or "<root>"
     a, b, m = (getattr(module, name + s)[...] for s in SUFFIXES)
     var = getattr(module, name)
-    var[...] = _merged(var[...], a, b, m, layout, scale, where)
+    var.set_value(_merged(var.get_value(), a, b, m, layout, scale, where))
     for s in SUFFIXES:
       delattr(module, name + s)
   for _, module in nnx.iter_modules(out):

@@ -22,9 +22,16 @@ in ``qwix.LoraProvider``. Linen einsum layers work (qwix 0.1.8's own
 DoRA rules never take that path). Dropout is qwix's (``make_rng('dropout')``,
 always on when ``dropout > 0``), applied as PEFT does: adapter path only.
 
-Quantized base weights (``weight_qtype=``, QDoRA) are not implemented: a
-:class:`DoraRule` with ``weight_qtype`` raises in :meth:`DoraProvider.quantized_base`,
-the one place a quantized base op would plug in.
+QDoRA: a :class:`DoraRule` with ``weight_qtype=`` (``"nf4"``, ``jnp.int4``/``"int4"``,
+``jnp.int8``/``"int8"``, ``jnp.float8_e4m3fn``; ``tile_size=`` an int block size along
+``d_in``) quantizes each matched weight the first time its op runs (the NNX model's
+first call, Linen's ``init``), as qwix's QLoRA does, but into a
+:class:`dora_jax.quantized.QuantizedKernel` (the same qwix rounding, 4-bit codes packed
+two per byte) that replaces the weight in the module; the op then runs DoRA over it
+(:meth:`DoraProvider.quantized_base`): the base term, ``aᵀŴ`` and ``dx`` through its
+part-by-part contraction, ``magnitude = ‖Ŵ‖`` (PEFT's QDoRA init: the output at init is
+the quantized base op's, bit for bit). A weight qwix itself quantized (a ``QArray``) is
+refused: it holds one code per byte and qwix's op dequantizes it whole.
 """
 
 from __future__ import annotations
@@ -72,6 +79,32 @@ class DoraRule(qwix.LoraRule):
   lora_a_initializer: Callable[..., jax.Array] | None = None
 
 
+#: qwix ``weight_qtype`` names -> dora_jax's quantization types.
+QTYPES = {"nf4": "nf4", "int4": "int4", "int8": "int8", "float8_e4m3fn": "fp8", "fp8": "fp8"}
+
+
+def _qtype_of(rule: DoraRule, name: str) -> tuple[str, int | None]:
+  """``(qtype, block_size)`` for ``rule``'s ``weight_qtype``/``tile_size`` (errors name them)."""
+  q = rule.weight_qtype
+  key = q if isinstance(q, str) else getattr(jnp.dtype(q), "name", str(q))
+  if key not in QTYPES:
+    raise NotImplementedError(
+        f"DoRA on weight {name!r}: weight_qtype={q!r} is not a QDoRA type (supported: "
+        "'nf4', 'int4' / jnp.int4, 'int8' / jnp.int8, jnp.float8_e4m3fn)")
+  if rule.act_qtype is not None:
+    raise NotImplementedError(f"DoRA on weight {name!r}: act_qtype={rule.act_qtype!r} "
+                              "(quantized activations) is not supported with QDoRA")
+  if rule.weight_calibration_method != "absmax":
+    raise NotImplementedError(
+        f"DoRA on weight {name!r}: weight_calibration_method="
+        f"{rule.weight_calibration_method!r}; QDoRA quantizes with absmax")
+  tile = rule.tile_size
+  if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)):
+    raise NotImplementedError(f"DoRA on weight {name!r}: tile_size={tile!r}; QDoRA takes "
+                              "the block size along d_in as an int")
+  return QTYPES[key], tile
+
+
 def _op_kwargs(precision, preferred_element_type) -> dict[str, Any]:
   return dict(precision=precision, preferred_element_type=preferred_element_type)
 
@@ -113,18 +146,19 @@ class DoraProvider(qwix.LoraProvider):
                   preferred_element_type=None, out_sharding=None):
     """DoRA ``dot_general`` where a :class:`DoraRule` matches and ``rhs`` is a weight."""
     rule = self._dora_rule("dot_general")
-    name = None if rule is None else _private.find_param(rhs, _private.WithAux)
+    name = None if rule is None else self._weight_name(rhs)
     if name is None:
       return super().dot_general(lhs, rhs, dimension_numbers, precision,
                                  preferred_element_type, out_sharding=out_sharding)
     self._get_current_rule_and_op_id("dot_general")  # counts the op, as qwix's providers do
     if out_sharding is not None:
       raise NotImplementedError(f"DoRA on weight {name!r}: out_sharding is not supported")
-    if rule.weight_qtype is not None or isinstance(rhs, _private.WithAux):
-      return self.quantized_base(rule, name, "dot_general", lhs, rhs)
     dn = tuple(tuple(tuple(int(i) for i in v) for v in pair) for pair in dimension_numbers)
-    layout = general.dot_general_layout(dn, lhs.shape, rhs.shape)
     kw = _op_kwargs(precision, preferred_element_type)
+    if (rule.weight_qtype is not None or isinstance(rhs, _private.WithAux)
+        or isinstance(rhs, general.QuantizedWeight)):
+      return self.quantized_base(rule, name, "dot_general", lhs, rhs, dn, kw)
+    layout = general.dot_general_layout(dn, lhs.shape, rhs.shape)
     return self._dora(
         rule, name, layout, lhs, rhs,
         lambda x, a, b, m, s: general.dora_dot_general(x, rhs, a, b, m, s, dn, **kw),
@@ -136,7 +170,7 @@ class DoraProvider(qwix.LoraProvider):
     rule = self._dora_rule("einsum")
     name = None
     if rule is not None and len(operands) == 2 and isinstance(einsum_str, str):
-      name = _private.find_param(operands[1], _private.WithAux)
+      name = self._weight_name(operands[1])
     if name is None:
       return super().einsum(einsum_str, *operands, precision=precision,
                             preferred_element_type=preferred_element_type,
@@ -146,11 +180,12 @@ class DoraProvider(qwix.LoraProvider):
       raise NotImplementedError(
           f"DoRA on weight {name!r}: out_sharding / a custom _dot_general are not supported")
     lhs, rhs = operands
-    if rule.weight_qtype is not None or isinstance(rhs, _private.WithAux):
-      return self.quantized_base(rule, name, "einsum", lhs, rhs)
     spec = einsum_str.replace(" ", "")
-    layout = general.einsum_layout(spec, lhs.shape, rhs.shape)
     kw = _op_kwargs(precision, preferred_element_type)
+    if (rule.weight_qtype is not None or isinstance(rhs, _private.WithAux)
+        or isinstance(rhs, general.QuantizedWeight)):
+      return self.quantized_base(rule, name, "einsum", lhs, rhs, spec, kw)
+    layout = general.einsum_layout(spec, lhs.shape, rhs.shape)
     return self._dora(
         rule, name, layout, lhs, rhs,
         lambda x, a, b, m, s: general.dora_einsum(spec, x, rhs, a, b, m, s, **kw),
@@ -164,12 +199,127 @@ class DoraProvider(qwix.LoraProvider):
           "DoraRule (module_path / op_names), or adapt nnx.Conv with dora_jax.apply_dora")
     return super().conv_general_dilated(lhs, rhs, *args, **kwargs)
 
-  def quantized_base(self, rule: DoraRule, name: str, op_name: str, lhs, rhs):
-    """Hook for DoRA on a quantized base (QDoRA): the base op would run on qwix's
-    quantized weight and the norm's ``‖W‖²``/``aᵀW`` on the same. Not implemented."""
-    raise NotImplementedError(
-        f"DoRA on weight {name!r} ({op_name}) with a quantized base (weight_qtype="
-        f"{rule.weight_qtype!r}) is not implemented yet (QDoRA)")
+  def quantized_base(self, rule: DoraRule, name: str, op_name: str, lhs, rhs, dims, kw):
+    """QDoRA: DoRA over the quantized weight ``name`` (quantized here, from the float
+    weight, on the first call that sees it, and kept in the module in its place).
+
+    ``dims`` is the einsum spec or the ``dot_general`` dimension numbers, ``kw`` the
+    op's ``precision``/``preferred_element_type``. The base term, ``aᵀŴ`` and ``dx``
+    go through the weight's part-by-part contraction; ``magnitude = ‖Ŵ‖``.
+    """
+    from dora_jax import quantized
+    if isinstance(rhs, _private.WithAux):
+      raise NotImplementedError(
+          f"DoRA on weight {name!r} ({op_name}): the weight was quantized by qwix (a "
+          "QArray, one code per byte, dequantized whole by qwix's op); QDoRA quantizes the "
+          "float weight itself: give the DoraRule weight_qtype= and the float model")
+    if op_name == "einsum":
+      layout = general.einsum_layout(dims, lhs.shape, rhs.shape)
+    else:
+      layout = general.dot_general_layout(dims, lhs.shape, rhs.shape)
+    if isinstance(rhs, general.QuantizedWeight):
+      weight = rhs
+      if rule.weight_qtype is not None and _qtype_of(rule, name)[0] != rhs.qtype:
+        raise ValueError(f"DoRA on weight {name!r}: it is quantized as {rhs.qtype}, but the "
+                         f"rule has weight_qtype={rule.weight_qtype!r}")
+    elif rule.weight_qtype is None:  # pragma: no cover - routed here only when quantized
+      raise TypeError(f"DoRA on weight {name!r}: not quantized")
+    else:
+      weight = self._quantize_weight(rule, name, layout, rhs)
+    if op_name == "einsum":
+      dora = lambda x, a, b, m, s: general.dora_einsum(dims, x, weight, a, b, m, s, **kw)
+      base = lambda d: quantized.quantized_einsum(dims, d, weight, **kw)
+    else:
+      dora = lambda x, a, b, m, s: general.dora_dot_general(x, weight, a, b, m, s, dims, **kw)
+      base = lambda d: quantized.quantized_dot_general(d, weight, dims, **kw)
+    return self._dora(rule, name, layout, lhs, weight, dora, base)
+
+  def _quantize_weight(self, rule: DoraRule, name: str, layout: general.WeightLayout, rhs):
+    """Quantize the module's float weight ``name`` in ``layout`` and put the quantized
+    weight in its place (NNX: the ``nnx.Param``'s value; Linen: ``params``, which must
+    be mutable: ``init``). Returns it cast as ``rhs`` (the op's operand) is."""
+    from dora_jax import quantized
+    qtype, block = _qtype_of(rule, name)
+    module = _private.get_current_module()
+    where = "/".join(map(str, module.path if isinstance(module, nn.Module)
+                         else getattr(module, "qwix_path", ()))) or "<root>"
+    if isinstance(module, nn.Module):
+      if not module.is_mutable_collection("params"):
+        raise ValueError(
+            f"DoRA on weight {name!r} at {where}: the weight is float but the rule has "
+            f"weight_qtype={rule.weight_qtype!r}; it is quantized when the model is "
+            "initialised (init, or apply with mutable=['params']): use the params that "
+            "returns")
+      stored = module.get_variable("params", name)
+    else:
+      stored = getattr(module, name)
+    value = stored.get_value() if isinstance(stored, nnx.Variable) else (
+        stored.unbox() if isinstance(stored, nn.meta.AxisMetadata) else stored)
+    if tuple(value.shape) != layout.shape:
+      raise NotImplementedError(
+          f"DoRA on weight {name!r} at {where}: stored as {tuple(value.shape)} but it enters "
+          f"its op as {layout.shape}; quantizing it is not supported")
+    try:
+      qk = quantized.quantize_kernel(value, qtype, block_size=block, layout=layout)
+    except ValueError as err:
+      raise ValueError(f"DoRA on weight {name!r} at {where} (tile_size={block!r}): {err}") \
+          from None
+    if isinstance(module, nn.Module):
+      module.put_variable("params", name, stored.replace_boxed(qk)
+                          if isinstance(stored, nn.meta.AxisMetadata) else qk)
+    else:
+      stored.set_value(qk)
+    return qk.astype(rhs.dtype)
+
+  # -- a quantized weight passes through the model's code unchanged ---------------------
+
+  def _weight_name(self, x) -> str | None:
+    """The current module's weight ``x`` is (a quantized one by its codes), else ``None``."""
+    if isinstance(x, general.QuantizedWeight):
+      module = _private.get_current_module()
+      if isinstance(module, nn.Module):
+        items = [(n, v.unbox() if isinstance(v, nn.meta.AxisMetadata) else v)
+                 for n, v in module.variables.get("params", {}).items()]
+      else:
+        items = [(n, v.get_value()) for n, v in vars(module).items()
+                 if isinstance(v, nnx.Param)]
+      codes = getattr(x, "codes", None)
+      for n, v in items:
+        if isinstance(v, general.QuantizedWeight) and (v is x or getattr(v, "codes", 0) is codes):
+          return n
+      return None
+    return _private.find_param(x, _private.WithAux)
+
+  def nn_param(self, module: nn.Module, name: str, *args, **kwargs):
+    """Linen ``param``: a quantized param is returned as it is (no shape check)."""
+    if module.has_variable("params", name):
+      value = module.get_variable("params", name)
+      inner = value.unbox() if isinstance(value, nn.meta.AxisMetadata) else value
+      if isinstance(inner, general.QuantizedWeight):
+        return inner
+    return super().nn_param(module, name, *args, **kwargs)
+
+  def promote_dtype(self, *args, **kwargs):
+    """``promote_dtype`` with quantized weights cast by ``astype`` (as arrays are)."""
+    nnx_style = len(args) == 1 and isinstance(args[0], (tuple, list))
+    values = list(args[0]) if nnx_style else list(args)
+    if not any(isinstance(v, general.QuantizedWeight) for v in values):
+      return super().promote_dtype(*args, **kwargs)
+    dtype = kwargs.get("dtype")
+    if dtype is None:
+      dtype = jnp.result_type(*[v.dtype if isinstance(v, general.QuantizedWeight) else v
+                                for v in values if v is not None])
+      if kwargs.get("inexact", True) and not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.promote_types(jnp.float32, dtype)
+    out = [None if v is None else v.astype(dtype) if isinstance(v, general.QuantizedWeight)
+           else jnp.asarray(v, dtype) for v in values]
+    return tuple(out) if nnx_style else out
+
+  def asarray(self, a, dtype=None, order=None, **kwargs):
+    """``jnp.asarray``: a quantized weight is passed through (``astype`` for a dtype)."""
+    if isinstance(a, general.QuantizedWeight):
+      return a if dtype is None else a.astype(dtype)
+    return super().asarray(a, dtype=dtype, order=order, **kwargs)
 
   # -- the DoRA op ---------------------------------------------------------------------
 

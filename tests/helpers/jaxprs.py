@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import jax
 import jax.extend  # noqa: F401  (jax.extend.core.Jaxpr)
@@ -54,3 +55,34 @@ def primitives_outside_kernels(jaxpr) -> set[str]:
     for sub in sub_jaxprs(eqn):
       names |= primitives_outside_kernels(sub)
   return names
+
+
+def float_outputs(closed):
+  """``(primitive, shape)`` of every float value a (nested) jaxpr computes."""
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      for out in eqn.outvars:
+        aval = out.aval
+        if hasattr(aval, "dtype") and jax.numpy.issubdtype(aval.dtype, jax.numpy.floating):
+          found.append((eqn.primitive.name, tuple(aval.shape)))
+      for sub in sub_jaxprs(eqn):
+        visit(sub)
+
+  visit(closed.jaxpr)
+  return found
+
+
+def float_values_holding(closed, kernel_shape):
+  """Float values holding all of the kernel's dimensions and at least its size."""
+  want, size = Counter(kernel_shape), math.prod(kernel_shape)
+  return sorted({(p, s) for p, s in float_outputs(closed)
+                 if math.prod(s) >= size and not want - Counter(s)})
+
+
+def largest_value_holding(closed, dims):
+  """The largest float value (elements) whose shape holds all of ``dims``."""
+  want = Counter(dims)
+  return max((math.prod(s) for _, s in float_outputs(closed) if not want - Counter(s)),
+             default=0)

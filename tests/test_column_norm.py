@@ -18,7 +18,7 @@ import dora_jax
 from dora_jax.kernels import column_norm as cn
 from dora_jax.kernels import dispatch
 from helpers.layers import make_layer, normal, rng, uniform
-from helpers.reference import dense_norm
+from helpers.reference import dense_norm, dora_forward
 
 GPU = jax.default_backend() == "gpu"
 SMALL = cn.ColumnNormConfig(block_m=32, block_n=32, block_k=16, programs=8)
@@ -171,3 +171,31 @@ def test_gpu_column_norm_at_a_projection_shape(fresh_key):
   for i in range(0, 4096, 512):
     sq += np.sum((w64[i:i + 512] + 0.25 * a64[i:i + 512] @ b64) ** 2, axis=0)
   assert _rel(norm, np.sqrt(sq)) <= 2e-6
+
+
+@pytest.mark.parametrize("scale", [1e19, -1e20, 1e30])
+def test_column_norm_is_finite_and_accurate_at_huge_scales(fresh_key, scale):
+  """``(s·P)²`` overflows float32 from ``|s| ≈ 1e19``: the overflowing columns are
+  summed divided by their bound, the others (``b_j = 0`` here) plain: bit for bit
+  what they give when no column needs the rescale."""
+  w, a, b = _weights(fresh_key(), 75, 61, 8, jnp.bfloat16, adapter=10.0)
+  b = b.at[:, :5].set(0)  # columns with no update: norm ‖W_j‖ at any scale
+  norm = cn.column_norm(w, a, b, scale, config=SMALL, interpret=not GPU)
+  assert np.all(np.isfinite(norm))
+  assert _rel(norm, np.asarray(dense_norm(w, a, b, scale))) <= 2e-6
+  plain = cn.column_norm(w, a, b.at[:, 5:].set(0), scale, config=SMALL, interpret=not GPU)
+  np.testing.assert_array_equal(norm[:5], plain[:5])
+  np.testing.assert_array_equal(cn.column_scales(a, b, scale)[:5], 1.0)
+
+
+@pytest.mark.parametrize("backend", ["pallas", "mosaic"])
+def test_bf16_dora_dense_at_huge_scales_on_kernel_backends(fresh_key, backend):
+  """The kernel backends' bf16 layer at ``s = 1e19`` (the norm kernel's squares
+  overflowed there): finite, within bf16 rounding of the float64 layer."""
+  x, kernel, lora_a, lora_b, magnitude, bias, _ = make_layer(
+      fresh_key(), 48, 40, 8, (6,), dtype=jnp.bfloat16, b_scale=10.0)
+  y = dora_jax.dora_dense(x, kernel, lora_a, lora_b, magnitude, 1e19, bias, backend=backend)
+  assert np.all(np.isfinite(np.asarray(y, np.float32)))
+  y_ref = dora_forward(x, kernel, lora_a, lora_b, magnitude, 1e19, bias)
+  assert float(np.max(np.abs(np.asarray(y, np.float64) - y_ref))) <= 2.0**-6 * float(
+      np.max(np.abs(y_ref)))

@@ -13,6 +13,12 @@ This kernel instead forms the update tile by tile and never stores it::
 
   norm = √(max(Σ_splits partial, 0))                  [d_out] float32
 
+At huge scales (``|s|`` near 10¹⁹, where ``v²`` overflows float32) a column is
+evaluated divided by its bound ``c_j = |s|·max_i‖a_i‖·‖b_j‖ ≥ max_i|s·P_ij|``:
+``v/c_j = W/c_j + (s/c_j)·P`` and ``norm_j = c_j·√Σ(v/c_j)²``. Columns whose
+bound is at most 2⁴⁸ keep ``c_j = 1`` (the plain sum bit for bit: multiplying
+by 1 is exact), so only an overflowing column changes arithmetic.
+
 It does the FLOPs of ``U`` alone (``2·d_in·d_out·r``), reads ``W`` once, needs
 no ``‖W‖²`` cache, and has no cancellation between the three factored terms.
 No ``[d_in, d_out]`` value exists outside registers. The grid is column
@@ -67,20 +73,38 @@ def supported(kernel, lora_a, lora_b) -> bool:
   return len(dtypes) == 1 and dtypes.pop() in _HALF
 
 
+#: Largest column bound ``c_j`` evaluated without rescaling: ``v² ≤ 2⁹⁷`` per
+#: element, so a sum over up to 2³⁰ rows stays below float32's 2¹²⁸.
+PLAIN_BOUND = 2.0**48
+
+
+def column_scales(lora_a: jax.Array, lora_b: jax.Array, scale) -> jax.Array:
+  """``c [d_out]`` float32: 1 where the plain sum of squares cannot overflow, else
+  the column's bound ``|s|·max_i‖a_i‖·‖b_j‖`` (at most float32's largest)."""
+  a_max = jnp.sqrt(jnp.max(jnp.sum(jnp.square(lora_a.astype(_F32)), axis=1)))
+  b_cols = jnp.sqrt(jnp.sum(jnp.square(lora_b.astype(_F32)), axis=0))
+  bound = jnp.abs(jnp.asarray(scale, _F32)) * (a_max * b_cols)
+  bound = jnp.minimum(bound, jnp.finfo(_F32).max)
+  return jnp.where(bound <= PLAIN_BOUND, 1.0, bound).astype(_F32)
+
+
 def column_norm_reference(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                           scale) -> jax.Array:
   """``‖W + s·a·b‖`` per column as the kernel computes it (``a·b`` with float32
-  accumulation, the sum in float32). Materialises ``[d_in, d_out]``: tests only."""
+  accumulation, the sum in float32, columns rescaled by :func:`column_scales`).
+  Materialises ``[d_in, d_out]``: tests only."""
   update = jnp.dot(lora_a, lora_b, preferred_element_type=_F32)
-  v = kernel.astype(_F32) + jnp.asarray(scale, _F32) * update
-  return jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=0), 0.0))
+  c = column_scales(lora_a, lora_b, scale)
+  v = kernel.astype(_F32) * (1.0 / c) + (jnp.asarray(scale, _F32) / c) * update
+  return c * jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=0), 0.0))
 
 
-def _kernel(w_ref, a_ref, b_ref, s_ref, part_ref, *, rank, rows_per_split, block_m, block_n,
+def _kernel(w_ref, a_ref, b_ref, s_ref, inv_c_ref, part_ref, *, rank, rows_per_split, block_m, block_n,
             block_k, check_m, check_n):
   j, split = pl.program_id(0), pl.program_id(1)
   c0 = j * block_n
-  s = load_1d(s_ref, c0, block_n, check_n)
+  s = load_1d(s_ref, c0, block_n, check_n)          # s / c_j
+  inv_c = load_1d(inv_c_ref, c0, block_n, check_n)  # 1 / c_j
   check_k = rank % block_k != 0
   k_steps = cdiv(rank, block_k)
   row_steps = rows_per_split // block_m
@@ -93,7 +117,7 @@ def _kernel(w_ref, a_ref, b_ref, s_ref, part_ref, *, rank, rows_per_split, block
 
   def squares(r0, acc, total):
     w = load_2d(w_ref, r0, block_m, c0, block_n, check_m, check_n).astype(_F32)
-    v = w + acc * s[None, :]
+    v = w * inv_c[None, :] + acc * s[None, :]
     return total + v * v  # summed over rows once, after the loop (no per-step shuffles)
 
   def row_step(i, total):
@@ -146,7 +170,9 @@ def column_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale, 
   body = functools.partial(
       _kernel, rank=rank, rows_per_split=rows_per_split, block_m=block_m, block_n=block_n,
       block_k=block_k, check_m=splits * rows_per_split != d_in, check_n=d_out % block_n != 0)
-  scale_row = jnp.broadcast_to(lax.stop_gradient(jnp.asarray(scale, _F32)), (d_out,))
+  scale = lax.stop_gradient(jnp.asarray(scale, _F32))
+  c = column_scales(lora_a, lora_b, scale)
+  inv_c = 1.0 / c
   itemsize = kernel.dtype.itemsize
   part = pl.pallas_call(
       body,
@@ -156,11 +182,12 @@ def column_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale, 
       cost_estimate=pl.CostEstimate(
           flops=2 * d_in * d_out * rank + 3 * d_in * d_out, transcendentals=0,
           bytes_accessed=itemsize * (kernel.size + n_blocks * lora_a.size + splits * lora_b.size)
-          + 4 * (splits + 1) * d_out),
+          + 4 * (splits + 3) * d_out),
       interpret=resolve_interpret(interpret),
       name="dora_column_norm",
-  )(kernel, lora_a, lora_b, scale_row)
-  return jnp.sqrt(jnp.maximum(jnp.sum(part, axis=0), 0.0))
+  )(kernel, lora_a, lora_b, scale * inv_c, inv_c)
+  return c * jnp.sqrt(jnp.maximum(jnp.sum(part, axis=0), 0.0))
 
 
-__all__ = ["ColumnNormConfig", "column_norm", "column_norm_reference", "supported"]
+__all__ = ["ColumnNormConfig", "PLAIN_BOUND", "column_norm", "column_norm_reference", "column_scales",
+           "supported"]

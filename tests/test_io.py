@@ -367,6 +367,12 @@ def test_bit_flips_in_the_weights_file_are_refused(saved, fresh_key):
   for offset in rng.integers(0, header_end, size=40):
     err = _flip_and_load(d, path, data, int(offset), int(rng.integers(8)))
     assert err is not None, f"a flipped bit at header byte {offset} loaded"
+  # Every bit of the checksum's key name (a renamed key once left the file unverified).
+  key = safetensors_format.CHECKSUM_KEY.encode()
+  start = data.index(key)
+  for offset in range(start, start + len(key)):
+    for bit in range(8):
+      assert _flip_and_load(d, path, data, offset, bit) is not None, (offset, bit)
   fresh = _load_fresh(d)  # the intact file still loads
   assert_same_adapters(fresh, model)
 
@@ -392,9 +398,20 @@ def test_checksum_lives_in_the_metadata_where_other_readers_ignore_it(tmp_path, 
   assert safetensors_format.CHECKSUM_KEY not in metadata
   again = safetensors_format.encode(tensors, {**metadata, safetensors_format.CHECKSUM_KEY: "0" * 64})
   assert safetensors_format.decode(again)[1] == metadata  # a stale value passed in is recomputed
-  plain = safetensors_format.encode(tensors, metadata, with_checksum=False)
+  assert safetensors_format.CHECKSUM_ALGORITHM_KEY not in metadata
+  with pytest.raises(ValueError, match="need with_checksum=True"):
+    safetensors_format.encode(tensors, metadata, with_checksum=False)
+  foreign = {k: v for k, v in metadata.items() if not k.startswith("dora_jax.")}
+  plain = safetensors_format.encode(tensors, foreign, with_checksum=False)
   header = json.loads(plain[8:8 + int.from_bytes(plain[:8], "little")])
-  assert header["__metadata__"] == metadata
+  assert header["__metadata__"] == foreign
+  # dora_jax's keys without the checksum: a file whose checksum key was renamed
+  # (a flipped bit) is refused, not read unverified.
+  renamed = bytearray(again)
+  at = bytes(renamed).index(safetensors_format.CHECKSUM_KEY.encode())
+  renamed[at + len("dora_jax.sha")] ^= 1
+  with pytest.raises(safetensors_format.SafetensorsError, match="no checksum"):
+    safetensors_format.decode(bytes(renamed))
 
 
 def test_paths_that_are_not_directories(tmp_path, fresh_key):

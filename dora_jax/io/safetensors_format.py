@@ -20,7 +20,8 @@ where other readers (``safetensors``, PEFT) ignore it: ``"dora_jax.sha256"``,
 the SHA-256 of the header (every tensor's name, dtype, shape and offsets, and
 the other metadata, as canonical JSON) followed by the data buffer. :func:`decode`
 verifies it when present; files without it (written by PEFT, ``safetensors``)
-are read as before.
+are read as before, unless they hold other ``dora_jax.`` metadata keys (a file
+dora_jax wrote whose checksum key a flipped bit renamed: refused).
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ _NAMES = {dt: name for name, dt in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 #: Metadata key of the checksum of the header and the data (see the module docstring).
 CHECKSUM_KEY = "dora_jax.sha256"
+#: Metadata key written beside the checksum, naming its algorithm. A file holding
+#: any ``dora_jax.`` key other than the checksum must hold the checksum: a flipped
+#: bit in the checksum's key name leaves this one, so the file is refused, not
+#: read unverified.
+CHECKSUM_ALGORITHM_KEY = "dora_jax.checksum"
+_PREFIX = "dora_jax."
 
 
 class SafetensorsError(ValueError):
@@ -99,6 +106,10 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
   if bad:
     raise TypeError(f"safetensors metadata must map str to str, got {bad!r}")
   metadata.pop(CHECKSUM_KEY, None)  # always recomputed
+  metadata.pop(CHECKSUM_ALGORITHM_KEY, None)
+  if not with_checksum and any(k.startswith(_PREFIX) for k in metadata):
+    raise ValueError(f"metadata keys starting with {_PREFIX!r} need with_checksum=True (a reader "
+                     f"refuses them without the checksum), got {sorted(metadata)}")
   chunks, offset = [], 0
   for name in sorted(tensors):
     if name == "__metadata__" or not isinstance(name, str) or not name:
@@ -112,6 +123,7 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
     offset += len(data)
   body = b"".join(chunks)
   if with_checksum:
+    metadata[CHECKSUM_ALGORITHM_KEY] = "sha256 of the header and the data"
     metadata[CHECKSUM_KEY] = checksum(header, metadata, body)
   if metadata:
     header = {"__metadata__": metadata, **header}
@@ -184,9 +196,14 @@ def decode(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray],
                  "(truncated?)")
     raise fail(f"{len(buffer) - position} trailing bytes after the last tensor")
   expected_sum = metadata.pop(CHECKSUM_KEY, None)
+  if expected_sum is None and any(k.startswith(_PREFIX) for k in metadata):
+    raise SafetensorsError(f"{source}: corrupt file: its metadata has dora_jax keys "
+                           f"({', '.join(sorted(k for k in metadata if k.startswith(_PREFIX)))}) "
+                           f"but no checksum ({CHECKSUM_KEY})")
   if expected_sum is not None and checksum(header, metadata, buffer) != expected_sum:
     raise SafetensorsError(f"{source}: corrupt file: the tensor data or header does not match "
                            f"the checksum stored with it ({CHECKSUM_KEY})")
+  metadata.pop(CHECKSUM_ALGORITHM_KEY, None)
   for begin, end, name in spans:
     kind, shape = header[name]["dtype"], header[name]["shape"]
     arr = np.frombuffer(buffer[begin:end], dtype=DTYPES[kind]).reshape(shape)

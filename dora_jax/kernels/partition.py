@@ -56,6 +56,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from dora_jax import backend as backend_lib
 from dora_jax.backend import KernelOptions
 from dora_jax.compose import Grads, Residuals, Wants, magnitude_grad
+from dora_jax.kernels._common import resolve_interpret
 
 _log = logging.getLogger("dora_jax")
 _tile_fallbacks_logged: set[str] = set()  # log each per-shard fallback once per process
@@ -164,6 +165,21 @@ def _shard_impl(impl: str, mesh: Mesh, layout: Layout, shape: tuple[int, int, in
   return impl if supported is None else "xla"
 
 
+def _interpreted_mosaic(impl: str, options: KernelOptions) -> bool:
+  """Whether ``impl`` is ``"mosaic"`` in interpret mode. Mosaic GPU's interpreter
+  runs its kernels through ordered ``io_callback``s, whose effect tokens the
+  per-shard lowering of ``custom_partitioning`` does not thread (jax 0.11.2:
+  ``KeyError: OrderedIOEffect``): there the GEMM kernels (``scaled_matmul``)
+  run XLA on each shard; the Pallas (Triton) ones still run per shard."""
+  if impl != "mosaic" or not resolve_interpret(options.interpret):
+    return False
+  if "mosaic-interpret" not in _tile_fallbacks_logged:
+    _tile_fallbacks_logged.add("mosaic-interpret")
+    _log.warning("dora_jax: Mosaic GPU's interpreter does not lower inside a partitioned "
+                 "program; its GEMMs run XLA on each shard (interpret mode only)")
+  return True
+
+
 def _named(mesh: Mesh, specs: Sequence[P]) -> tuple[NamedSharding, ...]:
   return tuple(NamedSharding(mesh, s) for s in specs)
 
@@ -192,6 +208,7 @@ def _forward_op(impl: str, options: KernelOptions, want_pre: bool, has_bias: boo
     layout = layout_of(arg_shapes[0].sharding.spec, arg_shapes[1].sharding.spec)
     tokens, d_in = arg_shapes[0].shape
     name = _shard_impl(impl, mesh, layout, (tokens, d_in, arg_shapes[1].shape[1]))
+    name = "xla" if _interpreted_mosaic(name, options) else name
     rows = _mesh_axes(mesh, layout.rows)
     t, k, n = layout.tokens, layout.rows, layout.cols
 
@@ -262,6 +279,11 @@ def _backward_op(impl: str, options: KernelOptions, wants: Wants, present: tuple
                                                       options=options)
     return tuple(v for v, w in zip(grads, wanted) if w)
 
+  # see _interpreted_mosaic: the Mosaic dx GEMM off, the Pallas scale_reduce kept
+  shard_options = options
+  if impl == "mosaic" and resolve_interpret(options.interpret):
+    shard_options = dataclasses.replace(options, mosaic_dx=False)
+
   @custom_partitioning
   def op(*arrays):
     return run(impl, arrays[:-1], arrays[-1])
@@ -280,9 +302,9 @@ def _backward_op(impl: str, options: KernelOptions, wants: Wants, present: tuple
     def lower(*arrays):
       res, dy = residuals(arrays[:-1]), arrays[-1]
       if rows and wants.magnitude and res.pre is None:
-        grads = _row_split_y_residual(name, res, dy, wants, options, rows)
+        grads = _row_split_y_residual(name, res, dy, wants, shard_options, rows)
       else:
-        grads = backend_lib.implementation(name).backward(res, dy, wants, options=options)
+        grads = backend_lib.implementation(name).backward(res, dy, wants, options=shard_options)
       by_axes: dict[Axes, list[str]] = {}
       for field in Grads._fields:
         if getattr(grads, field) is not None:

@@ -128,8 +128,13 @@ REGISTRY = {
 
 
 @functools.cache
-def implementation(name: str) -> Implementation:
-  """The backend ``name`` of :data:`REGISTRY`.
+def implementation(name: str, partitioned: bool = False) -> Implementation:
+  """The backend ``name`` of :data:`REGISTRY`; ``partitioned``: its kernels per shard.
+
+  ``partitioned=True`` (a kernel backend traced under a device mesh) wraps its
+  ``forward`` and ``backward`` in the partition rules of
+  :mod:`dora_jax.kernels.partition`, so the partitioner runs them on each
+  device's blocks.
 
   A kernel backend's ``forward`` and ``backward`` are differentiable: their
   derivatives are those of the XLA twins (``pallas_call`` has no usable JVP
@@ -139,12 +144,17 @@ def implementation(name: str) -> Implementation:
   """
   if name not in REGISTRY:
     raise ValueError(f"unknown backend {name!r}; registered: {tuple(REGISTRY)}")
+  if not isinstance(partitioned, bool):
+    raise TypeError(f"partitioned must be a bool, got {partitioned!r}")
   module, forward, backward, shapes = REGISTRY[name]
   module = importlib.import_module(module)
   impl = Implementation(getattr(module, forward), getattr(module, backward),
                         None if shapes is None else getattr(module, shapes))
   if name == "xla":
     return impl
+  if partitioned:
+    from dora_jax.kernels import partition  # imports the kernels; first use only
+    impl = impl._replace(forward=partition.forward(name), backward=partition.backward(name))
   twin = implementation("xla")
   return impl._replace(forward=_twin_derivatives(impl.forward, twin.forward, arrays=7),
                        backward=_twin_derivatives(impl.backward, twin.backward, arrays=2))

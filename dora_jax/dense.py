@@ -46,11 +46,13 @@ def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
 
 
 class _Config(NamedTuple):
-  """Static (hashable) part of a call: the implementation, matmul precision, kernel options."""
+  """Static (hashable) part of a call: the implementation, matmul precision, kernel
+  options, and whether the kernels run per shard under a mesh."""
 
   impl: str
   precision: str | None
   options: KernelOptions  # interpret resolved to a bool
+  partitioned: bool = False  # kernels.partition's rules (a kernel backend under a mesh)
 
   def scope(self):
     """The matmul-precision context for tracing the forward or the backward."""
@@ -60,7 +62,7 @@ class _Config(NamedTuple):
 
   @property
   def implementation(self) -> backend_lib.Implementation:
-    return backend_lib.implementation(self.impl)
+    return backend_lib.implementation(self.impl, self.partitioned)
 
 
 @jax.tree_util.register_static
@@ -93,10 +95,12 @@ def _keeps_output(cfg: _Config, wants: Wants, bias, dtype) -> bool:
   ``"mosaic"`` backend by default (one ``[T, d_out]`` store less; zero magnitudes
   get ``pre`` recomputed on the device by :mod:`dora_jax.kernels.flagged_columns`),
   bias-free layers only (``y = g ⊙ pre``), never float16 (``g ⊙ pre`` could leave
-  its range). The other backends keep ``pre``: recovering it there would need a
-  ``lax.cond`` whose predicate XLA's GPU runtime reads on the host."""
+  its range), and not per shard under a mesh (the zero-magnitude recompute would
+  need whole rows of ``W`` where ``d_in`` is split). The other backends keep
+  ``pre``: recovering it there would need a ``lax.cond`` whose predicate XLA's
+  GPU runtime reads on the host."""
   return (cfg.impl == "mosaic" and cfg.options.mosaic_residual == "output" and wants.magnitude
-          and bias is None and dtype != jnp.float16)
+          and bias is None and dtype != jnp.float16 and not cfg.partitioned)
 
 
 def _core_fwd(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm):
@@ -141,31 +145,47 @@ _dora_core = jax.custom_vjp(_core, nondiff_argnums=(0,))
 _dora_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
 
 
+class Resolved(NamedTuple):
+  """How one call runs: its implementation, whether the kernels run per shard under
+  a mesh (:mod:`dora_jax.kernels.partition`), whether the norm uses its kernel."""
+
+  impl: str
+  partitioned: bool = False
+  norm_kernel: bool = False
+
+
 def _resolve(backend: str | None, options: KernelOptions, x2, kernel, lora_a, *others,
-             cached: bool = False) -> tuple[str, bool]:
-  """``(implementation, whether the norm uses its kernel)``; ``cached``: ``‖W‖²`` is given."""
+             cached: bool = False) -> Resolved:
+  """The call's :class:`Resolved`; ``cached``: ``‖W‖²`` is given."""
   choice = backend_lib.check_backend(backend)
   if choice == "xla":
-    return choice, False
+    return Resolved(choice)
   requested = choice != "auto"
   device = dispatch.Device.current()
   if choice == "auto":
     choice = dispatch.choose(x2.shape[0], kernel.shape, lora_a.shape[1], x2.dtype, device)
   elif choice == "mosaic":
     choice = dispatch.mosaic_or_xla(x2.shape[0], kernel.shape, x2.dtype, device)
-  # Pallas is not partitioned by GSPMD: the XLA path under a mesh (logged once).
-  impl = dispatch.unpartitioned(choice, x2, kernel, lora_a, *others, requested=requested)
-  return impl, options.norm_kernel and dispatch.norm_kernel_allowed(
+  # Pallas is not partitioned by GSPMD: per shard by kernels.partition's rules under a
+  # mesh, the XLA path where no rule applies (logged once).
+  impl, partitioned = dispatch.placement(choice, x2.shape[0], kernel.shape, x2, kernel, lora_a,
+                                         *others, requested=requested)
+  return Resolved(impl, partitioned, options.norm_kernel and dispatch.norm_kernel_allowed(
       impl, not requested, kernel.shape, lora_a.shape[1], cached, kernel, lora_a, *others,
-      device=device)
+      device=device, ruled=partitioned))
 
 
-def _weight_norm(use_kernel: bool, kernel, lora_a, lora_b, scale, base_sq_norm, interpret):
+def _weight_norm(use_kernel: bool, partitioned: bool, kernel, lora_a, lora_b, scale,
+                 base_sq_norm, interpret):
   """DoRA's norm ``[d_out]``: the one-pass kernel
-  (:mod:`dora_jax.kernels.column_norm`) where allowed and its dtypes fit, else
-  :func:`factored_norm` (with the cached ``‖W‖²`` if given), which is also the
-  one differentiated when the norm is not detached (the kernel has no VJP)."""
+  (:mod:`dora_jax.kernels.column_norm`; per shard by its partition rule when
+  ``partitioned``) where allowed and its dtypes fit, else :func:`factored_norm`
+  (with the cached ``‖W‖²`` if given), which is also the one differentiated when
+  the norm is not detached (the kernel has no VJP)."""
   if use_kernel and column_norm.supported(kernel, lora_a, lora_b):
+    if partitioned:
+      from dora_jax.kernels import partition  # the rules import the kernel modules
+      return partition.column_norm(kernel, lora_a, lora_b, scale, interpret=interpret)
     return column_norm.column_norm(kernel, lora_a, lora_b, scale, interpret=interpret)
   return factored_norm(kernel, lora_a, lora_b, scale,
                        base_sq_norm=None if base_sq_norm is None
@@ -260,20 +280,20 @@ def dora_dense(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.A
   acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, dims.d_in)
-  impl, norm_kernel = _resolve(backend, options, x2, kernel, lora_a, lora_b, magnitude, bias,
-                               cached=base_sq_norm is not None)
+  how = _resolve(backend, options, x2, kernel, lora_a, lora_b, magnitude, bias,
+                 cached=base_sq_norm is not None)
   if not isinstance(detach_norm, bool):
     raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
   if norm is None:
-    norm = _weight_norm(norm_kernel and detach_norm, kernel, lora_a, lora_b, scale,
-                        base_sq_norm, options.interpret)
+    norm = _weight_norm(how.norm_kernel and detach_norm, how.partitioned, kernel, lora_a, lora_b,
+                        scale, base_sq_norm, options.interpret)
   else:
     check_vector("norm", norm, dims.d_out)
   norm = norm.astype(acc)
   if detach_norm:
     norm = lax.stop_gradient(norm)
   scale = jnp.asarray(scale, acc)
-  cfg = _Config(impl, precision_name(precision), options)
+  cfg = _Config(how.impl, precision_name(precision), options, how.partitioned)
   try:
     y2 = _dora_core(cfg, x2, kernel, lora_a, lora_b, magnitude, scale, bias, norm)
   except TypeError as err:  # forward mode the check above could not see (under jax.vmap, say)

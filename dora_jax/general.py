@@ -757,9 +757,9 @@ def _routes_to_dense(op: _Op, x, kernel, lora_a, lora_b, magnitude, backend, opt
     return True
   # several contracted axes: only where a kernel backend runs (see the module doc)
   x2 = x.reshape(-1, layout.d_in)
-  impl, _ = _resolve(backend, options, x2, kernel.reshape(layout.d_in, layout.d_out),
-                     lora_a.reshape(layout.d_in, -1), lora_b, magnitude)
-  return impl != "xla"
+  how = _resolve(backend, options, x2, kernel.reshape(layout.d_in, layout.d_out),
+                 lora_a.reshape(layout.d_in, -1), lora_b, magnitude)
+  return how.impl != "xla"  # per shard under a mesh by the same rules as dora_dense
 
 
 def _dora_op(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, *, norm, base_sq_norm,

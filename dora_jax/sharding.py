@@ -43,9 +43,10 @@ Requirements: mesh axes of type ``AxisType.Auto`` (GSPMD; :func:`make_mesh`
 builds such a mesh). Under explicit-axes meshes JAX asks every contraction
 over a sharded axis for an ``out_sharding``, which the layers do not pass.
 Call sharded steps inside ``jax.set_mesh(mesh)``: that is how
-``backend="pallas"``/``"auto"`` see at trace time that the call is
-partitioned and use the XLA path (Pallas kernels are not partitioned by
-GSPMD; see :mod:`dora_jax.kernels.dispatch`).
+``backend="pallas"``/``"mosaic"``/``"auto"`` see at trace time that the call
+is partitioned and run the fused kernels per shard by the partition rules of
+:mod:`dora_jax.kernels.partition` for the layouts above (XLA where no rule
+applies; see :mod:`dora_jax.kernels.dispatch`).
 """
 
 from __future__ import annotations

@@ -8,11 +8,6 @@ results.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 import dora_jax
 from dora_jax import sharding as dsh
 from dora_jax.kernels import dispatch
+from helpers.eight_devices import eight_device_tests
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- adapter_partition_specs ----------------------------------------------------
@@ -137,8 +132,8 @@ def test_collectives_of_a_real_compile_on_one_device():
 def test_partitioned_reason_single_device():
   x = jnp.ones((8, 16))
   assert dispatch.partitioned_reason(x, None) is None
-  assert dispatch.unpartitioned("pallas", x) == "pallas"
-  assert dispatch.unpartitioned("xla", x) == "xla"
+  assert dispatch.placement("pallas", 8, (16, 4), x) == ("pallas", False)
+  assert dispatch.placement("xla", 8, (16, 4), x) == ("xla", False)
   mesh = dsh.make_mesh((1,), ("tp",), devices=jax.devices()[:1])
   with jax.set_mesh(mesh):  # a one-device mesh splits nothing
     assert dispatch.partitioned_reason(x) is None
@@ -159,46 +154,5 @@ GROUPS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def eight_device_run(tmp_path_factory):
-  """Run ``tests/scripts/sharded_checks.py`` on 8 simulated CPU devices; its JUnit results."""
-  junit = tmp_path_factory.mktemp("sharded") / "junit.xml"
-  flags = os.environ.get("XLA_FLAGS", "")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip()}
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", str(ROOT / "tests" / "scripts" / "sharded_checks.py"), "-q",
-       "-p", "no:cacheprovider", f"--junitxml={junit}"],
-      capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
-  results: dict[str, str] = {}
-  if junit.exists():
-    for case in ET.parse(junit).getroot().iter("testcase"):
-      status = "passed"
-      for child in case:
-        if child.tag in ("failure", "error"):
-          status = "failed"
-        elif child.tag == "skipped":
-          status = "skipped"
-      results[case.get("name")] = status
-  return proc, results
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("group", GROUPS)
-def test_on_eight_devices(eight_device_run, group):
-  proc, results = eight_device_run
-  tail = (proc.stdout + proc.stderr)[-4000:]
-  cases = {name: status for name, status in results.items()
-           if name == group or name.startswith(group + "[")}
-  assert cases, f"no results for {group} (exit {proc.returncode}):\n{tail}"
-  bad = {name: status for name, status in cases.items() if status != "passed"}
-  assert not bad, f"{bad}\n{tail}"
-
-
-@pytest.mark.slow
-def test_eight_device_run_is_clean(eight_device_run):
-  proc, results = eight_device_run
-  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-  covered = {name.split("[")[0] for name in results}
-  assert covered == set(GROUPS), covered ^ set(GROUPS)
-
+eight_device_run, test_on_eight_devices, test_eight_device_run_is_clean = eight_device_tests(
+    "sharded_checks.py", GROUPS)

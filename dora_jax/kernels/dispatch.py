@@ -90,7 +90,7 @@ NORM_KERNEL_MAX_RANK_UNCACHED = 16
 
 
 def norm_kernel_allowed(impl: str, auto: bool, kernel_shape, rank: int, cached: bool,
-                        *arrays, device: Device | None = None) -> bool:
+                        *arrays, device: Device | None = None, ruled: bool = False) -> bool:
   """Whether a call's norm runs :mod:`dora_jax.kernels.column_norm`.
 
   Only where it was measured faster than :func:`dora_jax.factored_norm`:
@@ -98,7 +98,8 @@ def norm_kernel_allowed(impl: str, auto: bool, kernel_shape, rank: int, cached: 
   cached (``cached`` false), ranks up to :data:`NORM_KERNEL_MAX_RANK_UNCACHED`.
   With ``backend="pallas"`` or ``"mosaic"`` (``impl`` a kernel backend) on the
   GPU or in interpret mode; under ``"auto"`` when the default device is a CUDA
-  GPU and the arrays are not split across devices, whatever ``impl`` the
+  GPU and the arrays are not split across devices or ``ruled`` (the call is
+  partitioned by :mod:`dora_jax.kernels.partition`), whatever ``impl`` the
   layer's GEMMs got; never with ``backend="xla"``.
   """
   d_in, d_out = (int(d) for d in kernel_shape)
@@ -108,7 +109,7 @@ def norm_kernel_allowed(impl: str, auto: bool, kernel_shape, rank: int, cached: 
   if impl in ("pallas", "mosaic"):
     return True
   device = Device.current() if device is None else device
-  return auto and device.cuda and partitioned_reason(*arrays) is None
+  return auto and device.cuda and (ruled or partitioned_reason(*arrays) is None)
 
 
 def mosaic_or_xla(tokens: int, kernel_shape: tuple[int, int], dtype,
@@ -141,13 +142,15 @@ def partitioned_reason(*arrays) -> str | None:
   """Why a call over ``arrays`` may be split across devices at trace time, or ``None``.
 
   ``pallas_call`` is not partitioned by GSPMD: under a mesh it would force its
-  operands to be gathered. Detected: a concrete array that is not fully
+  operands to be gathered, so such calls go through the partition rules of
+  :mod:`dora_jax.kernels.partition` (see :func:`placement`). Detected: a concrete array that is not fully
   replicated over more than one device; an abstract value whose type carries
   a sharded spec (explicit mesh axes); tracing under ``jax.set_mesh(mesh)``
   with an ``Auto`` (or explicit) mesh axis of size > 1 that is not manual. Inside
   ``jax.shard_map`` over every axis of size > 1 the arrays are per-device
   blocks and this returns ``None`` (the kernels then run per shard).
-  Not detectable: a ``jit`` of sharded inputs traced outside any mesh context.
+  Not detectable: a ``jit`` of sharded inputs traced outside any mesh context
+  (GSPMD then gathers the kernels' operands).
   """
   for x in arrays:
     if x is None:
@@ -169,22 +172,37 @@ def partitioned_reason(*arrays) -> str | None:
   return None
 
 
-def unpartitioned(choice: str, *arrays, requested: bool = True) -> str:
-  """``choice``, or ``"xla"`` when it is a kernel backend and the call may be partitioned.
+def placement(choice: str, tokens: int, kernel_shape, *arrays,
+              requested: bool = True) -> tuple[str, bool]:
+  """``(implementation, partitioned)`` for a call over ``arrays``.
 
-  The fallback is logged once per process on the ``"dora_jax"`` logger
-  (warning when the kernels were requested explicitly, info under ``"auto"``).
+  ``choice`` unchanged and ``partitioned`` false when it is not a kernel
+  backend or the call is not split across devices (:func:`partitioned_reason`);
+  ``partitioned`` true when it is split and :mod:`dora_jax.kernels.partition`
+  has a rule for it (the kernels then run per shard); else ``"xla"``, logged
+  once per process on the ``"dora_jax"`` logger with what is missing (warning
+  when the kernels were requested explicitly, info under ``"auto"``).
   """
   if choice not in ("pallas", "mosaic"):
-    return choice
+    return choice, False
   reason = partitioned_reason(*arrays)
   if reason is None:
-    return choice
-  key = f"{requested}"
+    return choice, False
+  from dora_jax.kernels import partition  # the rules import the kernel modules
+  d_in, d_out = (int(d) for d in kernel_shape)
+  missing = partition.no_rule(tokens, d_in, d_out, devices=_devices(*arrays))
+  if missing is None:
+    return choice, True
+  key = f"{requested}:{missing}"
   if key not in _fallbacks_logged:
     _fallbacks_logged.add(key)
     _log.log(logging.WARNING if requested else logging.INFO,
-             "dora_jax: the Pallas kernels are not partitioned by GSPMD and %s; "
-             "using the XLA path (run dora_dense inside jax.shard_map to use Pallas per shard)",
-             reason)
-  return "xla"
+             "dora_jax: the Pallas kernels have no partition rule for this call (%s; %s); "
+             "using the XLA path", reason, missing)
+  return "xla", False
+
+
+def _devices(*arrays) -> int:
+  """Most devices a concrete array among ``arrays`` is placed on (1 if none)."""
+  return max([len(x.sharding.device_set) for x in arrays
+              if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)], default=1)

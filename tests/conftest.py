@@ -22,8 +22,8 @@ def gpu_available() -> bool:
 # Files whose tests share an expensive module fixture (an 8-device subprocess,
 # a PyTorch subprocess): under pytest-xdist (`-n N`, `--dist loadgroup` set in
 # pyproject.toml) each runs on one worker, so the fixture runs once.
-_ONE_WORKER_FILES = ("test_sharding.py", "test_peft_compat.py", "test_llama.py",
-                     "test_embed_conv.py")
+_ONE_WORKER_FILES = ("test_sharding.py", "test_mesh_kernels.py", "test_peft_compat.py",
+                     "test_llama.py", "test_embed_conv.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the group marks

@@ -137,7 +137,7 @@ def test_op_level_and_ab_backend_smoke(tmp_path):
                        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
   assert run.returncode == 0, run.stderr[-3000:]
   rows = json.loads((tmp_path / "op_level.json").read_text())["rows"]
-  assert {r["impl"] for r in rows} == {"dense", "native", "native_exact", "lora"}
+  assert {r["impl"] for r in rows} == {"dense", "dense_exact", "native", "native_exact", "lora"}
   ab = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_backend.py"), "--smoke",
                        "--out", str(tmp_path), "--baseline", str(ROOT), "--rounds", "1"],
                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)

@@ -211,7 +211,9 @@ def _combine(terms, scale, limit: float) -> _Combined:
            & (s_abs * (s_abs * y_abs) <= limit))
   largest = jnp.maximum(jnp.maximum(jnp.sqrt(base), s_abs * jnp.sqrt(y_abs)),
                         jnp.sqrt(2.0 * s_abs) * jnp.sqrt(x_abs))
-  c = jnp.where(plain, 1.0, jnp.maximum(largest, 1.0)).astype(base.dtype)
+  # c only rescales (c·√sq is the norm for any c > 0): a constant in the backward, which
+  # also keeps the unused branch's √0 (b = 0, PEFT's init) out of the gradient
+  c = lax.stop_gradient(jnp.where(plain, 1.0, jnp.maximum(largest, 1.0)).astype(base.dtype))
   t = scale / c
   t_abs = jnp.abs(t)
   base_c = base / c / c

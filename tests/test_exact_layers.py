@@ -22,8 +22,8 @@ from flax import nnx
 import dora_jax
 from dora_jax import conv as conv_core
 from dora_jax import embed as embed_core
-from helpers.exact import (adapter_loss, check_fd, dense_merged, grads_and_fd, random_adapters,
-                           random_like, reference_loss)
+from helpers.exact import (adapter_loss, check_fd, dense_merged, grads_and_fd, grads_program,
+                           initial_adapters, random_adapters, random_like, reference_loss)
 from helpers.jaxprs import dense_shaped_dots
 from helpers.layers import normal, rng, uniform
 from helpers.reference import rel_err
@@ -197,11 +197,13 @@ def test_nnx_layers_exact_float64_fd(fresh_key):
     cots = _cotangents(jax.eval_shape(lambda: model(xs)), fresh_key())
     call = lambda m: _weighted(cots)(m(xs))
     direction = random_like(adapters, fresh_key())
-    got, (expected,), fd = grads_and_fd(adapter_loss(model, call),
-                                        (reference_loss(plain, model, call),), adapters, direction)
-    assert len(expected) == 6
-    _check_grads(got, expected, EXACT, "nnx float64")
-    check_fd(fd, got, direction)
+    run = grads_program(adapter_loss(model, call), (reference_loss(plain, model, call),))
+    # at random adapters, and at PEFT's init (lora_b = 0: finite, and still not detached)
+    for point, what in ((adapters, "random"), (initial_adapters(model), "init")):
+      got, (expected,), fd = run(point, direction)
+      assert len(expected) == 6
+      _check_grads(got, expected, EXACT, f"nnx float64 {what}")
+      check_fd(fd, got, direction)
 
 
 def test_qdora_layer_exact_gradient(fresh_key):
@@ -252,9 +254,10 @@ def test_llama_apply_dora_exact_gradient(fresh_key):
     adapters = random_adapters(model, fresh_key())
     assert len(adapters) == 7
     call = lambda m: _lm_loss(m(ids), ids)
-    got, (expected,), _ = grads_and_fd(adapter_loss(model, call),
-                                       (reference_loss(plain, model, call),), adapters)
-    _check_grads(got, expected, EXACT, "llama")
+    run = grads_program(adapter_loss(model, call), (reference_loss(plain, model, call),))
+    for point, what in ((adapters, "random"), (initial_adapters(model), "init")):
+      got, (expected,), _ = run(point, None)
+      _check_grads(got, expected, EXACT, f"llama {what}")
 
 
 # -- Linen -----------------------------------------------------------------------------

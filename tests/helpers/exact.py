@@ -91,11 +91,12 @@ def reference_loss(plain: nnx.Module, model: nnx.Module, call: Callable[[nnx.Mod
   return loss
 
 
-def grads_and_fd(loss: Callable, references: tuple[Callable, ...], params, direction=None,
-                 eps: float = 1e-6):
-  """``(grad loss, [grad r for r in references], fd)`` at ``params`` from one compiled
-  program (one compilation instead of several): ``fd`` is the central difference of
-  ``loss`` along ``direction`` (``None``: no finite difference, ``fd`` is ``None``)."""
+def grads_program(loss: Callable, references: tuple[Callable, ...], eps: float = 1e-6
+                  ) -> Callable:
+  """``run(params, direction) -> (grad loss, [grad r for r in references], fd)``, one
+  compiled program (one compilation instead of several, reused for more points of the
+  same shapes): ``fd`` is the central difference of ``loss`` along ``direction``
+  (``None``: no finite difference, ``fd`` is ``None``)."""
   def run(p, d):
     fd = None
     if d is not None:
@@ -103,7 +104,19 @@ def grads_and_fd(loss: Callable, references: tuple[Callable, ...], params, direc
       fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
     return jax.grad(loss)(p), [jax.grad(r)(p) for r in references], fd
 
-  return jax.jit(run)(params, direction)
+  return jax.jit(run)
+
+
+def grads_and_fd(loss: Callable, references: tuple[Callable, ...], params, direction=None):
+  """:func:`grads_program` run once at ``params``."""
+  return grads_program(loss, references)(params, direction)
+
+
+def initial_adapters(model: nnx.Module) -> dict[str, tuple]:
+  """``{site path: (lora_a, lora_b, magnitude)}`` as ``apply_dora`` left them (PEFT's
+  init: ``lora_b = 0``, ``m = ‖W‖``, where ``∂n/∂b ≠ 0`` but ``√`` of zero sums lurk)."""
+  return {path: (site.lora_a[...], site.lora_b[...], site.magnitude[...])
+          for path, site in dora_jax.surgery.dora_layers(model)}
 
 
 def check_fd(fd, grads, direction, tol: float = 1e-7) -> None:

@@ -387,9 +387,9 @@ def factored_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale
   Returns:
     ``[d_out]`` float32 (float64 when an input is float64) norms, clamped at 0
     before the square root. Finite wherever the true norm and ``‖W_j‖²`` are
-    (large ``scale`` included). Gradients are not defined through this
-    function's use in DoRA (the norm is detached), but it is differentiable
-    as written (through the factored terms).
+    (large ``scale`` included). Differentiable through the factored terms
+    (the exact DoRA gradient, ``detach_norm=False``, runs through them), with
+    finite gradients at ``lora_b = 0`` (PEFT's init).
 
   Example:
     >>> import jax, jax.numpy as jnp, dora_jax

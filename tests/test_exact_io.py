@@ -21,7 +21,9 @@ from flax import nnx
 import dora_jax
 from dora_jax.io import safetensors_format
 from dora_jax.io.peft import DETACH_NORM_KEY, AdapterFormatError
-from helpers.io_models import SPEC, ToyLM, inputs, randomize, rel_err, torch_base_weights
+from helpers.exact import random_adapters
+from helpers.io_models import SPEC, ToyLM, rel_err, torch_base_weights
+from helpers.layers import normal, rng
 from helpers.torch_env import PEFT_PYTHON, ROOT
 
 PROJ = r"layers/0/(self_attn/q_proj|mlp/down_proj)"
@@ -29,15 +31,21 @@ SMALL = {**SPEC, "layers": 1}  # one block: quick to build on both sides
 
 
 def _toy(seed: int) -> ToyLM:
-  return ToyLM(SMALL, seed=seed)
+  """A one-block toy model, its weights drawn on the host (no per-shape compilation)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: ToyLM(SMALL, seed=0)))
+  g = np.random.default_rng(seed)
+  return nnx.merge(graphdef, jax.tree.map(lambda v: normal(g, v.shape, v.dtype, 0.3), state))
 
 
 def _model(seed: int, detach: bool, key=None) -> ToyLM:
+  """``_toy(seed)`` with DoRA on two projections (random non-zero adapters with ``key``)."""
   model = _toy(seed)
   dora_jax.apply_dora(model, targets=PROJ, rank=2, alpha=4, rngs=nnx.Rngs(seed),
                       detach_norm=detach)
   if key is not None:
-    randomize(model, key)
+    layers = dict(dora_jax.surgery.dora_layers(model))
+    for path, (a, b, m) in random_adapters(model, key).items():
+      layers[path].lora_a[...], layers[path].lora_b[...], layers[path].magnitude[...] = a, b, m
   return model
 
 
@@ -53,7 +61,7 @@ def test_save_load_keeps_detach_norm(tmp_path, fresh_key):
   fresh = _toy(1)
   dora_jax.load_adapter(fresh, tmp_path / "exact")
   assert _detach_flags(fresh) == {False}
-  x = inputs(fresh_key(), SMALL)
+  x = normal(rng(fresh_key()), (2, 5, SMALL["hidden"]))
   assert rel_err(np.asarray(fresh(x)), np.asarray(model(x))) < 1e-6
   # the default (PEFT's gradient) writes no key, and loads as detached
   detached = _model(2, True, fresh_key())
@@ -64,11 +72,13 @@ def test_save_load_keeps_detach_norm(tmp_path, fresh_key):
   dora_jax.load_adapter(fresh, tmp_path / "detached")
   assert _detach_flags(fresh) == {True}
   # an adapted model with the other setting: loads, warns, keeps its own
-  other = _model(1, True)
   with pytest.warns(UserWarning, match="detach_norm=True, but the adapter .* was trained "
                                        "with detach_norm=False"):
-    dora_jax.load_adapter(other, tmp_path / "exact")
-  assert _detach_flags(other) == {True}
+    dora_jax.load_adapter(detached, tmp_path / "exact")
+  assert _detach_flags(detached) == {True}
+  loaded = [np.asarray(v) for v in jax.tree.leaves(nnx.state(detached, nnx.LoRAParam))]
+  for got, want in zip(loaded, jax.tree.leaves(nnx.state(model, nnx.LoRAParam))):
+    np.testing.assert_array_equal(got, np.asarray(want))  # the adapters did load
 
 
 def test_bad_or_mixed_detach_norm_is_refused(tmp_path):
@@ -107,7 +117,7 @@ def test_orbax_state_records_detach_norm(tmp_path, fresh_key):
 @pytest.mark.skipif(PEFT_PYTHON is None, reason="no PyTorch+PEFT interpreter")
 def test_peft_loads_an_exact_gradient_adapter(tmp_path, fresh_key):
   model = _model(6, False, fresh_key())
-  x = inputs(fresh_key(), SMALL)
+  x = normal(rng(fresh_key()), (2, 5, SMALL["hidden"]))
   np.save(tmp_path / "x.npy", np.asarray(x))
   (tmp_path / "base.safetensors").write_bytes(
       safetensors_format.encode(torch_base_weights(model)))

@@ -1,11 +1,13 @@
 """The op-level (native-layout) DoRA path against ``dora_dense``, and the exact gradient's cost.
 
   python benchmarks/op_level.py --out DIR            # GPU: bf16, T = 4096, r = 16 and 384
+  python benchmarks/op_level.py --out DIR --cpu      # CPU: float32, T = 512, r = 16 and 128
   python benchmarks/op_level.py --out DIR --smoke    # tiny shapes, any machine
 
 For each projection shape ``d_in × d_out`` the same DoRA layer is timed as
 
   dense          dora_dense on kernel [d_in, d_out] (backend "auto": the fused kernels on Hopper)
+  dense_exact    the same with detach_norm=False (the exact gradient through the norm)
   native         dora_jax.general.dora_einsum("btd,ndh->btnh") on the kernel stored
                  [N, d_in, H] (N·H = d_out, H = 128): gemma's q_einsum layout, XLA path
   native_exact   the same with detach_norm=False (the exact gradient through the norm)
@@ -66,6 +68,9 @@ def run(d_in, d_out, rank, tokens, dtype, timing):
   impls = {
       "dense": (lambda x, p: dora_jax.dora_dense(x, w2, p["a"], p["b"], p["m"], 2.0,
                                                  base_sq_norm=sq2), dict(a=a, b=b, m=m), cots),
+      "dense_exact": (lambda x, p: dora_jax.dora_dense(x, w2, p["a"], p["b"], p["m"], 2.0,
+                                                       base_sq_norm=sq2, detach_norm=False),
+                      dict(a=a, b=b, m=m), cots),
       "native": (lambda x, p: general.dora_einsum("btd,ndh->btnh", x, w3, p["a"], p["b"], p["m"],
                                                   2.0, base_sq_norm=sq3),
                  dict(a=a, b=b3, m=m3), cots3),
@@ -86,12 +91,16 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out")
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--cpu", action="store_true", help="CPU-sized shapes in float32")
   args = p.parse_args()
   global HEAD
   if args.smoke:
     shapes, ranks, tokens, dtype = [(64, 96)], [4], 32, jnp.float32
     HEAD = 16
     timing = dict(calls=2, repeats=2, warmup=1)
+  elif args.cpu:
+    shapes, ranks, tokens, dtype = [(1024, 1024), (1024, 4096)], [16, 128], 512, jnp.float32
+    timing = dict(calls=5, repeats=5, warmup=2)
   else:
     shapes, ranks, tokens, dtype = SHAPES, RANKS, 4096, jnp.bfloat16
     timing = dict(calls=10, repeats=5)

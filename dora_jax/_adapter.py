@@ -156,7 +156,8 @@ def dora_forward(x: jax.Array, kernel2d: jax.Array, lora_a2d: jax.Array,
                  lora_b2d: jax.Array, magnitude1d: jax.Array, scale: float,
                  bias1d: jax.Array | None, *, norm: jax.Array | None = None,
                  base_sq_norm: jax.Array | None = None,
-                 x_dropped: jax.Array | None = None, precision=None) -> jax.Array:
+                 x_dropped: jax.Array | None = None, precision=None,
+                 detach_norm: bool = True) -> jax.Array:
   """DoRA forward for ``x [..., d_in]`` in the compute dtype, ``-> [..., d_out]``.
 
   Without dropout this is :func:`dora_jax.dora_dense`. With a dropped-out copy
@@ -165,24 +166,25 @@ def dora_forward(x: jax.Array, kernel2d: jax.Array, lora_a2d: jax.Array,
     y = x·W + bias + (g−1)⊙(x̃·W) + g⊙s·(x̃·a)·b
       = dora_dense(x̃) + (x − x̃)·W
 
-  which costs one extra base matmul, as PEFT's formulation does.
+  which costs one extra base matmul, as PEFT's formulation does. ``detach_norm``
+  as :func:`dora_jax.dora_dense` (``False``: the exact gradient through the norm).
 
   Compiled as one ``jax.jit`` (inlined when called under a trace), so an eager
   call rounds the norm's reductions exactly as a jitted one does.
   """
   return _dora_forward_jit(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, bias1d, norm,
-                           base_sq_norm, x_dropped, scale=float(scale), precision=precision)
+                           base_sq_norm, x_dropped, scale=float(scale), precision=precision,
+                           detach_norm=detach_norm)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "precision"))
+@functools.partial(jax.jit, static_argnames=("scale", "precision", "detach_norm"))
 def _dora_forward_jit(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, bias1d, norm, base_sq_norm,
-                      x_dropped, *, scale: float, precision):
+                      x_dropped, *, scale: float, precision, detach_norm: bool):
+  kw = dict(norm=norm, base_sq_norm=base_sq_norm, precision=precision, detach_norm=detach_norm)
   with precision_scope(precision):
     if x_dropped is None:
-      return dora_dense(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d, norm=norm,
-                        base_sq_norm=base_sq_norm, precision=precision)
-    y = dora_dense(x_dropped, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d,
-                   norm=norm, base_sq_norm=base_sq_norm, precision=precision)
+      return dora_dense(x, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d, **kw)
+    y = dora_dense(x_dropped, kernel2d, lora_a2d, lora_b2d, magnitude1d, scale, bias1d, **kw)
     rest = jnp.dot(x - x_dropped, kernel2d.astype(x.dtype))
     return (y.astype(jnp.promote_types(y.dtype, jnp.float32))
             + rest.astype(jnp.promote_types(rest.dtype, jnp.float32))).astype(y.dtype)

@@ -129,6 +129,13 @@ def check_scale(scale) -> None:
     check_real_scalar("scale", scale)
 
 
+def check_bool(name: str, value) -> bool:
+  """``value`` if it is a Python ``bool``, else ``TypeError`` naming ``name``."""
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+  return value
+
+
 def check_float_dtype(name: str, dtype) -> np.dtype:
   """``dtype`` as a ``numpy.dtype`` if it is a floating dtype, else ``TypeError`` naming ``name``."""
   try:

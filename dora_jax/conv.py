@@ -27,6 +27,11 @@ likewise ``W₂ [prod(window)·in, out]`` is ``W`` reshaped (no copy). PEFT's no
   y = g ⊙ (conv(x, W) + s·conv(x, A)·b) + bias
   (dropout p > 0, training: y = conv(x, W) + bias + (g−1)⊙conv(x̃, W) + g⊙s·conv(x̃, A)·b)
 
+With ``detach_norm=False`` the norm is differentiated too (the exact DoRA
+gradient): plain autodiff through the factored terms of ``conv_norm``, one
+more product of ``W₂`` with an ``[r, out]`` cotangent (for ``lora_a``), no
+``ΔW``-sized temporary.
+
 Supported: 1-D/2-D/3-D ``nnx.Conv`` with any strides, padding (``SAME``,
 ``VALID``, explicit, ``CIRCULAR``, ``REFLECT``, ``CAUSAL``), input and kernel
 dilation, bias. Refused with a clear error: ``feature_group_count > 1`` (PEFT
@@ -51,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dora_jax._checks import accumulation_dtype, check_float, check_scale
+from dora_jax._checks import accumulation_dtype, check_bool, check_float, check_scale
 from dora_jax.norm import NORM_EPS, factored_norm
 
 PaddingLike = Any
@@ -148,7 +153,7 @@ def dora_conv(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Ar
               input_dilation: int | Sequence[int] = 1,
               kernel_dilation: int | Sequence[int] = 1, precision=None,
               norm: jax.Array | None = None, x_dropped: jax.Array | None = None,
-              dtype=None, preferred_element_type=None) -> jax.Array:
+              dtype=None, preferred_element_type=None, detach_norm: bool = True) -> jax.Array:
   """DoRA convolution ``g ⊙ (conv(x, W) + s·conv(x, A)·b) + bias`` (PEFT's conv DoRA).
 
   Args:
@@ -162,16 +167,20 @@ def dora_conv(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Ar
     bias: optional ``[out]``, not scaled by ``g``.
     strides, padding, input_dilation, kernel_dilation, precision: as ``nnx.Conv``
       (applied to both ``W`` and ``A``).
-    norm: optional precomputed :func:`conv_norm` ``[out]`` (a constant either way).
+    norm: optional precomputed :func:`conv_norm` ``[out]`` (a constant when ``detach_norm``).
     x_dropped: a dropped-out copy of ``x`` for the adapter path (PEFT's dropout).
     dtype: compute dtype (default: ``x``, kernel and bias promoted).
     preferred_element_type: output dtype (default: the compute dtype).
+    detach_norm: ``True`` (PEFT's semantics): the norm is a constant in the
+      backward. ``False``: the exact gradient through the norm (module doc).
 
   Returns:
     ``[*batch, *spatial_out, out]``. Differentiable in ``x``, ``lora_a``,
-    ``lora_b``, ``magnitude``, ``bias`` (and ``kernel``); the norm is detached.
+    ``lora_b``, ``magnitude``, ``bias`` (and ``kernel``); the norm is detached
+    unless ``detach_norm=False``.
   """
   _check_conv(x, kernel, lora_a, lora_b, magnitude, scale, bias)
+  check_bool("detach_norm", detach_norm)
   n = kernel.ndim - 2
   window = tuple(kernel.shape[:n])
   strides = _tuple(strides, n, "strides")
@@ -180,8 +189,10 @@ def dora_conv(x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Ar
   padding = canonical_padding(padding, n)
   acc = accumulation_dtype(x, kernel, lora_a, lora_b, magnitude)
   if norm is None:
-    norm = conv_norm(kernel, lax.stop_gradient(lora_a), lax.stop_gradient(lora_b), scale)
-  norm = lax.stop_gradient(norm.astype(acc))
+    norm = conv_norm(kernel, lora_a, lora_b, scale)
+  norm = norm.astype(acc)
+  if detach_norm:
+    norm = lax.stop_gradient(norm)
   g = magnitude.astype(acc) / jnp.maximum(norm, NORM_EPS)
   s = jnp.asarray(scale, acc)
   cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
@@ -228,7 +239,7 @@ def conv_merge_kernel(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
 
 
 _STATIC = ("scale", "strides", "padding", "input_dilation", "kernel_dilation", "precision",
-           "dtype", "preferred_element_type")
+           "dtype", "preferred_element_type", "detach_norm")
 # One compiled program per configuration: eager calls round the norm as jitted ones do.
 _dora_conv_jit = jax.jit(dora_conv, static_argnames=_STATIC)
 

@@ -20,9 +20,14 @@ computed by :func:`dora_jax.factored_norm` on ``E`` itself: the intermediates
 are ``[r, features]`` and ``[r, r]``, never a second ``[num_embeddings,
 features]`` table. For integer ids ``x [...]``::
 
-  n = ‖E + s·a·b‖ per feature column           [features], float32, detached
+  n = ‖E + s·a·b‖ per feature column           [features], float32, detached (PEFT)
   g = m / n                                      [features]
   y = g ⊙ (E[x] + s·a[x]·b)                      [..., features]
+
+With ``detach_norm=False`` the norm is differentiated too (the exact DoRA
+gradient): plain autodiff through :func:`dora_jax.factored_norm`'s factored
+terms, which adds one product of ``E`` with an ``[r, features]`` cotangent
+(for ``lora_a``) and no ``[num_embeddings, features]`` temporary.
 
 ``attend`` (the tied output projection, ``q·Eᵀ`` in ``nnx.Embed``) uses the same
 adapted table ``E' = g ⊙ (E + s·a·b)`` without forming it::
@@ -42,7 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dora_jax._checks import accumulation_dtype, check_scale, check_vector, check_weights
+from dora_jax._checks import (accumulation_dtype, check_bool, check_scale, check_vector,
+                              check_weights)
 from dora_jax.norm import NORM_EPS, factored_norm
 
 
@@ -54,19 +60,25 @@ def _check_table(table, lora_a, lora_b, magnitude, scale):
 
 
 def embed_scale(table: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
-                magnitude: jax.Array, scale, *, norm: jax.Array | None = None) -> jax.Array:
+                magnitude: jax.Array, scale, *, norm: jax.Array | None = None,
+                detach_norm: bool = True) -> jax.Array:
   """``g = m / ‖E + s·a·b‖`` per feature, ``[features]`` float32 (float64 for float64 inputs).
 
-  Differentiable with respect to ``magnitude`` only: the norm is detached, as in PEFT.
-  ``norm`` may pass a precomputed (cached) ``[features]`` norm.
+  ``detach_norm=True`` (PEFT): differentiable with respect to ``magnitude`` only,
+  the norm is a constant. ``False``: the norm is differentiated too (with respect
+  to ``table``, ``lora_a``, ``lora_b``; a given ``norm`` passes its cotangent to
+  what computed it). ``norm`` may pass a precomputed (cached) ``[features]`` norm.
   """
   dims = _check_table(table, lora_a, lora_b, magnitude, scale)
+  check_bool("detach_norm", detach_norm)
   acc = accumulation_dtype(table, lora_a, lora_b, magnitude)
   if norm is None:
-    norm = factored_norm(table, lax.stop_gradient(lora_a), lax.stop_gradient(lora_b), scale)
+    norm = factored_norm(table, lora_a, lora_b, scale)
   else:
     check_vector("norm", norm, dims.d_out)
-  norm = lax.stop_gradient(norm.astype(acc))
+  norm = norm.astype(acc)
+  if detach_norm:
+    norm = lax.stop_gradient(norm)
   return magnitude.astype(acc) / jnp.maximum(norm, NORM_EPS)
 
 
@@ -79,7 +91,7 @@ def _lookup_ids(ids: jax.Array, num_embeddings: int) -> jax.Array:
 
 def dora_embed(ids: jax.Array, table: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                magnitude: jax.Array, scale, *, norm: jax.Array | None = None,
-               dtype=None) -> jax.Array:
+               dtype=None, detach_norm: bool = True) -> jax.Array:
   """DoRA embedding lookup ``g ⊙ (E[ids] + s·a[ids]·b)``.
 
   Args:
@@ -90,15 +102,18 @@ def dora_embed(ids: jax.Array, table: jax.Array, lora_a: jax.Array, lora_b: jax.
     lora_b: ``[r, features]`` (PEFT's ``lora_embedding_B`` transposed).
     magnitude: ``[features]``.
     scale: LoRA scale ``s``.
-    norm: optional precomputed ``‖E + s·a·b‖ [features]`` (treated as a constant).
+    norm: optional precomputed ``‖E + s·a·b‖ [features]`` (a constant when ``detach_norm``).
     dtype: output dtype (default: the table's dtype, as ``nnx.Embed``).
+    detach_norm: ``True`` (PEFT's semantics): the norm is a constant in the
+      backward. ``False``: the exact gradient through the norm (see the module doc).
 
   Returns:
-    ``[..., features]``. Gradients flow to ``lora_a`` (rows selected by ``ids``),
-    ``lora_b`` and ``magnitude`` (and the table if asked); the norm is detached.
+    ``[..., features]``. Gradients flow to ``lora_a`` (rows selected by ``ids``;
+    every row, through the norm, when ``detach_norm=False``), ``lora_b`` and
+    ``magnitude`` (and the table if asked).
   """
   num_embeddings = table.shape[0] if jnp.ndim(table) == 2 else -1
-  g = embed_scale(table, lora_a, lora_b, magnitude, scale, norm=norm)
+  g = embed_scale(table, lora_a, lora_b, magnitude, scale, norm=norm, detach_norm=detach_norm)
   ids = _lookup_ids(ids, num_embeddings)
   acc = g.dtype
   out_dtype = jnp.dtype(dtype) if dtype is not None else table.dtype
@@ -111,18 +126,18 @@ def dora_embed(ids: jax.Array, table: jax.Array, lora_a: jax.Array, lora_b: jax.
 
 def dora_attend(query: jax.Array, table: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                 magnitude: jax.Array, scale, *, norm: jax.Array | None = None,
-                dtype=None, precision=None) -> jax.Array:
+                dtype=None, precision=None, detach_norm: bool = True) -> jax.Array:
   """Tied output projection with the adapted table: ``q·E'ᵀ``, ``E' = g ⊙ (E + s·a·b)``.
 
   Computed as ``(q⊙g)·Eᵀ + s·((q⊙g)·bᵀ)·aᵀ``: no ``[num_embeddings, features]``
   temporary. ``query [..., features] -> [..., num_embeddings]``; the large
   product runs in ``dtype`` (default: ``query`` promoted with the table, as
-  ``nnx.Embed.attend``) with float32 accumulation.
+  ``nnx.Embed.attend``) with float32 accumulation. ``detach_norm`` as :func:`dora_embed`.
   """
   dims = _check_table(table, lora_a, lora_b, magnitude, scale)
   if jnp.ndim(query) < 1 or jnp.shape(query)[-1] != dims.d_out:
     raise ValueError(f"query must be [..., features] = [..., {dims.d_out}], got {jnp.shape(query)}")
-  g = embed_scale(table, lora_a, lora_b, magnitude, scale, norm=norm)
+  g = embed_scale(table, lora_a, lora_b, magnitude, scale, norm=norm, detach_norm=detach_norm)
   acc = g.dtype
   cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query, table)
   qg = query.astype(acc) * g
@@ -137,8 +152,8 @@ def dora_attend(query: jax.Array, table: jax.Array, lora_a: jax.Array, lora_b: j
 
 # Compiled once per shape: an eager call then rounds the norm's reductions as a
 # jitted one does (so at init ``m`` equals the norm bit for bit, g = 1 exactly).
-_embed_jit = jax.jit(dora_embed, static_argnames=("scale", "dtype"))
-_attend_jit = jax.jit(dora_attend, static_argnames=("scale", "dtype", "precision"))
+_embed_jit = jax.jit(dora_embed, static_argnames=("scale", "dtype", "detach_norm"))
+_attend_jit = jax.jit(dora_attend, static_argnames=("scale", "dtype", "precision", "detach_norm"))
 
 
 

@@ -211,7 +211,9 @@ def _combine(terms, scale, limit: float) -> _Combined:
            & (s_abs * (s_abs * y_abs) <= limit))
   largest = jnp.maximum(jnp.maximum(jnp.sqrt(base), s_abs * jnp.sqrt(y_abs)),
                         jnp.sqrt(2.0 * s_abs) * jnp.sqrt(x_abs))
-  c = jnp.where(plain, 1.0, jnp.maximum(largest, 1.0)).astype(base.dtype)
+  # c only rescales (c·√sq is the norm for any c > 0): a constant in the backward, which
+  # also keeps the unused branch's √0 (b = 0, PEFT's init) out of the gradient
+  c = lax.stop_gradient(jnp.where(plain, 1.0, jnp.maximum(largest, 1.0)).astype(base.dtype))
   t = scale / c
   t_abs = jnp.abs(t)
   base_c = base / c / c
@@ -385,9 +387,9 @@ def factored_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale
   Returns:
     ``[d_out]`` float32 (float64 when an input is float64) norms, clamped at 0
     before the square root. Finite wherever the true norm and ``‖W_j‖²`` are
-    (large ``scale`` included). Gradients are not defined through this
-    function's use in DoRA (the norm is detached), but it is differentiable
-    as written (through the factored terms).
+    (large ``scale`` included). Differentiable through the factored terms
+    (the exact DoRA gradient, ``detach_norm=False``, runs through them), with
+    finite gradients at ``lora_b = 0`` (PEFT's init).
 
   Example:
     >>> import jax, jax.numpy as jnp, dora_jax

@@ -30,6 +30,7 @@ kernels were never modified (bit-identical), so there is no PEFT-style
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any, Callable, NamedTuple, Union
@@ -40,7 +41,7 @@ from flax import nnx
 from flax.nnx import graphlib
 
 from dora_jax import _adapter
-from dora_jax._checks import check_float_dtype, check_real_scalar
+from dora_jax._checks import check_bool, check_float_dtype, check_real_scalar
 from dora_jax.nnx import discover as _discover
 from dora_jax.nnx import op as _op
 from dora_jax.nnx import quantize as _quant
@@ -244,11 +245,23 @@ def quantize_base(model: nnx.Module, *, targets: Targets, base_dtype: str = "nf4
   return out
 
 
+def _detach_kwargs(wrapper: type, detach_norm: bool) -> dict[str, bool]:
+  """``{"detach_norm": False}`` for the exact gradient, else ``{}`` (so wrappers registered
+  with the older signature keep working); ``TypeError`` if ``wrapper`` cannot take it."""
+  if detach_norm:
+    return {}
+  if "detach_norm" not in inspect.signature(wrapper.__init__).parameters:
+    raise TypeError(f"apply_dora(detach_norm=False): the registered wrapper {wrapper.__name__} "
+                    "takes no detach_norm argument; add detach_norm: bool = True to its "
+                    "__init__ and pass it to DoRALayer._init_config")
+  return {"detach_norm": False}
+
+
 def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
                rslora: bool = False, dropout: float = 0.0, param_dtype=jnp.float32,
                rngs: nnx.Rngs, example_inputs: tuple | None = None,
                example_kwargs: dict | None = None, base_dtype: str | None = None,
-               block_size: int | None = None) -> nnx.Module:
+               block_size: int | None = None, detach_norm: bool = True) -> nnx.Module:
   """Adapt the matching layers of ``model`` with DoRA, in place.
 
   Registered layer types (``Linear``, ``LinearGeneral``, ``Einsum`` in any layout,
@@ -291,6 +304,12 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
     block_size: elements per scale along ``d_in`` for nf4/int4 (default 64; must divide
       every adapted layer's ``d_in``), or per block for int8/fp8 (default: one scale per
       output). Only with ``base_dtype``.
+    detach_norm: ``True`` (default, PEFT's semantics and the DoRA paper's §4.3):
+      the norm ``‖W + s·a·b‖`` is a constant in the backward. ``False``: every
+      adapted layer takes the exact DoRA gradient through the norm, in factored
+      form (:func:`dora_jax.dora_dense`; one more product with each kernel per
+      step, no ``[d_in, d_out]`` temporary). The forward is the same either way;
+      :func:`dora_jax.io.save_adapter` records it.
 
   Returns:
     ``model``, modified in place (for a bare registered layer passed as ``model``
@@ -310,6 +329,7 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
   if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
     raise ValueError(f"rank must be a positive int, got {rank!r}")
   _adapter.check_dropout(dropout)
+  check_bool("detach_norm", detach_norm)
   alpha = check_real_scalar("alpha", alpha)
   param_dtype = check_float_dtype("param_dtype", param_dtype)
   if example_inputs is not None and not isinstance(example_inputs, tuple):
@@ -350,7 +370,8 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
       and match("", model)):
     # A bare layer: nothing holds it, so the wrapper is returned (not in place).
     return root_wrapper(model, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
-                        param_dtype=param_dtype, rngs=rngs)
+                        param_dtype=param_dtype, rngs=rngs,
+                        **_detach_kwargs(root_wrapper, detach_norm))
   if (not wrapped and not traced and not quantized and root_wrapper is None
       and _owns_params(model) and not registry.is_adapted(model)
       and not _quant.is_quantized_module(model)
@@ -401,13 +422,15 @@ def apply_dora(model: nnx.Module, *, targets: Targets, rank: int, alpha: float,
     _op.validate(module, specs[key], rank, dropout, path or "<root>")
   wrappers: dict[int, nnx.Module] = {}
   for key, (path, module) in sorted(wrapped.items(), key=lambda kv: kv[1][0]):
-    wrappers[key] = registry.wrapper_for(module)(
-        module, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
-        param_dtype=param_dtype, rngs=rngs, path=path)
+    wrapper = registry.wrapper_for(module)
+    wrappers[key] = wrapper(module, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
+                            param_dtype=param_dtype, rngs=rngs, path=path,
+                            **_detach_kwargs(wrapper, detach_norm))
   _quantize_in_place(traced, specs, quantized, qtype, block_size)
   for key, (path, module) in sorted(traced.items(), key=lambda kv: kv[1][0]):
     _op.adapt(module, specs[key], rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
-              param_dtype=param_dtype, rngs=rngs, where=path or "<root>")
+              param_dtype=param_dtype, rngs=rngs, where=path or "<root>",
+              detach_norm=detach_norm)
   _replace_modules(model, wrappers)
   return model
 

@@ -13,6 +13,8 @@
    optimizer (``--ckpt-dir``; ``--resume`` continues from the latest).
    ``--base-dtype nf4`` (or ``int4``, ``int8``, ``fp8``; ``--block-size``) is
    QDoRA: those projections' frozen weights are quantized in place first.
+   ``--exact-grad`` trains with the exact DoRA gradient through the norm
+   (``apply_dora(..., detach_norm=False)``) instead of PEFT's detached one.
 4. Save the adapter in Hugging Face PEFT's format (``--out``), loadable with
    ``peft.PeftModel.from_pretrained``; ``--merged-out`` also writes the merged
    model as a Hugging Face checkpoint.
@@ -193,6 +195,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="QDoRA: quantize the adapted projections' frozen weights to this type")
   p.add_argument("--block-size", type=int, default=None,
                  help="with --base-dtype: elements per scale along d_in (nf4/int4 default 64)")
+  p.add_argument("--exact-grad", action="store_true",
+                 help="the exact gradient through the norm (detach_norm=False), not PEFT's")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=128)
@@ -244,7 +248,8 @@ def main(argv=None) -> dict:
   dora_jax.apply_dora(model, targets=args.targets, rank=args.rank, alpha=args.alpha,
                       dropout=args.dropout,
                       rngs=nnx.Rngs(params=args.seed + 2, dropout=args.seed + 3),
-                      base_dtype=args.base_dtype, block_size=args.block_size)
+                      base_dtype=args.base_dtype, block_size=args.block_size,
+                      detach_norm=not args.exact_grad)
   if args.base_dtype is None:  # quantized kernels carry their ‖Ŵ‖² already
     dora_jax.cache_base_norms(model)  # the base kernels stay frozen: ‖W‖² once, not per step
   else:

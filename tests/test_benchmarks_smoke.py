@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -137,10 +138,33 @@ def test_op_level_and_ab_backend_smoke(tmp_path):
                        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
   assert run.returncode == 0, run.stderr[-3000:]
   rows = json.loads((tmp_path / "op_level.json").read_text())["rows"]
-  assert {r["impl"] for r in rows} == {"dense", "native", "native_exact", "lora"}
+  assert {r["impl"] for r in rows} == {"dense", "dense_exact", "native", "native_exact", "lora"}
   ab = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_backend.py"), "--smoke",
                        "--out", str(tmp_path), "--baseline", str(ROOT), "--rounds", "1"],
                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
   assert ab.returncode == 0, ab.stderr[-3000:]
   data = json.loads((tmp_path / "ab_backend.json").read_text())
   assert all(r["new_fwd_bwd"] > 0 and r["baseline_fwd_bwd"] > 0 for r in data["rows"])
+
+
+def test_exact_vs_detached_smoke(tmp_path):
+  """The exact-vs-detached training script, in process (tiny model, a few steps): both
+  runs start from the same loss, lower it, and the JSON and the plot are written."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "exact_vs_detached", ROOT / "benchmarks" / "exact_vs_detached.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  result = script.main(["--out", str(tmp_path), "--smoke", "--lr", "1e-2"])
+  runs = list(result["runs"].values())
+  assert [r["detach_norm"] for r in runs] == [True, False]
+  assert runs[0]["losses"][0] == runs[1]["losses"][0]  # same model, same data
+  for run in runs:
+    assert all(math.isfinite(v) for v in run["losses"]), run["losses"]
+    assert run["losses"][-1] < run["losses"][0], run["losses"]
+  saved = json.loads((tmp_path / "exact_vs_detached.json").read_text())
+  assert saved["runs"] == json.loads(json.dumps(result["runs"]))
+  plot = tmp_path / saved["meta"]["plot"]
+  assert plot.read_bytes()[:4] in (b"\x89PNG", b"<svg")
+  svg = script._svg({"a": [3.0, 2.0, 1.0], "b": [3.0, 2.5, 0.5]}, "t")
+  assert svg.startswith("<svg") and svg.count("<polyline") == 2

@@ -9,8 +9,8 @@
 * ``rng`` (by default): the model's ``nnx.RngState`` (dropout key and counter),
   PRNG keys stored as their raw ``uint32`` data, so dropout masks continue
   where they stopped;
-* ``dora_jax`` (JSON): every DoRA layer's path, rank, alpha, rsLoRA and
-  dropout, checked on restore.
+* ``dora_jax`` (JSON): every DoRA layer's path, rank, alpha, rsLoRA, dropout and
+  ``detach_norm``, checked on restore.
 
 Restoring into a model built the same way (same base model, same
 :func:`dora_jax.apply_dora` calls, any random init) and an optimizer built with
@@ -69,8 +69,13 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 def _layer_info(model: nnx.Module) -> dict[str, dict[str, Any]]:
   return {path: {"rank": layer.rank, "alpha": layer.alpha, "rslora": layer.rslora,
-                 "dropout": layer.dropout_rate}
+                 "dropout": layer.dropout_rate, "detach_norm": layer.detach_norm}
           for path, layer in surgery.dora_layers(model)}
+
+
+def _with_defaults(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Saved layer entries with ``detach_norm`` (absent from older checkpoints: PEFT's ``True``)."""
+  return {path: {"detach_norm": True, **info} for path, info in layers.items()}
 
 
 def _items(model: nnx.Module, optimizer: nnx.Optimizer | None, include_rng: bool
@@ -148,7 +153,8 @@ def restore_adapter_state(model: nnx.Module, directory: str | os.PathLike,
   """Restore what :func:`save_adapter_state` wrote into ``model`` (and ``optimizer``), in place.
 
   The model must already carry the same DoRA layers (same paths, ranks,
-  alphas, rsLoRA, dropout) and the optimizer the same optax state structure.
+  alphas, rsLoRA, dropout, ``detach_norm``; a checkpoint from before
+  ``detach_norm`` was recorded counts as ``True``) and the optimizer the same optax state structure.
   Everything is checked against the checkpoint before anything is written.
 
   Raises:
@@ -205,7 +211,7 @@ def _restore(ocp, model, directory: Path, optimizer, include_rng: bool) -> None:
       or not all(isinstance(v, str) for v in meta["items"])):
     raise ValueError(f"{directory / 'dora_jax' / 'metadata'}: corrupt checkpoint metadata "
                      "(expected 'layers' and 'items')")
-  saved_layers = meta["layers"]
+  saved_layers = _with_defaults(meta["layers"])
   have_layers = _layer_info(model)
   if saved_layers != have_layers:
     diff = sorted(p for p in set(saved_layers) | set(have_layers)

@@ -46,7 +46,11 @@ Layers may differ in rank and alpha: the most common values go to ``r`` and
 ``lora_alpha``, the others to ``rank_pattern``/``alpha_pattern`` keyed by
 ``^<escaped module name>`` (which PEFT applies to that module only).
 ``use_rslora`` and ``lora_dropout`` must be the same for every layer (PEFT has
-one value of each). ``target_modules`` lists the last name components
+one value of each). A model trained with the exact gradient
+(``apply_dora(..., detach_norm=False)``, the same for every layer) also gets
+``"dora_jax_detach_norm": false`` (:data:`DETACH_NORM_KEY`), which PEFT ignores
+(its ``LoraConfig`` drops unknown keys with a warning) and :func:`load_adapter`
+restores; without the key the gradient is PEFT's (detached). ``target_modules`` lists the last name components
 (``["q_proj", "v_proj"]``, as PEFT writes) when they select exactly the adapted
 layers among the model's adaptable ones, and the full module names otherwise.
 """
@@ -58,6 +62,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +88,9 @@ LINEAR_WRAPPERS = (DoRADense, DoRALinearGeneral, DoRAEinsum, OpSite)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+#: The config key recording ``detach_norm=False`` (written only then; absent: PEFT's
+#: detached gradient). Training metadata: the forward is the same either way.
+DETACH_NORM_KEY = "dora_jax_detach_norm"
 #: The files :func:`save_adapter` writes and replaces as one (other entries of the directory stay).
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME)
 PREFIX = "base_model.model."
@@ -131,6 +139,7 @@ class LayerSpec:
   alpha: float
   rslora: bool
   dropout: float
+  detach_norm: bool = True
 
 
 # -- helpers ----------------------------------------------------------------
@@ -237,6 +246,11 @@ def _build(model, base_model_name_or_path, module_name_map, task_type):
   if len(dropouts) > 1:
     raise ValueError("save_adapter: PEFT has one lora_dropout for all modules, but the DoRA "
                      "layers use " + ", ".join(f"{p}: {l.dropout_rate:g}" for p, l in layers))
+  detach = {layer.detach_norm for _, layer in layers}
+  if len(detach) > 1:
+    raise ValueError("save_adapter: one adapter config records one detach_norm, but the DoRA "
+                     "layers mix the exact and the detached gradient: "
+                     + ", ".join(f"{p} (detach_norm={l.detach_norm})" for p, l in layers))
   r = _mode([layer.rank for _, layer in layers])
   alpha = _mode([layer.alpha for _, layer in layers])
   rank_pattern = {naming.exact_pattern(names[p]): l.rank for p, l in layers if l.rank != r}
@@ -269,6 +283,8 @@ def _build(model, base_model_name_or_path, module_name_map, task_type):
       "use_dora": True,
       "use_rslora": bool(rslora.pop()),
   }
+  if not detach.pop():
+    config[DETACH_NORM_KEY] = False
   tensors = {}
   for path, layer in layers:
     for suffix, arr in _layer_arrays(layer).items():
@@ -380,6 +396,8 @@ def _check_config(config: Any, path: Path) -> None:
     raise fail(f"lora_alpha must be a number, got {alpha!r}")
   if not isinstance(config.get("use_rslora", False), bool):
     raise fail(f"use_rslora must be a bool, got {config.get('use_rslora')!r}")
+  if not isinstance(config.get(DETACH_NORM_KEY, True), bool):
+    raise fail(f"{DETACH_NORM_KEY} must be a bool, got {config.get(DETACH_NORM_KEY)!r}")
   dropout = config.get("lora_dropout", 0.0)
   if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
       or not 0 <= dropout < 1):
@@ -412,7 +430,8 @@ def layer_spec(config: dict[str, Any], name: str) -> LayerSpec:
   return LayerSpec(rank=int(ranks[rk] if rk is not None else config["r"]),
                    alpha=float(alphas[ak] if ak is not None else config["lora_alpha"]),
                    rslora=bool(config.get("use_rslora", False)),
-                   dropout=float(config.get("lora_dropout", 0.0)))
+                   dropout=float(config.get("lora_dropout", 0.0)),
+                   detach_norm=bool(config.get(DETACH_NORM_KEY, True)))
 
 
 def _group_tensors(tensors: dict[str, np.ndarray], source: Path
@@ -510,7 +529,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   :func:`save_adapter` or by PEFT's ``save_pretrained``), maps every module
   name to a Flax path (inverting ``module_name_map`` over the model's layers),
   applies DoRA to the named layers that are not adapted yet (rank, alpha,
-  rsLoRA and dropout from the config, ``rank_pattern``/``alpha_pattern``
+  rsLoRA, dropout and ``detach_norm`` from the config, ``rank_pattern``/``alpha_pattern``
   included) and sets ``lora_a [*in_shape, r]``, ``lora_b [r, *out_shape]``
   and ``magnitude [*out_shape]`` from ``lora_A.weight [r, d_in]``,
   ``lora_B.weight [d_out, r]`` and ``lora_magnitude_vector [d_out]`` (exact:
@@ -542,6 +561,9 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       weights or name no layer of the model, missing tensors, shape or dtype
       mismatches (the message names the tensor and both shapes/dtypes), an
       adapted layer whose rank/alpha/rsLoRA differ from the config.
+
+  Warns (``UserWarning``) when an already adapted layer's ``detach_norm`` differs
+  from the config's (the values load; the layer keeps its own gradient mode).
   """
   target_dtype = None if dtype is None else check_float_dtype("dtype", dtype)
   directory = Path(directory)
@@ -615,6 +637,12 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         raise AdapterFormatError(
             f"layer {path!r} is already adapted with a different configuration than "
             f"{CONFIG_NAME} gives module {name!r} (layer vs file): " + ", ".join(mismatch))
+      if module.detach_norm != spec.detach_norm:
+        warnings.warn(
+            f"load_adapter: layer {path!r} has detach_norm={module.detach_norm}, but the "
+            f"adapter in {directory} was trained with detach_norm={spec.detach_norm} "
+            f"({DETACH_NORM_KEY} in {CONFIG_NAME}); the layer keeps detach_norm="
+            f"{module.detach_norm}", UserWarning, stacklevel=2)
     want_shapes = _want_shapes(layer, spec.rank)
     kind = type(layer).__name__
     foreign = sorted(entry[s][0] for s in entry if s not in want_shapes)
@@ -668,15 +696,16 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     if not isinstance(lookup[path], AdapterSite):
       param_dtype = jnp.dtype(next(v for s, v in values.items()
                                    if _ALL_SUFFIXES[s] == "lora_a").dtype)
-      groups[(spec.rank, spec.alpha, spec.rslora, spec.dropout, param_dtype)].add(path)
-  for (rank, alpha, rslora, dropout, param_dtype), group in sorted(
+      groups[(spec.rank, spec.alpha, spec.rslora, spec.dropout, param_dtype,
+              spec.detach_norm)].add(path)
+  for (rank, alpha, rslora, dropout, param_dtype, detach_norm), group in sorted(
       groups.items(), key=lambda kv: sorted(kv[1])):
     if "" in group:
       raise AdapterFormatError("the model root is a single layer: wrap it with "
                                "dora_jax.nnx.wrap first, then load into that")
     surgery.apply_dora(model, targets=lambda p, m, g=frozenset(group): p in g, rank=rank,
                        alpha=alpha, rslora=rslora, dropout=dropout, param_dtype=param_dtype,
-                       rngs=rngs)
+                       rngs=rngs, detach_norm=detach_norm)
   layers = dict(surgery.dora_layers(model))
   for path, name, spec, _, values in plan:
     layer = layers[path]

@@ -86,7 +86,7 @@ def join(path: tuple[str, ...]) -> str:
 
 def check_settings(where: str, *, rank: Any, alpha: Any, dropout: Any = 0.0,
                    adapter_dtype: Any = jnp.float32, d_in: int | None = None,
-                   d_out: int | None = None) -> float:
+                   d_out: int | None = None, detach_norm: Any = True) -> float:
   """Validate a DoRA configuration; return the dropout rate as a float.
 
   ``rank`` is checked against ``min(d_in, d_out)`` when both are given (at the
@@ -94,6 +94,8 @@ def check_settings(where: str, *, rank: Any, alpha: Any, dropout: Any = 0.0,
   the argument and ``where``.
   """
   at = f" ({where})" if where else ""
+  if not isinstance(detach_norm, bool):
+    raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}{at}")
   if isinstance(rank, bool) or not isinstance(rank, int):
     raise TypeError(f"rank must be an int, got {type(rank).__name__}{at}")
   if rank < 1:

@@ -35,7 +35,7 @@ class DoRAConv(nn.Module):
     features, kernel_size, strides, padding, input_dilation, kernel_dilation,
     use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as
       ``nn.Conv``. ``feature_group_count`` must be 1 and ``mask`` ``None``.
-    rank, alpha, rslora, dropout, adapter_dtype, deterministic: as
+    rank, alpha, rslora, dropout, adapter_dtype, deterministic, detach_norm: as
       :class:`dora_jax.linen.DoRADense`.
   """
 
@@ -59,6 +59,7 @@ class DoRAConv(nn.Module):
   dropout: float = 0.0
   adapter_dtype: Dtype = jnp.float32
   deterministic: bool | None = None
+  detach_norm: bool = True
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None) -> jax.Array:
@@ -69,7 +70,8 @@ class DoRAConv(nn.Module):
     d_in_ch = jnp.shape(inputs)[-1]
     d_in = int(math.prod(window)) * d_in_ch
     rate = check_settings(where, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          adapter_dtype=self.adapter_dtype, d_in=d_in, d_out=self.features)
+                          adapter_dtype=self.adapter_dtype, d_in=d_in, d_out=self.features,
+                          detach_norm=self.detach_norm)
     kernel = self.param("kernel", self.kernel_init, (*window, d_in_ch, self.features),
                         self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
@@ -95,4 +97,4 @@ class DoRAConv(nn.Module):
         strides=_tuple(self.strides, n, "strides"), padding=canonical_padding(self.padding, n),
         input_dilation=_tuple(self.input_dilation, n, "input_dilation"),
         kernel_dilation=_tuple(self.kernel_dilation, n, "kernel_dilation"),
-        precision=self.precision, x_dropped=x_dropped, dtype=cdt)
+        precision=self.precision, x_dropped=x_dropped, dtype=cdt, detach_norm=self.detach_norm)

@@ -48,18 +48,20 @@ def dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use_bias:
                dtype, param_dtype, precision, kernel_init, bias_init, rank: int,
                alpha: float, rslora: bool, dropout: float, adapter_dtype,
                cache_norm: bool, deterministic: bool | None, base_dtype: str | None = None,
-               block_size: int | None = None) -> jax.Array:
+               block_size: int | None = None, detach_norm: bool = True) -> jax.Array:
   """The DoRA Dense computation inside ``module``'s scope (a Dense or DoRADense).
 
   ``inputs [..., d_in] -> [..., features]``; creates the adapters (from the
   current kernel) when the ``dora`` collection is mutable and they are missing.
   A quantized ``kernel`` (or, with ``base_dtype``, the float one quantized now, see
   :func:`dora_jax.linen.ops.quantized_weight`) runs :func:`_quantized_call`.
+  ``detach_norm=False``: the exact gradient through the norm.
   """
   d_in = jnp.shape(inputs)[-1]
   path = "/".join(module.path) or type(module).__name__
   rate = check_settings(path, rank=rank, alpha=alpha, dropout=dropout,
-                        adapter_dtype=adapter_dtype, d_in=d_in, d_out=features)
+                        adapter_dtype=adapter_dtype, d_in=d_in, d_out=features,
+                        detach_norm=detach_norm)
   kernel = module.param("kernel", kernel_init, (d_in, features), param_dtype)
   bias = module.param("bias", bias_init, (features,), param_dtype) if use_bias else None
   if base_dtype is not None or isinstance(kernel, general.QuantizedWeight):
@@ -67,7 +69,7 @@ def dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use_bias:
                            rank=rank, alpha=alpha, rslora=rslora, rate=rate,
                            adapter_dtype=adapter_dtype, cache_norm=cache_norm,
                            deterministic=deterministic, base_dtype=base_dtype,
-                           block_size=block_size)
+                           block_size=block_size, detach_norm=detach_norm)
 
   def init_a():
     return _adapter.init_lora_a(module.make_rng("params"), (d_in, rank), d_in, adapter_dtype)
@@ -106,12 +108,14 @@ def dense_call(module: nn.Module, inputs: jax.Array, *, features: int, use_bias:
 
   x_dropped = _dropout_input(module, x, rate, deterministic)
   return _adapter.dora_forward(x, kernel, lora_a, lora_b, magnitude, scale, bias, norm=norm,
-                               base_sq_norm=base_sq, x_dropped=x_dropped, precision=precision)
+                               base_sq_norm=base_sq, x_dropped=x_dropped, precision=precision,
+                               detach_norm=detach_norm)
 
 
 def _quantized_call(module: nn.Module, inputs, kernel, bias, path: str, *, dtype, precision,
                     rank: int, alpha: float, rslora: bool, rate: float, adapter_dtype,
-                    cache_norm: bool, deterministic, base_dtype, block_size) -> jax.Array:
+                    cache_norm: bool, deterministic, base_dtype, block_size,
+                    detach_norm: bool) -> jax.Array:
   """QDoRA Dense: DoRA over the quantized ``kernel [d_in, features]`` (its own
   part-by-part contraction; ``magnitude = ‖Ŵ‖``), adapters and caches as the float path."""
   from dora_jax.linen import ops
@@ -120,7 +124,7 @@ def _quantized_call(module: nn.Module, inputs, kernel, bias, path: str, *, dtype
   settings = ops.Settings(rank=rank, alpha=float(alpha), rslora=bool(rslora), dropout=rate,
                           adapter_dtype=jnp.dtype(adapter_dtype), cache_norm=bool(cache_norm),
                           deterministic=deterministic, base_dtype=base_dtype,
-                          block_size=block_size)
+                          block_size=block_size, detach_norm=detach_norm)
   kernel = ops.quantized_weight(module, "kernel", kernel, layout, settings, f"{path}/kernel")
   cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
       *[v for v in (inputs, kernel.dtype, bias) if v is not None])
@@ -155,7 +159,7 @@ def _quantized_call(module: nn.Module, inputs, kernel, bias, path: str, *, dtype
   x_dropped = _dropout_input(module, x, rate, deterministic)
   op = ops.WeightOp.dot_general((((x.ndim - 1,), (0,)), ((), ())), precision)
   y = ops._forward(x, kernel, lora_a, lora_b, magnitude, norm, base_sq, x_dropped, op=op,
-                   scale=float(scale))
+                   scale=float(scale), detach_norm=detach_norm)
   if bias is not None:
     y += jnp.reshape(jnp.asarray(bias, cdt), (1,) * (y.ndim - 1) + (-1,))
   return y
@@ -182,6 +186,9 @@ class DoRADense(nn.Module):
       adapters matches; recompute (and store, when ``dora_cache`` is mutable)
       otherwise. For unmerged inference.
     deterministic: default for the call argument (dropout off when True).
+    detach_norm: ``True`` (PEFT's semantics): the norm is a constant in the
+      backward. ``False``: the exact DoRA gradient through the norm (see
+      :func:`dora_jax.dora_dense`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -206,6 +213,7 @@ class DoRADense(nn.Module):
   bias_init: Initializer = nn.initializers.zeros_init()
   cache_norm: bool = False
   deterministic: bool | None = None
+  detach_norm: bool = True
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None) -> jax.Array:
@@ -215,4 +223,5 @@ class DoRADense(nn.Module):
         param_dtype=self.param_dtype, precision=self.precision, kernel_init=self.kernel_init,
         bias_init=self.bias_init, rank=self.rank, alpha=self.alpha, rslora=self.rslora,
         dropout=self.dropout, adapter_dtype=self.adapter_dtype, cache_norm=self.cache_norm,
-        deterministic=deterministic if deterministic is not None else self.deterministic)
+        deterministic=deterministic if deterministic is not None else self.deterministic,
+        detach_norm=self.detach_norm)

@@ -34,6 +34,8 @@ class DoRAEmbed(nn.Module):
     rank: ``1 <= r <= min(num_embeddings, features)``.
     alpha, rslora: scale ``alpha / r`` (``alpha / √r``).
     adapter_dtype: dtype of the ``dora`` variables (default float32).
+    detach_norm: ``True`` (PEFT's semantics): the norm is a constant in the
+      backward. ``False``: the exact DoRA gradient through the norm.
   """
 
   num_embeddings: int
@@ -45,11 +47,12 @@ class DoRAEmbed(nn.Module):
   param_dtype: Dtype = jnp.float32
   adapter_dtype: Dtype = jnp.float32
   embedding_init: Initializer = default_embed_init
+  detach_norm: bool = True
 
   def setup(self):
     check_settings("/".join(self.path) or "DoRAEmbed", rank=self.rank, alpha=self.alpha,
                    adapter_dtype=self.adapter_dtype, d_in=self.num_embeddings,
-                   d_out=self.features)
+                   d_out=self.features, detach_norm=self.detach_norm)
     self.embedding = self.param("embedding", self.embedding_init,
                                 (self.num_embeddings, self.features), self.param_dtype)
     self.lora_a = self.variable(ADAPTER_COLLECTION, "lora_a", lambda: jnp.zeros(
@@ -70,10 +73,11 @@ class DoRAEmbed(nn.Module):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """``ids [...] -> [..., features]``."""
     return _embed_jit(inputs, self.embedding, self.lora_a.value, self.lora_b.value,
-                      self.magnitude.value, scale=self.scale, dtype=self._dtype())
+                      self.magnitude.value, scale=self.scale, dtype=self._dtype(),
+                      detach_norm=self.detach_norm)
 
   def attend(self, query: jax.Array) -> jax.Array:
     """``query [..., features] -> [..., num_embeddings]`` against the adapted table."""
     return _attend_jit(query, self.embedding, self.lora_a.value, self.lora_b.value,
                        self.magnitude.value, scale=self.scale,
-                       dtype=jnp.result_type(query, self._dtype()))
+                       dtype=jnp.result_type(query, self._dtype()), detach_norm=self.detach_norm)

@@ -365,7 +365,7 @@ class Interception:
                      bias_init=module.bias_init, rank=s.rank, alpha=s.alpha, rslora=s.rslora,
                      dropout=s.dropout, adapter_dtype=s.adapter_dtype, cache_norm=s.cache_norm,
                      deterministic=s.deterministic, base_dtype=s.base_dtype,
-                     block_size=s.block_size)
+                     block_size=s.block_size, detach_norm=s.detach_norm)
     self._adapted.add(path)
     if self._run is not None:
       self._run.adapted.append(path)
@@ -473,7 +473,8 @@ class Interception:
 def intercept_dora(targets, *, rank: int, alpha: float, rslora: bool = False,
                    dropout: float = 0.0, adapter_dtype=jnp.float32, cache_norm: bool = False,
                    deterministic: bool | None = None, base_dtype: str | None = None,
-                   block_size: int | None = None) -> Iterator[Interception]:
+                   block_size: int | None = None,
+                   detach_norm: bool = True) -> Iterator[Interception]:
   """Run the weights of matching modules of any Linen model as DoRA (PEFT semantics).
 
   Inside the context, for every module whose path (``'/'``-joined names from
@@ -504,7 +505,8 @@ def intercept_dora(targets, *, rank: int, alpha: float, rslora: bool = False,
 
   Args:
     targets: a regex, or a predicate ``(path, module) -> bool``.
-    rank, alpha, rslora, dropout, adapter_dtype, cache_norm: as :class:`DoRADense`.
+    rank, alpha, rslora, dropout, adapter_dtype, cache_norm, detach_norm: as
+      :class:`DoRADense` (``detach_norm=False``: the exact gradient through the norm).
     deterministic: dropout mode for every adapted layer (required when
       ``dropout > 0``, unless the module has a ``deterministic`` attribute).
     base_dtype: QDoRA: ``"nf4"``, ``"int4"``, ``"int8"`` or ``"fp8"``. The call that
@@ -531,12 +533,13 @@ def intercept_dora(targets, *, rank: int, alpha: float, rslora: bool = False,
   """
   dtype = jnp.dtype(adapter_dtype) if _is_dtype(adapter_dtype) else adapter_dtype
   rate = check_settings("intercept_dora", rank=rank, alpha=alpha, dropout=dropout,
-                        adapter_dtype=dtype)
+                        adapter_dtype=dtype, detach_norm=detach_norm)
   from dora_jax.nnx.quantize import check_base_dtype
   qtype = check_base_dtype(base_dtype, block_size)
   settings = ops.Settings(rank=rank, alpha=float(alpha), rslora=bool(rslora), dropout=rate,
                           adapter_dtype=dtype, cache_norm=bool(cache_norm),
-                          deterministic=deterministic, base_dtype=qtype, block_size=block_size)
+                          deterministic=deterministic, base_dtype=qtype, block_size=block_size,
+                          detach_norm=detach_norm)
   session = Interception(targets, settings)
   if _local.session is not None:
     raise RuntimeError("intercept_dora: contexts cannot be nested")

@@ -59,6 +59,7 @@ class Settings:
   deterministic: bool | None = None
   base_dtype: str | None = None
   block_size: int | None = None
+  detach_norm: bool = True  # False: the exact gradient through the norm
 
   @property
   def scale(self) -> float:
@@ -115,9 +116,10 @@ class WeightOp(NamedTuple):
     return lax.dot_general(x, kernel, self.dimension_numbers, precision=self.precision,
                            preferred_element_type=self.preferred_element_type)
 
-  def dora(self, x, kernel, lora_a, lora_b, magnitude, scale, norm, base_sq_norm):
+  def dora(self, x, kernel, lora_a, lora_b, magnitude, scale, norm, base_sq_norm,
+           detach_norm: bool = True):
     kw = dict(precision=self.precision, preferred_element_type=self.preferred_element_type,
-              norm=norm, base_sq_norm=base_sq_norm)
+              norm=norm, base_sq_norm=base_sq_norm, detach_norm=detach_norm)
     if self.kind == "einsum":
       return general.dora_einsum(self.spec, x, kernel, lora_a, lora_b, magnitude, scale, **kw)
     return general.dora_dot_general(x, kernel, lora_a, lora_b, magnitude, scale,
@@ -128,17 +130,18 @@ def _hashable(precision):
   return tuple(precision) if isinstance(precision, list) else precision
 
 
-@functools.partial(jax.jit, static_argnames=("op", "scale"))
+@functools.partial(jax.jit, static_argnames=("op", "scale", "detach_norm"))
 def _forward(x, kernel, lora_a, lora_b, magnitude, norm, base_sq_norm, x_dropped, *,
-             op: WeightOp, scale: float):
+             op: WeightOp, scale: float, detach_norm: bool = True):
   """``op``'s DoRA output; with dropout ``dora(x̃) + op(x − x̃, W)`` (PEFT).
 
   One compiled program, so an eager call rounds the norm as a jitted model does.
   """
   if x_dropped is None:
     return _materialized(op.dora(x, kernel, lora_a, lora_b, magnitude, scale, norm,
-                                 base_sq_norm))
-  y = op.dora(x_dropped, kernel, lora_a, lora_b, magnitude, scale, norm, base_sq_norm)
+                                 base_sq_norm, detach_norm))
+  y = op.dora(x_dropped, kernel, lora_a, lora_b, magnitude, scale, norm, base_sq_norm,
+              detach_norm)
   rest = op.base(x - x_dropped, kernel)
   acc = jnp.promote_types(y.dtype, jnp.float32)
   return _materialized((y.astype(acc) + rest.astype(acc)).astype(y.dtype))
@@ -311,5 +314,5 @@ def adapted_op(module: nn.Module, name: str, op: WeightOp, x: jax.Array, kernel:
     if not deterministic:
       x_dropped = dropped_input(module, x, settings.dropout)
   y = _forward(x, kernel, group["lora_a"], group["lora_b"], group["magnitude"], norm, base_sq,
-               x_dropped, op=op, scale=float(settings.scale))
+               x_dropped, op=op, scale=float(settings.scale), detach_norm=settings.detach_norm)
   return y, layout

@@ -38,7 +38,7 @@ from flax import nnx
 from jax import lax
 
 from dora_jax import _adapter, general
-from dora_jax._checks import check_float_dtype
+from dora_jax._checks import check_bool, check_float_dtype
 from dora_jax.dense import lora_scale, merge_kernel
 from dora_jax.norm import column_sq_norm, factored_norm
 
@@ -185,7 +185,8 @@ class AdapterSite(abc.ABC):
   (:class:`DoRAParam`), ``norm_cache``/``norm_stamp``/``base_sq_norm``
   (:class:`DoRACache` or ``None``), ``layout``, ``in_shape``, ``out_shape``,
   ``d_in``, ``d_out``, ``rank``, ``alpha``, ``rslora``, ``scale``,
-  ``dropout_rate``, ``cache_norm``.
+  ``dropout_rate``, ``cache_norm``, ``detach_norm`` (``True``: PEFT's gradient,
+  the norm a constant; ``False``: the exact gradient through the norm).
   """
 
   layout: general.WeightLayout
@@ -259,8 +260,10 @@ class DoRALayer(nnx.Module, AdapterSite):
       kernel's ``‖W_j‖²`` when :func:`dora_jax.surgery.cache_base_norms` stored
       them (then every call skips re-reading the kernel for them), else ``None``.
     layout, in_shape, out_shape, d_in, d_out, rank, alpha, rslora, scale,
-      dropout_rate, cache_norm: configuration (``scale`` is ``alpha / rank``, or
-      ``alpha / √rank`` with rsLoRA).
+      dropout_rate, cache_norm, detach_norm: configuration (``scale`` is ``alpha /
+      rank``, or ``alpha / √rank`` with rsLoRA; ``detach_norm=False``: the exact
+      DoRA gradient through the norm, see :func:`dora_jax.dora_dense`; the cached
+      norm of cached-norm inference is a constant either way).
   """
 
   kernel: nnx.Param
@@ -294,8 +297,10 @@ class DoRALayer(nnx.Module, AdapterSite):
           "apply_dora adapts such layers at the op level (pass example_inputs=)")
 
   def _init_config(self, base: nnx.Module, *, layout: general.WeightLayout, rank: int,
-                   alpha: float, rslora: bool, dropout: float, path: str = "") -> None:
-    """Sizes, validated rank/dropout, scale and the base layer's type and graphdef."""
+                   alpha: float, rslora: bool, dropout: float, path: str = "",
+                   detach_norm: bool = True) -> None:
+    """Sizes, validated rank/dropout/detach_norm, scale and the base layer's type and graphdef."""
+    self.detach_norm = check_bool("detach_norm", detach_norm)
     self.layout = layout
     self.in_shape = tuple(layout.in_shape)
     self.out_shape = tuple(layout.out_shape)
@@ -312,9 +317,9 @@ class DoRALayer(nnx.Module, AdapterSite):
 
   def _init_adapters(self, base: nnx.Module, *, layout: general.WeightLayout, rank: int,
                      alpha: float, rslora: bool, dropout: float, param_dtype,
-                     rngs: nnx.Rngs, path: str = "") -> None:
+                     rngs: nnx.Rngs, path: str = "", detach_norm: bool = True) -> None:
     self._init_config(base, layout=layout, rank=rank, alpha=alpha, rslora=rslora,
-                      dropout=dropout, path=path)
+                      dropout=dropout, path=path, detach_norm=detach_norm)
     # The base weights: the very same Variables, not copies.
     self.kernel = base.kernel
     self.bias = base.bias if getattr(base, "bias", None) is not None else nnx.data(None)

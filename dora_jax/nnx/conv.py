@@ -26,7 +26,8 @@ class DoRAConv(DoRALayer):
   Args:
     base: the ``nnx.Conv`` to adapt.
     rank: ``r``, ``1 <= r <= min(prod(window)·in, out)``.
-    alpha, rslora, dropout, param_dtype, rngs: as :class:`dora_jax.nnx.DoRADense`.
+    alpha, rslora, dropout, param_dtype, rngs, detach_norm: as
+      :class:`dora_jax.nnx.DoRADense`.
   """
 
   #: ``apply_dora(targets="all-linear")`` does not select convs (as PEFT).
@@ -35,7 +36,7 @@ class DoRAConv(DoRALayer):
 
   def __init__(self, base: nnx.Conv, *, rank: int, alpha: float, rslora: bool = False,
                dropout: float = 0.0, param_dtype=jnp.float32, rngs: nnx.Rngs,
-               path: str = ""):
+               path: str = "", detach_norm: bool = True):
     self.check_base(base, nnx.Conv)
     where = path or "Conv"
     check_conv_base(base, where=where)
@@ -53,7 +54,8 @@ class DoRAConv(DoRALayer):
     self.out_features = int(base.out_features)
     layout = matrix_layout(tuple(base.kernel.shape), n_in=n + 1)
     self._init_adapters(base, layout=layout, rank=rank, alpha=alpha, rslora=rslora,
-                        dropout=dropout, param_dtype=param_dtype, rngs=rngs, path=path)
+                        dropout=dropout, param_dtype=param_dtype, rngs=rngs, path=path,
+                        detach_norm=detach_norm)
 
   def __call__(self, inputs: jax.Array, out_sharding: Any = None, *,
                deterministic: bool | None = None,
@@ -76,7 +78,7 @@ class DoRAConv(DoRALayer):
         scale=self.scale, bias=None if self.bias is None else self.bias[...],
         strides=self.strides, padding=self.padding, input_dilation=self.input_dilation,
         kernel_dilation=self.kernel_dilation, precision=self.precision, norm=norm,
-        x_dropped=x_dropped, dtype=cdt,
+        x_dropped=x_dropped, dtype=cdt, detach_norm=self.detach_norm,
         preferred_element_type=(None if self.preferred_element_type is None
                                 else jnp.dtype(self.preferred_element_type)))
 

@@ -63,20 +63,23 @@ class DoRADense(DoRALayer):
     param_dtype: dtype of the adapter parameters (default float32, as PEFT's
       ``autocast_adapter_dtype``).
     rngs: ``params`` stream for ``lora_a``, ``dropout`` stream for dropout.
+    detach_norm: ``True`` (PEFT's semantics): the norm is a constant in the
+      backward. ``False``: the exact DoRA gradient through the norm (see
+      :func:`dora_jax.dora_dense`; one more product with the kernel per step).
   """
 
   native = False  # dora_dense on kernel [d_in, d_out] (its fused GPU kernels)
 
   def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rslora: bool = False,
                dropout: float = 0.0, param_dtype=jnp.float32, rngs: nnx.Rngs,
-               path: str = ""):
+               path: str = "", detach_norm: bool = True):
     self.check_base(base, nnx.Linear)
     if base.dot_general is not lax.dot_general:
       raise NotImplementedError("DoRADense does not support a custom dot_general")
     check_dtype_promotion(base)
     self._init_adapters(base, layout=matrix_layout(tuple(base.kernel.shape)), rank=rank,
                         alpha=alpha, rslora=rslora, dropout=dropout, param_dtype=param_dtype,
-                        rngs=rngs, path=path)
+                        rngs=rngs, path=path, detach_norm=detach_norm)
 
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
@@ -93,7 +96,7 @@ class DoRADense(DoRALayer):
     y = _adapter.dora_forward(x, self._kernel2d(), a, b, m, self.scale,
                               None if self.bias is None else self.bias[...], norm=norm,
                               base_sq_norm=self._base_sq(), x_dropped=x_dropped,
-                              precision=self.precision)
+                              precision=self.precision, detach_norm=self.detach_norm)
     if self.preferred_element_type is not None:
       y = y.astype(self.preferred_element_type)
     return y
@@ -113,7 +116,7 @@ class DoRALinearGeneral(DoRALayer):
 
   def __init__(self, base: nnx.LinearGeneral, *, rank: int, alpha: float,
                rslora: bool = False, dropout: float = 0.0, param_dtype=jnp.float32,
-               rngs: nnx.Rngs, path: str = ""):
+               rngs: nnx.Rngs, path: str = "", detach_norm: bool = True):
     self.check_base(base, nnx.LinearGeneral)
     if base.dot_general is not None or base.dot_general_cls is not None:
       raise NotImplementedError("DoRALinearGeneral does not support a custom dot_general")
@@ -130,7 +133,8 @@ class DoRALinearGeneral(DoRALayer):
           (tuple(range(nb)), tuple(range(nb))))
     layout = general.dot_general_layout(dn, dummy_x, kernel_shape)
     self._init_adapters(base, layout=layout, rank=rank, alpha=alpha, rslora=rslora,
-                        dropout=dropout, param_dtype=param_dtype, rngs=rngs, path=path)
+                        dropout=dropout, param_dtype=param_dtype, rngs=rngs, path=path,
+                        detach_norm=detach_norm)
 
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
@@ -154,7 +158,8 @@ class DoRALinearGeneral(DoRALayer):
     op_kwargs = dict(precision=self.precision, preferred_element_type=self.preferred_element_type)
     out = general.dora_dot_general(
         x if x_dropped is None else x_dropped, kernel, self.lora_a[...], self.lora_b[...],
-        self.magnitude[...], self.scale, dn, norm=norm, base_sq_norm=base_sq, **op_kwargs)
+        self.magnitude[...], self.scale, dn, norm=norm, base_sq_norm=base_sq,
+        detach_norm=self.detach_norm, **op_kwargs)
     if x_dropped is not None:
       out = add_dropout_rest(out, lax.dot_general(x - x_dropped, kernel, dn, **op_kwargs))
     if bias is not None:

@@ -95,7 +95,7 @@ class DoRAEinsum(DoRALayer):
 
   def __init__(self, base: nnx.Einsum, *, rank: int, alpha: float, rslora: bool = False,
                dropout: float = 0.0, param_dtype=jnp.float32, rngs: nnx.Rngs,
-               path: str = ""):
+               path: str = "", detach_norm: bool = True):
     self.check_base(base, nnx.Einsum)
     if base.einsum_op is not jnp.einsum:
       raise NotImplementedError("DoRAEinsum does not support a custom einsum_op")
@@ -106,7 +106,8 @@ class DoRAEinsum(DoRALayer):
     self.kernel_shape = tuple(base.kernel.shape)
     layout = einsum_kernel_layout(self.einsum_str, self.kernel_shape)
     self._init_adapters(base, layout=layout, rank=rank, alpha=alpha, rslora=rslora,
-                        dropout=dropout, param_dtype=param_dtype, rngs=rngs, path=path)
+                        dropout=dropout, param_dtype=param_dtype, rngs=rngs, path=path,
+                        detach_norm=detach_norm)
 
   def __call__(self, x: jax.Array, einsum_str: str | None = None, *,
                deterministic: bool | None = None,
@@ -122,7 +123,7 @@ class DoRAEinsum(DoRALayer):
     y = general.dora_einsum(
         self.einsum_str, x if x_dropped is None else x_dropped, kernel, self.lora_a[...],
         self.lora_b[...], self.magnitude[...], self.scale, norm=norm, base_sq_norm=base_sq,
-        **op_kwargs)
+        detach_norm=self.detach_norm, **op_kwargs)
     if x_dropped is not None:
       y = add_dropout_rest(y, jnp.einsum(self.einsum_str, x - x_dropped, kernel, **op_kwargs))
     if bias is not None:

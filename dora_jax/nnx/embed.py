@@ -32,6 +32,7 @@ class DoRAEmbed(DoRALayer):
     dropout: recorded only (PEFT applies no dropout to embedding adapters).
     param_dtype: adapter dtype (default float32).
     rngs: ``params`` stream initialises ``lora_b``.
+    detach_norm: as :class:`dora_jax.nnx.DoRADense` (``False``: the exact gradient).
   """
 
   #: ``apply_dora(targets="all-linear")`` does not select embeddings (as PEFT).
@@ -40,12 +41,12 @@ class DoRAEmbed(DoRALayer):
 
   def __init__(self, base: nnx.Embed, *, rank: int, alpha: float, rslora: bool = False,
                dropout: float = 0.0, param_dtype=jnp.float32, rngs: nnx.Rngs,
-               path: str = ""):
+               path: str = "", detach_norm: bool = True):
     self.check_base(base, nnx.Embed)
     check_dtype_promotion(base)
     layout = matrix_layout((int(base.num_embeddings), int(base.features)))
     self._init_config(base, layout=layout, rank=rank, alpha=alpha, rslora=rslora,
-                      dropout=dropout, path=path or "Embed")
+                      dropout=dropout, path=path or "Embed", detach_norm=detach_norm)
     self.embedding = base.embedding
     self.bias = nnx.data(None)
     self.dtype = base.dtype
@@ -88,7 +89,7 @@ class DoRAEmbed(DoRALayer):
       raise NotImplementedError("DoRAEmbed does not support out_sharding")
     a, b, m = self.adapter_views()
     return _embed_jit(inputs, self._kernel2d(), a, b, m, scale=self.scale, norm=self._norm(),
-                      dtype=jnp.dtype(self.dtype))
+                      dtype=jnp.dtype(self.dtype), detach_norm=self.detach_norm)
 
   def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
     """``query [..., features] -> [..., num_embeddings]`` with the adapted table (tied heads)."""
@@ -96,7 +97,7 @@ class DoRAEmbed(DoRALayer):
       raise NotImplementedError("DoRAEmbed.attend does not support out_sharding")
     a, b, m = self.adapter_views()
     return _attend_jit(query, self._kernel2d(), a, b, m, scale=self.scale, norm=self._norm(),
-                       dtype=jnp.result_type(query, self.dtype))
+                       dtype=jnp.result_type(query, self.dtype), detach_norm=self.detach_norm)
 
   def _rebuild(self, kernel_value: jax.Array) -> nnx.Module:
     state = {"embedding": self.embedding.replace(kernel_value)}

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dora_jax import _adapter, general
+from dora_jax._checks import check_bool
 from dora_jax.dense import lora_scale
 from dora_jax.nnx import base as _base
 from dora_jax.nnx import intercept
@@ -89,6 +90,7 @@ class OpConfig:
   scale: float
   dropout_rate: float
   cache_norm: bool = False
+  detach_norm: bool = True  # False: the exact gradient through the norm
 
   def site(self, param: str) -> SiteSpec:
     return next(s for s in self.sites if s.param == param)
@@ -162,9 +164,13 @@ def validate(module: nnx.Module, specs: tuple[SiteSpec, ...], rank: int, dropout
 
 
 def adapt(module: nnx.Module, specs: tuple[SiteSpec, ...], *, rank: int, alpha: float,
-          rslora: bool, dropout: float, param_dtype, rngs: nnx.Rngs, where: str) -> DoRAOp:
-  """Add adapters for ``specs`` to ``module`` and make it a ``DoRA<Base>``, in place."""
+          rslora: bool, dropout: float, param_dtype, rngs: nnx.Rngs, where: str,
+          detach_norm: bool = True) -> DoRAOp:
+  """Add adapters for ``specs`` to ``module`` and make it a ``DoRA<Base>``, in place.
+
+  ``detach_norm=False``: the adapted ops run with the exact gradient through the norm."""
   validate(module, specs, rank, dropout, where)
+  check_bool("detach_norm", detach_norm)
   param_dtype = jnp.dtype(param_dtype)
   for spec in specs:
     a, b, m = _base.init_adapters(kernel_view(module, spec), spec.layout, rank, param_dtype,
@@ -180,7 +186,7 @@ def adapt(module: nnx.Module, specs: tuple[SiteSpec, ...], *, rank: int, alpha: 
   if dropout > 0:
     setattr(module, DROPOUT_NAME, nnx.Dropout(dropout, rngs=rngs))
   cfg = OpConfig(type(module), specs, rank, float(alpha), bool(rslora),
-                 lora_scale(alpha, rank, rslora=rslora), dropout)
+                 lora_scale(alpha, rank, rslora=rslora), dropout, detach_norm=detach_norm)
   module.__class__ = adapted_class(type(module))
   _set_config(module, cfg)
   return module
@@ -256,6 +262,7 @@ class OpSite(AdapterSite):
   rslora = property(lambda self: self.config.rslora)
   scale = property(lambda self: self.config.scale)
   dropout_rate = property(lambda self: self.config.dropout_rate)
+  detach_norm = property(lambda self: self.config.detach_norm)
   base_type = property(lambda self: self.config.base_type)
 
   @property
@@ -384,7 +391,8 @@ def _site_call(module: DoRAOp, cfg: OpConfig, spec: SiteSpec, op: str,
   with dropout, ``dora(x̃) + rest(x − x̃)`` (``rest``: the base op)."""
   site = OpSite(module, spec)
   kw = dict(precision=arguments["precision"],
-            preferred_element_type=arguments["preferred_element_type"])
+            preferred_element_type=arguments["preferred_element_type"],
+            detach_norm=cfg.detach_norm)
   if op == "einsum":
     equation = arguments["subscripts"].replace(" ", "")
     dora = lambda x_: general.dora_einsum(equation, x_, kernel, *adapters, cfg.scale,

@@ -10,8 +10,9 @@ module weight as DoRA through :mod:`dora_jax.general`, in the weight's own layou
 
 with the base term computed by the very op qwix intercepted (same precision and
 ``preferred_element_type``), so at PEFT's init (``b = 0``, ``m = ‖W‖``) the model
-reproduces its base bit for bit. Per adapted weight ``<w>`` the module gets (qwix's
-naming) ``<w>_lora_a [*B, *C, r]`` (PEFT's ``U(-1/√d_in, 1/√d_in)``),
+reproduces its base bit for bit (``DoraRule(detach_norm=False)``: the exact gradient
+through the norm instead of PEFT's detached one). Per adapted weight ``<w>`` the
+module gets (qwix's naming) ``<w>_lora_a [*B, *C, r]`` (PEFT's ``U(-1/√d_in, 1/√d_in)``),
 ``<w>_lora_b [*B, r, *O]`` (zeros) and ``<w>_magnitude [*B, *O]`` (``‖W‖``): NNX
 :class:`dora_jax.nnx.DoRAParam` (an ``nnx.LoRAParam``), Linen entries of the
 ``params`` collection, as qwix's LoRA adapters are.
@@ -47,6 +48,7 @@ from flax import nnx
 from jax import lax
 
 from dora_jax import _adapter, general
+from dora_jax._checks import check_bool
 from dora_jax.dense import lora_scale
 from dora_jax.nnx.base import DoRAParam
 from dora_jax.qwix import _private
@@ -72,11 +74,18 @@ class DoraRule(qwix.LoraRule):
     param_dtype: the adapters' dtype (PEFT keeps them in float32).
     lora_a_initializer: ``None`` (default) for PEFT's ``U(-1/√d_in, 1/√d_in)``, or
       a ``(key, shape, dtype) -> array`` initializer.
+    detach_norm: ``True`` (PEFT's semantics): the norm is a constant in the
+      backward. ``False``: the exact DoRA gradient through the norm (see
+      :func:`dora_jax.dora_dense`).
   """
 
   rslora: bool = False
   param_dtype: Any = jnp.float32
   lora_a_initializer: Callable[..., jax.Array] | None = None
+  detach_norm: bool = True
+
+  def __post_init__(self):
+    check_bool("detach_norm", self.detach_norm)
 
 
 #: qwix ``weight_qtype`` names -> dora_jax's quantization types.
@@ -161,7 +170,7 @@ class DoraProvider(qwix.LoraProvider):
     layout = general.dot_general_layout(dn, lhs.shape, rhs.shape)
     return self._dora(
         rule, name, layout, lhs, rhs,
-        lambda x, a, b, m, s: general.dora_dot_general(x, rhs, a, b, m, s, dn, **kw),
+        lambda x, a, b, m, s, **o: general.dora_dot_general(x, rhs, a, b, m, s, dn, **kw, **o),
         lambda d: lax.dot_general(d, rhs, dn, **kw))
 
   def einsum(self, einsum_str, *operands, precision=None, preferred_element_type=None,
@@ -188,7 +197,7 @@ class DoraProvider(qwix.LoraProvider):
     layout = general.einsum_layout(spec, lhs.shape, rhs.shape)
     return self._dora(
         rule, name, layout, lhs, rhs,
-        lambda x, a, b, m, s: general.dora_einsum(spec, x, rhs, a, b, m, s, **kw),
+        lambda x, a, b, m, s, **o: general.dora_einsum(spec, x, rhs, a, b, m, s, **kw, **o),
         lambda d: jnp.einsum(spec, d, rhs, **kw))
 
   def conv_general_dilated(self, lhs, rhs, *args, **kwargs):
@@ -227,10 +236,11 @@ class DoraProvider(qwix.LoraProvider):
     else:
       weight = self._quantize_weight(rule, name, layout, rhs)
     if op_name == "einsum":
-      dora = lambda x, a, b, m, s: general.dora_einsum(dims, x, weight, a, b, m, s, **kw)
+      dora = lambda x, a, b, m, s, **o: general.dora_einsum(dims, x, weight, a, b, m, s, **kw, **o)
       base = lambda d: quantized.quantized_einsum(dims, d, weight, **kw)
     else:
-      dora = lambda x, a, b, m, s: general.dora_dot_general(x, weight, a, b, m, s, dims, **kw)
+      dora = lambda x, a, b, m, s, **o: general.dora_dot_general(x, weight, a, b, m, s, dims,
+                                                                 **kw, **o)
       base = lambda d: quantized.quantized_dot_general(d, weight, dims, **kw)
     return self._dora(rule, name, layout, lhs, weight, dora, base)
 
@@ -350,9 +360,9 @@ class DoraProvider(qwix.LoraProvider):
           f"({prior.layout} and {layout}); one DoRA adapter cannot serve both")
     a, b, m = self._adapters(rule, name, layout, rhs)
     if rule.dropout <= 0:
-      return dora(lhs, a, b, m, scale)
+      return dora(lhs, a, b, m, scale, detach_norm=rule.detach_norm)
     dropped = nnx.Dropout(rule.dropout, deterministic=False)(
         lhs, rngs=_private.make_rng("dropout"))
-    y = dora(dropped, a, b, m, scale)
+    y = dora(dropped, a, b, m, scale, detach_norm=rule.detach_norm)
     acc = jnp.promote_types(y.dtype, jnp.float32)
     return (y.astype(acc) + base(lhs - dropped).astype(acc)).astype(y.dtype)

@@ -226,6 +226,7 @@ def _dora64(spec, x, site):
   return np.einsum(spec, x, np.asarray(lay.from_matrix(jnp.asarray(merged))))
 
 
+@pytest.mark.default_opt
 def test_every_layer_kind_float64_and_exact_init(fresh_key):
   """Linear, LinearGeneral, Einsum and a custom (op-level) module, int4 blockwise: init
   reproduces the quantized base model bit for bit; with random adapters the output

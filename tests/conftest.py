@@ -13,11 +13,12 @@ import os
 # Tests marked `default_opt` assert bit equality between two different compiled
 # programs, which depends on the CPU code's optimisation: they are skipped here
 # and run with DORA_JAX_TEST_DEFAULT_OPT=1 (XLA's default; a stage of .ci/run).
-DEFAULT_OPT = (os.path.exists("/dev/nvidiactl") or os.environ.get("DORA_JAX_TEST_DEFAULT_OPT") == "1"
-               or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""))
-if not DEFAULT_OPT:
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_backend_optimization_level=0").strip()
+_UNOPTIMISED = "--xla_backend_optimization_level=0"
+if not (os.path.exists("/dev/nvidiactl") or os.environ.get("DORA_JAX_TEST_DEFAULT_OPT") == "1"
+        or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_UNOPTIMISED}".strip()
+# (pytest-xdist's workers inherit the flag from the controller's environment)
+DEFAULT_OPT = _UNOPTIMISED not in os.environ.get("XLA_FLAGS", "").split()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest

@@ -477,7 +477,8 @@ def _quantize_part(part, qtype: str, block: int | None, layout: WeightLayout, dt
 
 def quantize_kernel(kernel: jax.Array, qtype: str = "nf4", *, block_size: int | None = None,
                     layout: WeightLayout | None = None, dtype=None,
-                    chunk_bytes: int = DEQUANT_CHUNK_BYTES) -> QuantizedKernel:
+                    chunk_bytes: int = DEQUANT_CHUNK_BYTES,
+                    quantize_chunk: int = QUANTIZE_CHUNK_ELEMENTS) -> QuantizedKernel:
   """Quantize a frozen float kernel for QDoRA (qwix's symmetric absmax rounding).
 
   Args:
@@ -491,6 +492,8 @@ def quantize_kernel(kernel: jax.Array, qtype: str = "nf4", *, block_size: int | 
     dtype: the float dtype the dequantized weight ``Ŵ`` is computed in
       (default: the kernel's).
     chunk_bytes: bound on one dequantized part of the weight inside a contraction.
+    quantize_chunk: float elements quantized at once here (the kernel is
+      quantized slice by slice along an output axis; the codes do not depend on it).
 
   Returns:
     A :class:`QuantizedKernel` with ``‖Ŵ‖²`` computed from the dequantized weight.
@@ -521,9 +524,11 @@ def quantize_kernel(kernel: jax.Array, qtype: str = "nf4", *, block_size: int | 
     raise TypeError(f"dtype must be a float dtype (the dequantized weight's), got {dtype}")
   if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
     raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+  if isinstance(quantize_chunk, bool) or not isinstance(quantize_chunk, int) or quantize_chunk < 1:
+    raise ValueError(f"quantize_chunk must be a positive int, got {quantize_chunk!r}")
 
   # slices along an output axis (blocks run along a contracted one): bounded temporaries
-  p = _parts(layout.shape, layout.output, 1, QUANTIZE_CHUNK_ELEMENTS, 1)
+  p = _parts(layout.shape, layout.output, 1, quantize_chunk, 1)
   starts = [i * p.size for i in range(p.count)] + ([p.count * p.size] if p.rest else [])
   pieces = []
   for start in starts:

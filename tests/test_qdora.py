@@ -176,14 +176,14 @@ def _assert_within_quantization_error(qk, w):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_quantizer_is_qwix_and_bounded(fresh_key, monkeypatch, qtype):
+def test_quantizer_is_qwix_and_bounded(fresh_key, qtype):
   """Codes and Ŵ are qwix's (quantizing the whole kernel at once), also when
   quantize_kernel works slice by slice; the error is within half a step."""
-  monkeypatch.setattr(quantized, "QUANTIZE_CHUNK_ELEMENTS", 300)
   spec, x_shape, k_shape, block = NATIVE
   layout = general.einsum_layout(spec, x_shape, k_shape)
   w = jax.random.normal(fresh_key(), k_shape)
-  qk = quantize_kernel(w, qtype, block_size=_block(qtype, block), layout=layout)
+  qk = quantize_kernel(w, qtype, block_size=_block(qtype, block), layout=layout,
+                       quantize_chunk=300)  # slice by slice
   axis = layout.contracted[-1]
   ref = _qwix_compat.quantize(w, qtype, channelwise_axes=layout.batch + layout.output,
                               tiled_axes={axis: qk.block_size} if qk.block_size else {})

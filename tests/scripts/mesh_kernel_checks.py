@@ -238,14 +238,16 @@ def _float64_reference(x, params, w):
   return (m / n) * (x @ w + 2.0 * (x @ a) @ b)
 
 
-@pytest.mark.parametrize("layout,d_in,d_out", [
-    (Layout(P(None, "tp"), P(None, None)), 64, 512),   # column: [64, 256] per shard
-    (Layout(P("tp", None), P(None, "tp")), 128, 256),  # row: [64, 256] per shard
-])
-def test_mosaic_per_shard(layout, d_in, d_out):
-  """Shards the Mosaic tiles divide (T whole: 128 rows)."""
+@pytest.mark.parametrize("layout,tokens,d_in,d_out", [
+    (Layout(P(None, "tp"), P(None, None)), 128, 64, 512),   # column: [64, 256] per shard
+    (Layout(P("tp", None), P(None, "tp")), 128, 128, 256),  # row: [64, 256] per shard
+    (LAYOUTS["fsdp"], 512, 64, 256),      # W gathered: [64, 256], 128 tokens per shard
+    (LAYOUTS["fsdp_tp"], 512, 64, 512),   # W gathered over fsdp: [64, 256] per shard
+], ids=["column", "row", "fsdp", "fsdp_tp"])
+def test_mosaic_per_shard(layout, tokens, d_in, d_out):
+  """Shards the Mosaic tiles divide (128 token rows per shard)."""
   mesh = mesh_8()
-  x, params, w, _ = make_inputs(21, 128, d_in, d_out, M_RANK, jnp.bfloat16)
+  x, params, w, _ = make_inputs(21, tokens, d_in, d_out, M_RANK, jnp.bfloat16)
   params.pop("bias")
   want = _float64_reference(x, params, w)
   one = [jax.device_put(v, jax.devices()[0]) for v in (x, params, w)]

@@ -17,17 +17,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, *args: str, timeout: int = 600) -> None:
+  """Run ``benchmarks/<script> *args`` on the CPU in a fresh interpreter; fail with its stderr."""
+  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                       capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
+  assert run.returncode == 0, (script, run.stderr[-3000:])
+
+
 def test_module_suite_report_and_benchmarks_md(tmp_path):
   """The one-command form (suite, then module.md, plots and the doc's tables),
   and report.py rerun by hand on the suite's JSON."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   doc = tmp_path / "BENCHMARKS.md"
   doc.write_text("# x\n<!-- module:start -->\nold\n<!-- module:end -->\ntail\n")
-  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "module_suite.py"),
-                        "--out", str(tmp_path), "--smoke", "--commit", "abc1234",
-                        "--benchmarks-md", str(doc)],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-  assert run.returncode == 0, run.stderr[-3000:]
+  run_benchmark("module_suite.py",
+                "--out", str(tmp_path), "--smoke", "--commit", "abc1234", "--benchmarks-md", str(doc))
   data = json.loads((tmp_path / "module_results.json").read_text())
   impls = {r["impl"] for r in data["rows"]}
   assert {"lora", "dora_auto", "dora_xla", "dora_naive", "dora_cached"} <= impls
@@ -38,33 +42,23 @@ def test_module_suite_report_and_benchmarks_md(tmp_path):
   assert (tmp_path / "module.md").exists() and (tmp_path / "time_vs_tokens.png").exists()
   assert (tmp_path / "time_vs_rank.png").read_bytes()[:4] == b"\x89PNG"
   doc.write_text("# x\n<!-- module:start -->\nold\n<!-- module:end -->\ntail\n")
-  rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"),
-                        str(tmp_path / "module_results.json"), "--benchmarks-md", str(doc)],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-  assert rep.returncode == 0, rep.stderr[-3000:]
+  run_benchmark("report.py", str(tmp_path / "module_results.json"),
+                "--benchmarks-md", str(doc), timeout=300)
   text = doc.read_text()
   assert "old" not in text and "tail" in text and "Forward+backward" in text
 
 
 def test_decoder_layer_smoke(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decoder_layer.py"),
-                        "--out", str(tmp_path), "--smoke", "--ranks", "4"],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-  assert run.returncode == 0, run.stderr[-3000:]
+  run_benchmark("decoder_layer.py", "--out", str(tmp_path), "--smoke", "--ranks", "4")
   rows = json.loads((tmp_path / "decoder_results.json").read_text())["rows"]
   assert {r["impl"] for r in rows} == {"lora", "dora"}
   assert all(r["ms"] > 0 and r["temp_mb"] > 0 for r in rows)
 
 
 def test_overhead_breakdown_and_grad_accum_smoke(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   for script, result in (("overhead_breakdown.py", "overhead_breakdown.json"),
                          ("grad_accum.py", "grad_accum.json")):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script),
-                          "--out", str(tmp_path), "--smoke"],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert run.returncode == 0, (script, run.stderr[-3000:])
+    run_benchmark(script, "--out", str(tmp_path), "--smoke")
     rows = json.loads((tmp_path / result).read_text())["rows"]
     assert rows and all(v > 0 for r in rows for k, v in r.items() if k.endswith("ms"))
   accum = json.loads((tmp_path / "grad_accum.json").read_text())["rows"]
@@ -74,11 +68,7 @@ def test_overhead_breakdown_and_grad_accum_smoke(tmp_path):
 def test_qdora_smoke(tmp_path):
   """QDoRA vs bf16 DoRA vs qwix QLoRA, and the frozen-weight memory table."""
   pytest.importorskip("qwix")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qdora.py"),
-                        "--out", str(tmp_path), "--smoke"],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-  assert run.returncode == 0, run.stderr[-3000:]
+  run_benchmark("qdora.py", "--out", str(tmp_path), "--smoke")
   data = json.loads((tmp_path / "qdora.json").read_text())
   impls = {r["impl"] for r in data["rows"]}
   assert impls == {"lora_bf16", "dora_bf16", "qdora_nf4", "qlora_nf4", "qdora_int8",
@@ -120,11 +110,7 @@ def test_step_profile_variants_pass_their_options():
 
 def test_model_step_smoke(tmp_path):
   """The model-level step benchmark (JAX sides; PEFT's needs a GPU or a torch env)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "model_step.py"),
-                        "--out", str(tmp_path), "--smoke", "--impls", "jax_dora,jax_lora"],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-  assert run.returncode == 0, run.stderr[-3000:]
+  run_benchmark("model_step.py", "--out", str(tmp_path), "--smoke", "--impls", "jax_dora,jax_lora")
   rows = json.loads((tmp_path / "model_step.json").read_text())["rows"]
   assert [r["impl"] for r in rows] == ["jax_dora", "jax_lora"]
   assert all(r["ms"] > 0 and r["trainable"] > 0 and len(r["losses"]) == 4 for r in rows)
@@ -132,17 +118,11 @@ def test_model_step_smoke(tmp_path):
 
 def test_op_level_and_ab_backend_smoke(tmp_path):
   """The native-layout op benchmark, and the two-checkout A/B (this checkout against itself)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "op_level.py"),
-                        "--out", str(tmp_path), "--smoke"],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-  assert run.returncode == 0, run.stderr[-3000:]
+  run_benchmark("op_level.py", "--out", str(tmp_path), "--smoke")
   rows = json.loads((tmp_path / "op_level.json").read_text())["rows"]
   assert {r["impl"] for r in rows} == {"dense", "dense_exact", "native", "native_exact", "lora"}
-  ab = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_backend.py"), "--smoke",
-                       "--out", str(tmp_path), "--baseline", str(ROOT), "--rounds", "1"],
-                      capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-  assert ab.returncode == 0, ab.stderr[-3000:]
+  run_benchmark("ab_backend.py",
+                "--smoke", "--out", str(tmp_path), "--baseline", str(ROOT), "--rounds", "1")
   data = json.loads((tmp_path / "ab_backend.json").read_text())
   assert all(r["new_fwd_bwd"] > 0 and r["baseline_fwd_bwd"] > 0 for r in data["rows"])
 

@@ -82,3 +82,11 @@ def rel_err(actual, expected) -> float:
   """``‖actual − expected‖ / ‖expected‖`` in float64 (Frobenius)."""
   a, e = f64(actual), f64(expected)
   return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-300))
+
+
+def assert_grads_close(grads, names, expected, tol: float) -> None:
+  """Each of ``grads`` (in the order of ``names``) has ``expected[name]``'s shape and
+  a :func:`rel_err` below ``tol`` against it."""
+  for name, got in zip(names, grads, strict=True):
+    assert np.shape(got) == np.shape(expected[name]), (name, np.shape(got))
+    assert rel_err(got, expected[name]) < tol, (name, rel_err(got, expected[name]))

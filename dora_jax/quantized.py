@@ -158,7 +158,9 @@ def _decode(codes, scale, qtype: str, axis: int, block: int | None, dtype,
     s = scale.reshape(*scale.shape[:axis], nb, 1, *scale.shape[axis + 1:])
     out = (v * s).reshape(shape)
   if storage is not None:
-    out = out.astype(storage)
+    # the barrier keeps the round trip: XLA's GPU compiler drops a convert pair
+    # (f32 -> storage -> f32) under its default excess-precision rule
+    out = lax.optimization_barrier(out.astype(storage))
   return out.astype(dtype)
 
 
@@ -469,7 +471,9 @@ def _quantize_part(part, qtype: str, block: int | None, layout: WeightLayout, dt
   qa = _compat().quantize(part.astype(jnp.float32), qtype,
                           channelwise_axes=layout.batch + layout.output,
                           tiled_axes={axis: block} if block else {})
-  codes = _store(qa.qvalue, qtype, axis)
+  # ‖Ŵ‖² must be of the stored codes: without the barrier XLA's GPU compiler
+  # folds fp8's convert pair (f32 -> e4m3 -> f32) and sums unrounded values
+  codes = lax.optimization_barrier(_store(qa.qvalue, qtype, axis))
   scale = qa.scale.astype(jnp.float32)
   sq = general.weight_sq_norm(_decode(codes, scale, qtype, axis, block, dtype), layout)
   return codes, scale, sq

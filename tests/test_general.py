@@ -8,6 +8,7 @@ traced training step forms no ``[d_in, d_out]`` matmul output.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -16,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dora_jax
 from dora_jax import general
-from helpers.reference import assert_grads_close, f64, rel_err
+from helpers.reference import assert_grads_close, assert_same_result, f64, rel_err
 from helpers.jaxprs import dot_equations, dot_output_shapes
 
 # (equation, input shape, kernel shape): gemma's q/kv/gating einsums, the
@@ -92,7 +94,8 @@ def test_init_reproduces_base_exactly(fresh_key, spec, x_shape, k_shape):
   base = jax.jit(lambda x, w: jnp.einsum(spec, x, w))(x, w)
   y = jax.jit(lambda *args: general.dora_einsum(spec, *args, SCALE))(x, w, a, b, m)
   assert y.dtype == base.dtype
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(base))
+  assert_same_result(y, base, jnp.einsum(spec, jnp.abs(x), jnp.abs(w),
+                                         precision=jax.lax.Precision.HIGHEST))
 
 
 @pytest.mark.parametrize("spec,x_shape,k_shape", LAYOUTS)
@@ -143,7 +146,8 @@ def test_dot_general_equals_einsum(fresh_key):
   base = jax.lax.dot_general(x, w, dn)
   zero = general.dora_dot_general(x, w, a, jnp.zeros(b_shape),
                                   general.init_magnitude(w, layout), 0.5, dn)
-  np.testing.assert_array_equal(np.asarray(zero), np.asarray(base))
+  assert_same_result(zero, base, jax.lax.dot_general(jnp.abs(x), jnp.abs(w), dn,
+                                                     precision=jax.lax.Precision.HIGHEST))
 
 
 def _kernel_sized_dots(closed, kernel_shape):
@@ -316,8 +320,9 @@ def _dot_operand_shapes(closed):
 @pytest.mark.parametrize("spec,x_shape,k_shape", [LAYOUTS[0], LAYOUTS[4]])
 def test_norm_cancellation_native_layout(fresh_key, spec, x_shape, k_shape):
   """Columns whose update cancels them (W_j ≈ −s(ab)_j, down to ‖W+s·a·b‖/‖W‖ = 1e-3)
-  stay within 1e-4 of float64 in a native layout too; rank 5, float32."""
-  from test_norm_cancellation import TOL, cancelling_layer, column_errors
+  stay within 1e-4 of float64 in a native layout too (on a GPU: all but the
+  flagged columns beyond one refinement round); rank 5, float32."""
+  from test_norm_cancellation import GPU, assert_refined, cancelling_layer
   layout = general.einsum_layout(spec, x_shape, k_shape)
   nb, rank, scale = math.prod(layout.batch_shape), 5, 1.3
   parts = [cancelling_layer(fresh_key(), layout.d_in, layout.d_out, rank, scale)
@@ -333,4 +338,10 @@ def test_norm_cancellation_native_layout(fresh_key, spec, x_shape, k_shape):
       expected.shape)
   assert ratio.min() < 1.5e-3  # the layer does cancel
   got = jax.jit(lambda w, a, b: general.weight_norm(w, a, b, scale, layout))(w, a, b)
-  assert column_errors(got, expected).max() <= TOL
+  # the native layout refines with gathered columns: one round on a GPU
+  plain = None
+  if GPU:
+    unrefined = jax.jit(jax.vmap(functools.partial(dora_jax.factored_norm, refine="off"),
+                                 in_axes=(0, 0, 0, None)))
+    plain = unrefined(*(jnp.stack(v) for v in zip(*parts)), scale).reshape(expected.shape)
+  assert_refined(got, expected, ratio, plain=plain)

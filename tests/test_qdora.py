@@ -25,7 +25,7 @@ pytest.importorskip("qwix")
 
 from dora_jax import _qwix_compat, general, quantized
 from dora_jax.quantized import QTYPES, quantize_kernel
-from helpers.reference import assert_grads_close, f64, rel_err
+from helpers.reference import assert_grads_close, assert_same_result, f64, rel_err
 from helpers.jaxprs import float_values_holding, largest_value_holding, sub_jaxprs as _sub_jaxprs
 
 SCALE, RANK = 0.7, 3
@@ -127,7 +127,8 @@ def test_bf16_within_rounding(fresh_key, qtype):
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_init_reproduces_quantized_base_exactly(fresh_key, qtype):
-  """PEFT's QDoRA init (b = 0, m = ‖Ŵ‖): the output is the quantized base op's, bit for bit."""
+  """PEFT's QDoRA init (b = 0, m = ‖Ŵ‖): the output is the quantized base op's,
+  bit for bit (on a GPU to the rounding of two compilations: assert_same_result)."""
   for case, dtype in ((DENSE, jnp.float32), (DENSE, jnp.bfloat16), (NATIVE, jnp.float32)):
     spec = case[0]
     x, qk, a, b, _, _ = _layer(fresh_key, qtype, case, dtype=dtype)
@@ -135,7 +136,7 @@ def test_init_reproduces_quantized_base_exactly(fresh_key, qtype):
     y = general.dora_einsum(spec, x, qk, a, jnp.zeros_like(b), quantized.init_magnitude(qk),
                             SCALE)
     assert y.dtype == base.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(base), err_msg=f"{spec} {dtype}")
+    assert_same_result(y, base, np.einsum(spec, np.abs(f64(x)), np.abs(f64(qk.dequantize()))))
     # and the quantized base op is x·Ŵ
     assert rel_err(base, np.einsum(spec, f64(x), f64(qk.dequantize()))) < (
         1e-6 if dtype == jnp.float32 else 1e-2)
@@ -153,6 +154,26 @@ def test_merge_equals_unmerged(fresh_key, qtype):
   again = quantized.merge_weight(qk, a, b, m, SCALE, requantize=True)
   assert (again.qtype, again.block_size, again.layout) == (qk.qtype, qk.block_size, qk.layout)
   _assert_within_quantization_error(again, merged)
+
+
+def _assert_same_codes_but_ties(mine, ref, w, qk):
+  """Codes equal qwix's, except where ``w / scale`` sits on the midpoint of two
+  neighbouring codes (within 1e-5): such a tie (the absmax entry at exactly
+  ±127.5 for int8) rounds either way with the division's last bit, which
+  XLA's GPU compiler may produce differently in two programs."""
+  def values(q):
+    v = np.asarray(q.qvalue).astype(np.float64)
+    return _qwix_compat.nf4_codebook().astype(np.float64)[v.astype(int)] if qk.qtype == "nf4" else v
+  got, want = values(mine), values(ref)
+  diff = got != want
+  if not diff.any():
+    return
+  scale = np.asarray(qk.scale, np.float64)
+  if qk.block_size is not None:
+    scale = np.repeat(scale, qk.block_size, axis=qk.blocked_axis)
+  t = np.broadcast_to(f64(w) / scale, got.shape)[diff]
+  mid = (got[diff] + want[diff]) / 2
+  assert np.all(np.abs(t - mid) <= 1e-5 * np.maximum(1.0, np.abs(t))), np.max(np.abs(t - mid))
 
 
 def _assert_within_quantization_error(qk, w):
@@ -186,11 +207,10 @@ def test_quantizer_is_qwix_and_bounded(fresh_key, qtype):
                               tiled_axes={axis: qk.block_size} if qk.block_size else {})
   mine = qk.to_qarray()
   assert mine.qvalue.dtype == ref.qvalue.dtype and mine.qtype == ref.qtype
-  np.testing.assert_array_equal(np.asarray(mine.qvalue).astype(np.float32),
-                                np.asarray(ref.qvalue).astype(np.float32))
   np.testing.assert_array_equal(np.asarray(mine.scale), np.asarray(ref.scale))
+  _assert_same_codes_but_ties(mine, ref, w, qk)
   np.testing.assert_array_equal(np.asarray(qk.dequantize()),
-                                np.asarray(_qwix_compat.dequantize(ref)))
+                                np.asarray(_qwix_compat.dequantize(mine)))
   _assert_within_quantization_error(qk, w)
   # ‖Ŵ‖² is of the dequantized weight
   np.testing.assert_allclose(np.asarray(qk.sq_norm),

@@ -90,3 +90,27 @@ def assert_grads_close(grads, names, expected, tol: float) -> None:
   for name, got in zip(names, grads, strict=True):
     assert np.shape(got) == np.shape(expected[name]), (name, np.shape(got))
     assert rel_err(got, expected[name]) < tol, (name, rel_err(got, expected[name]))
+
+
+#: Ulps by which two separately compiled programs computing the same float sums
+#: may differ: none on the CPU (same code generation, the tests' claim there);
+#: on a GPU XLA picks a reduction's or GEMM's summation order per fusion
+#: (dequantised weights feed a fused GEMM in one program and a library GEMM in
+#: the other), so the "exact init" results agree to a few ulps of the terms summed.
+CROSS_PROGRAM_ULPS = 4 if jax.default_backend() == "gpu" else 0
+
+
+def assert_same_result(actual, expected, magnitude=None) -> None:
+  """``actual`` and ``expected``, one function compiled twice: bit for bit on
+  the CPU; on a GPU within :data:`CROSS_PROGRAM_ULPS` units of the dtype's
+  precision times ``magnitude`` (the summed terms' ``Σ|x|·|w|``, elementwise;
+  default ``|expected|``)."""
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape and actual.dtype == expected.dtype
+  if not CROSS_PROGRAM_ULPS:
+    np.testing.assert_array_equal(actual, expected)
+    return
+  eps = float(jnp.finfo(expected.dtype).eps)
+  scale = np.abs(f64(expected)) if magnitude is None else np.asarray(magnitude, np.float64)
+  err = np.abs(f64(actual) - f64(expected))
+  assert np.all(err <= CROSS_PROGRAM_ULPS * eps * scale), float(np.max(err / (eps * scale)))

@@ -27,7 +27,7 @@ from dora_jax.models import ALL_PROJECTIONS, LlamaConfig, causal_lm_loss, random
 from dora_jax.nnx import quantize as nnx_quantize
 from helpers.jaxprs import float_values_holding
 from helpers.qdora_models import filled as _filled, randomize as _randomize, sites as _sites
-from helpers.reference import f64, rel_err
+from helpers.reference import assert_same_result, f64, rel_err
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -229,7 +229,8 @@ def _dora64(spec, x, site):
 @pytest.mark.default_opt
 def test_every_layer_kind_float64_and_exact_init(fresh_key):
   """Linear, LinearGeneral, Einsum and a custom (op-level) module, int4 blockwise: init
-  reproduces the quantized base model bit for bit; with random adapters the output
+  reproduces the quantized base model bit for bit (at XLA's default CPU optimisation;
+  on a GPU to a few ulps, two compilations); with random adapters the output
   matches float64 DoRA over Ŵ (rel err < 1e-5)."""
   model = _filled(Kinds, _seed(fresh_key))
   x = jax.random.normal(fresh_key(), (2, 5, 32))
@@ -242,7 +243,9 @@ def test_every_layer_kind_float64_and_exact_init(fresh_key):
   assert [type(getattr(base, n)).__name__ for n in ("linear", "general", "einsum", "proj")] == [
       "QuantizedLinear", "QuantizedLinearGeneral", "QuantizedEinsum", "QuantizedProj"]
   forward = nnx.jit(lambda m, x: m(x))
-  np.testing.assert_array_equal(np.asarray(forward(model, x)), np.asarray(forward(base, x)))
+  expected = np.asarray(forward(base, x))
+  # a chain of layers: on a GPU a few ulps of the largest output (assert_same_result)
+  assert_same_result(forward(model, x), expected, np.full(expected.shape, np.abs(expected).max()))
 
   _randomize(model, _seed(fresh_key), b_scale=0.5)
   y = forward(model, x)

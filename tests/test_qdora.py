@@ -207,7 +207,7 @@ def test_quantizer_is_qwix_and_bounded(fresh_key, qtype):
                               tiled_axes={axis: qk.block_size} if qk.block_size else {})
   mine = qk.to_qarray()
   assert mine.qvalue.dtype == ref.qvalue.dtype and mine.qtype == ref.qtype
-  np.testing.assert_array_equal(np.asarray(mine.scale), np.asarray(ref.scale))
+  assert_same_result(mine.scale, ref.scale)  # absmax / qmax, divided in two programs
   _assert_same_codes_but_ties(mine, ref, w, qk)
   np.testing.assert_array_equal(np.asarray(qk.dequantize()),
                                 np.asarray(_qwix_compat.dequantize(mine)))

@@ -12,6 +12,7 @@ from helpers.eight_devices import eight_device_tests
 GROUPS = [
     "test_pallas_per_shard_matches_one_device",
     "test_norm_kernel_per_shard_communication",
+    "test_norm_kernel_row_split_at_huge_scales",
     "test_factored_norm_communication",
     "test_mosaic_per_shard",
     "test_mosaic_untileable_shard_runs_xla_per_shard",

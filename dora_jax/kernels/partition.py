@@ -365,6 +365,29 @@ def backward(impl: str):
 
 # -- the one-pass norm ----------------------------------------------------------------
 
+#: Shard norms from this size up are squared in units of ``2**(2·_BIG_SHIFT)``:
+#: a float32 square overflows from 2**64 (about 1.8e19), and the kernel's own
+#: per-column rescale (above 2**48) keeps a shard's norm finite to 3.4e38.
+_BIG_NORM = 2.0**60
+_BIG_SHIFT = 70
+
+
+def _combine_row_norms(norm: jax.Array, rows: Axes) -> jax.Array:
+  """``√Σ_shards norm²`` over the mesh axes ``rows`` without overflow.
+
+  The squares go in two bins, one all-reduce of ``[2, d_out]``: norms below
+  2**60 as they are (at most 2**120 each), the others times 2**-70 first (at
+  most 2**116 each: room for 2**11 shards). A max-scaled sum would need a
+  ``pmax`` before the ``psum``, two dependent all-reduces.
+  """
+  big = norm >= _BIG_NORM
+  shrunk = norm * 2.0**-_BIG_SHIFT
+  bins = jnp.stack([jnp.where(big, 0.0, jnp.square(norm)), jnp.where(big, jnp.square(shrunk), 0.0)])
+  small, large = lax.psum(bins, rows)
+  # small·2**-140 in two steps: the constant alone is below float32's normal range
+  scaled = 2.0**_BIG_SHIFT * jnp.sqrt(large + small * 2.0**-_BIG_SHIFT * 2.0**-_BIG_SHIFT)
+  return jnp.where(large > 0, scaled, jnp.sqrt(small))
+
 @functools.cache
 def _column_norm_op(interpret: bool):
   from dora_jax.kernels import column_norm as column_norm_lib
@@ -383,10 +406,7 @@ def _column_norm_op(interpret: bool):
 
     def lower(kernel, lora_a, lora_b, scale):
       norm = run(kernel, lora_a, lora_b, scale)
-      if not rows:
-        return norm
-      # squares summed over the shards' rows: one all-reduce of d_out elements
-      return jnp.sqrt(lax.psum(jnp.square(norm), rows))
+      return _combine_row_norms(norm, rows) if rows else norm
 
     layout = Layout()
     args = [layout.spec(k, n), layout.spec(k, ()), layout.spec((), n), P()]

@@ -170,14 +170,17 @@ class QuantizedWeight:
   def ndim(self) -> int:
     return len(self.layout.shape)
 
-  def contract(self, spec: str, lhs: jax.Array, piece) -> jax.Array:
+  def contract(self, spec: str, lhs: jax.Array, piece, init=None, init_scale=None) -> jax.Array:
     """``einsum(spec, lhs, Ŵ)`` as ``piece(lhs_part, Ŵ_part)`` over parts of ``Ŵ``.
 
     ``spec`` names the weight's axes in its own order (explicit labels, no
     ellipsis); ``piece`` computes that einsum on a part of ``Ŵ`` (and the
     matching part of ``lhs`` where a split axis is contracted) and must
-    accumulate in float32 when parts are summed. Differentiable with respect to
-    ``lhs`` only.
+    accumulate in float32 when parts are summed. ``init`` (optional, the
+    output's shape): ``init + einsum`` (``init_scale·init + einsum`` with a
+    0-d ``init_scale``), the parts written onto ``init`` in place (the output
+    in the dtype ``init`` and the parts promote to). Differentiable with
+    respect to ``lhs`` (and ``init``, ``init_scale``) only.
     """
     raise NotImplementedError
 
@@ -588,15 +591,23 @@ class _Op:
       return kernel.contract(f"{lab.x},{lab.k}->{lab.out}", x, self._float_base)
     return self._float_base(x, kernel)
 
-  def base_transpose(self, dpre, kernel, x, acc):
-    """``dpre`` through the base op's transpose: a contraction with the weight as stored."""
+  def base_onto(self, x, kernel, init, init_scale):
+    """``init_scale·init + base`` for a quantized weight: its parts (each in the base
+    op's dtype, as :meth:`base` computes it) added onto ``init`` in place."""
+    lab = self.labels
+    return kernel.contract(f"{lab.x},{lab.k}->{lab.out}", x, self._float_base, init,
+                           init_scale)
+
+  def base_transpose(self, dpre, kernel, x, acc, init=None):
+    """``dpre`` through the base op's transpose: a contraction with the weight as stored
+    (``init +`` it when given: a quantized weight adds its parts onto ``init`` in place)."""
     if self.quantized:
       lab = self.labels
       spec = f"{lab.out},{lab.k}->{lab.x}"
       return kernel.contract(spec, dpre, functools.partial(_contract, spec, acc=acc,
-                                                           precision=self.precision))
+                                                           precision=self.precision), init)
     (dx,) = jax.linear_transpose(lambda x_: self.base(x_, kernel), x)(dpre)
-    return dx
+    return dx if init is None else init + dx
 
   def _float_base(self, x, kernel):
     if self.kind == "einsum":
@@ -649,11 +660,18 @@ def _native_forward(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, norm):
   cdt = _compute_dtype(x, kernel)
   acc = scale.dtype
   g, inv_norm = _scale_vectors(magnitude, norm, acc)
-  base = op.base(x, kernel)
   h = op.hidden(x, lora_a, cdt)
-  pre = base.astype(acc) + scale * op.lowrank(h, lora_b, cdt, acc).astype(acc)
-  y = (op.g_to_out(g) * pre).astype(base.dtype)
-  return y, (h, pre.astype(base.dtype), g, inv_norm)
+  if op.quantized:
+    # the base op's parts added onto s·h·b in place: pre without a [*out] buffer of
+    # the base op's besides (the same sum, base.astype(acc) + s·h·b, element by element)
+    out_dtype = jax.eval_shape(op.base, x, kernel).dtype
+    pre = op.base_onto(x, kernel, op.lowrank(h, lora_b, cdt, acc).astype(acc), scale)
+  else:
+    base = op.base(x, kernel)
+    out_dtype = base.dtype
+    pre = base.astype(acc) + scale * op.lowrank(h, lora_b, cdt, acc).astype(acc)
+  y = (op.g_to_out(g) * pre).astype(out_dtype)
+  return y, (h, pre.astype(out_dtype), g, inv_norm)
 
 
 def _native_fwd(op: _Op, x, kernel, lora_a, lora_b, magnitude, scale, norm):
@@ -711,11 +729,16 @@ def _native_bwd(op: _Op, res, dy):
                  op.precision) if need_t else None)
   dx = dk = da = db = dm = ds = dn = None
   if want_x:
-    # the base op's own transpose: a contraction of dpre with W as stored
-    dx_base = op.base_transpose(dpre, kernel, x, acc)
     dx_lora = _contract(f"{lab.h},{lab.a}->{lab.x}", (scale * t).astype(cdt),
                         lora_a.astype(cdt), acc, op.precision)
-    dx = (dx_base.astype(acc) + dx_lora).astype(x.dtype)
+    if op.quantized:
+      # the base op's own transpose, its parts (acc) added onto dx_lora in place: one
+      # [*x] accumulator, not a second one of zeros beside dx_lora
+      dx = op.base_transpose(dpre, kernel, x, acc, init=dx_lora).astype(x.dtype)
+    else:
+      # the base op's own transpose: a contraction of dpre with W as stored
+      dx_base = op.base_transpose(dpre, kernel, x, acc)
+      dx = (dx_base.astype(acc) + dx_lora).astype(x.dtype)
   if want_a:
     da = scale * _contract(f"{lab.x},{lab.h}->{lab.a}", x.astype(cdt), t.astype(cdt), acc,
                            op.precision)

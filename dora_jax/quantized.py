@@ -259,17 +259,25 @@ class QuantizedKernel(QuantizedWeight):
         "never converted to a float array whole. Contract it with jnp.einsum or "
         "jax.lax.dot_general, or leave the layer out of base_dtype")
 
-  def contract(self, spec: str, lhs: jax.Array, piece: Callable) -> jax.Array:
+  def contract(self, spec: str, lhs: jax.Array, piece: Callable, init=None,
+               init_scale=None) -> jax.Array:
     """``einsum(spec, lhs, Ŵ)`` as ``piece(lhs_part, Ŵ_part)`` over the parts of :meth:`parts`.
 
     ``piece`` must be linear in its first argument and close over no traced
     value. Where the split axis reaches the output, each part writes its
     slice of it; where ``spec`` contracts it, the parts (float32) are added.
-    Differentiable with respect to ``lhs`` (the backward runs part by part
-    too); the quantized weight has no gradient.
+    ``init`` (optional, the output's shape): the result is ``init + einsum``
+    (``init_scale·init + einsum`` with a 0-d ``init_scale``), the parts
+    written onto (or added to) ``init`` itself, which serves as the output
+    buffer (in the dtype ``init`` and the parts promote to): a term the
+    caller adds to the product anyway costs no second buffer.
+    Differentiable with respect to ``lhs``, ``init`` and ``init_scale`` (the
+    backward runs part by part too); the quantized weight has no gradient.
     """
     plan = _plan(spec, self, piece)
-    return _contract(plan, lhs, self)
+    if init is None and init_scale is not None:
+      raise ValueError("init_scale scales init: pass init too")
+    return _contract(plan, lhs, self, init, init_scale)
 
   def to_qarray(self):
     """The weight as a qwix ``QArray`` (codes unpacked: one per byte, qwix's layout)."""
@@ -330,9 +338,15 @@ class _LhsType:
   dtype: Any
 
 
-def _run(plan: _Plan, lhs, weight: QuantizedKernel):
+def _run(plan: _Plan, lhs, weight: QuantizedKernel, init=None, init_scale=None):
+  """``init_scale·init + einsum(plan.spec, lhs, Ŵ)`` part by part (``init`` may be
+  ``None``, ``init_scale`` ``None``: 1)."""
+  def scaled(v):
+    return v if init_scale is None else init_scale * v
+
   if plan.parts.whole:
-    return plan.piece(lhs, weight.dequantize())
+    out = plan.piece(lhs, weight.dequantize())
+    return out if init is None else scaled(init) + out
   p = plan.parts
 
   def part(start, size):
@@ -349,37 +363,68 @@ def _run(plan: _Plan, lhs, weight: QuantizedKernel):
   if plan.out_axis is not None:  # each part writes its slice of the output
     shape = list(proto.shape)
     shape[plan.out_axis] = weight.shape[p.axis]
+    ax = plan.out_axis
+    if init is None:
+      def slice_of(out, start, size):
+        return part(start, size)
+      out = jnp.zeros(shape, proto.dtype)
+    else:  # each part added to its slice of init, in place
+      def slice_of(out, start, size):
+        return scaled(lax.dynamic_slice_in_dim(out, start, size, ax)) + part(start, size)
+      out = _as_init(init, shape, proto.dtype)
 
     def write(out, start):
-      return lax.dynamic_update_slice_in_dim(out, part(start, p.size), start, plan.out_axis), None
+      return lax.dynamic_update_slice_in_dim(out, slice_of(out, start, p.size), start, ax), None
 
-    out, _ = lax.scan(write, jnp.zeros(shape, proto.dtype), starts)
+    out, _ = lax.scan(write, out, starts)
     if p.rest:
-      out = lax.dynamic_update_slice_in_dim(out, part(tail, p.rest), tail, plan.out_axis)
+      out = lax.dynamic_update_slice_in_dim(out, slice_of(out, tail, p.rest), tail, ax)
     return out
 
   def add(total, start):  # the spec contracts the split axis: add the parts
     return total + part(start, p.size), None
 
-  out, _ = lax.scan(add, jnp.zeros(proto.shape, proto.dtype), starts)
+  total = (jnp.zeros(proto.shape, proto.dtype) if init is None
+           else scaled(_as_init(init, proto.shape, proto.dtype)))
+  out, _ = lax.scan(add, total, starts)
   return out + part(tail, p.rest) if p.rest else out
 
 
-def _contract_primal(plan, lhs, weight):
-  return _run(plan, lhs, weight)
+def _as_init(init, shape, dtype):
+  """``init`` as the buffer the parts are written onto: the output's shape, the
+  dtype it and the parts promote to."""
+  if tuple(init.shape) != tuple(shape):
+    raise ValueError(f"init must have the contraction's output shape {tuple(shape)}, got "
+                     f"{tuple(init.shape)}")
+  return init.astype(jnp.result_type(init.dtype, dtype))
 
 
-def _contract_fwd(plan, lhs, weight):
+def _contract_primal(plan, lhs, weight, init, init_scale):
+  return _run(plan, lhs, weight, init, init_scale)
+
+
+def _contract_fwd(plan, lhs, weight, init, init_scale):
   if any(leaf.perturbed for leaf in jax.tree.leaves(weight)):
     raise TypeError("weight: a quantized weight is frozen and has no gradient; differentiate "
                     "the adapters (and the input) only")
-  lhs, weight = custom_vjp_primal_tree_values((lhs, weight))
-  return _run(plan, lhs, weight), (weight, _LhsType(lhs.shape, lhs.dtype))
+  scale_perturbed = any(leaf.perturbed for leaf in jax.tree.leaves(init_scale))
+  lhs, weight, init, init_scale = custom_vjp_primal_tree_values((lhs, weight, init, init_scale))
+  init_type = None if init is None else _LhsType(init.shape, init.dtype)
+  # init itself is kept only for init_scale's cotangent, when that is wanted
+  init_res = (init_scale, init if scale_perturbed else None)
+  return (_run(plan, lhs, weight, init, init_scale),
+          (weight, _LhsType(lhs.shape, lhs.dtype), init_type, init_res))
 
 
 def _contract_bwd(plan, res, ct):
-  """``lhs``'s cotangent, part by part: each part's ``piece`` transposed (it is linear)."""
-  weight, lhs_type = res
+  """``lhs``'s cotangent, part by part: each part's ``piece`` transposed (it is linear);
+  ``init``'s is ``init_scale·ct``, ``init_scale``'s ``Σ ct ⊙ init``."""
+  weight, lhs_type, init_type, (init_scale, init) = res
+  d_init = d_scale = None
+  if init_type is not None:
+    d_init = (ct if init_scale is None else init_scale * ct).astype(init_type.dtype)
+  if init is not None:
+    d_scale = jnp.sum(ct * init).astype(init_scale.dtype)
   p = plan.parts
 
   def part_vjp(start, size, ct_part):
@@ -387,11 +432,11 @@ def _contract_bwd(plan, res, ct):
     shape = list(lhs_type.shape)
     if plan.lhs_axis is not None and not p.whole:
       shape[plan.lhs_axis] = size
-    _, vjp = jax.vjp(lambda l: plan.piece(l, w), jnp.zeros(shape, lhs_type.dtype))
-    return vjp(ct_part)[0]
+    out, vjp = jax.vjp(lambda l: plan.piece(l, w), jnp.zeros(shape, lhs_type.dtype))
+    return vjp(ct_part.astype(out.dtype))[0]  # the part's own dtype (init may promote it)
 
   if p.whole:
-    return part_vjp(0, 0, ct), None
+    return part_vjp(0, 0, ct), None, d_init, d_scale
   starts = jnp.arange(p.count) * p.size
   tail = p.count * p.size
   if plan.out_axis is not None:  # parts wrote output slices: their lhs cotangents add up
@@ -403,7 +448,7 @@ def _contract_bwd(plan, res, ct):
     if p.rest:
       ct_tail = lax.slice_in_dim(ct, tail, ct.shape[plan.out_axis], axis=plan.out_axis)
       dl = dl + part_vjp(tail, p.rest, ct_tail).astype(jnp.float32)
-    return dl.astype(lhs_type.dtype), None
+    return dl.astype(lhs_type.dtype), None, d_init, d_scale
 
   def write(dl, start):  # parts took lhs slices: each writes its slice of the cotangent
     return lax.dynamic_update_slice_in_dim(dl, part_vjp(start, p.size, ct), start,
@@ -412,7 +457,7 @@ def _contract_bwd(plan, res, ct):
   dl, _ = lax.scan(write, jnp.zeros(lhs_type.shape, lhs_type.dtype), starts)
   if p.rest:
     dl = lax.dynamic_update_slice_in_dim(dl, part_vjp(tail, p.rest, ct), tail, plan.lhs_axis)
-  return dl, None
+  return dl, None, d_init, d_scale
 
 
 _contract = jax.custom_vjp(_contract_primal, nondiff_argnums=(0,))

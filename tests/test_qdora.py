@@ -330,6 +330,64 @@ def test_contraction_gradients_both_split_modes(fresh_key):
     assert rel_err(got, want) < 1e-5
 
 
+def test_contraction_onto_init(fresh_key):
+  """``contract(..., init, init_scale)`` is ``init_scale·init + einsum`` in both split
+  modes (a remainder part included), differentiated in lhs, init and init_scale."""
+  x, qk, *_ = _layer(fresh_key, "nf4", DENSE)
+  piece = lambda spec: lambda l, v: jnp.einsum(spec, l, v, preferred_element_type=jnp.float32)
+  for spec, lhs_shape, out_shape in (("btd,df->btf", (2, 3, 32), (2, 3, 24)),
+                                     ("btf,df->btd", (2, 3, 24), (2, 3, 32))):
+    lhs = jax.random.normal(fresh_key(), lhs_shape)
+    init = jax.random.normal(fresh_key(), out_shape)
+    cot = jax.random.normal(fresh_key(), out_shape)
+    s = jnp.float32(0.7)
+    onto = lambda l, i, s: jnp.sum(qk.contract(spec, l, piece(spec), i, s) * cot)
+    apart = lambda l, i, s: jnp.sum((s * i + qk.contract(spec, l, piece(spec))) * cot)
+    got = qk.contract(spec, lhs, piece(spec), init, s)
+    assert rel_err(got, s * init + qk.contract(spec, lhs, piece(spec))) < 1e-6
+    for got, want in zip(jax.grad(onto, argnums=(0, 1, 2))(lhs, init, s),
+                         jax.grad(apart, argnums=(0, 1, 2))(lhs, init, s)):
+      assert rel_err(got, want) < 1e-6
+    got = qk.contract(spec, lhs, piece(spec), init)
+    assert rel_err(got, init + qk.contract(spec, lhs, piece(spec))) < 1e-6
+  with pytest.raises(ValueError, match="output shape"):
+    qk.contract("btd,df->btf", x, piece("btd,df->btf"), jnp.zeros((2, 3, 23)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's buffer assignment")
+def test_training_step_temp_memory():
+  """The compiled bf16 QDoRA step (forward + backward of x and the adapters; CPU
+  compile, XLA's buffer assignment) within the buffers it must hold.
+
+  T=512 tokens, d_in=2048 > d_out=512, nf4 split into 8 parts. The backward's
+  dx = Σ_parts dpre·Ŵ_partᵀ is a float32 [T, d_in] sum over the parts: its
+  accumulator (4 MiB) and one part's float32 product (4 MiB; XLA:CPU adds it to the
+  accumulator out of place) must be live together; the [T, d_out]-sized
+  activations (pre in float32, dpre, the loss's terms) and the parts of Ŵ are
+  given two float32 [T, d_out] (2 MiB) here. The sum starts from the LoRA term
+  dx_lora itself (and pre = s·h·b with the base op's parts added in place): a
+  zeros accumulator beside dx_lora, and the base op's own [T, d_out] output, made
+  it 13.2 MiB."""
+  t, d_in, d_out, rank = 512, 2048, 512, 8
+  dtype = jnp.bfloat16
+  spec = jax.ShapeDtypeStruct
+  qk = jax.eval_shape(lambda w: quantize_kernel(w, "nf4", block_size=64, chunk_bytes=2**18),
+                      spec((d_in, d_out), dtype))
+  assert qk.parts().count == 8
+
+  def loss(a, b, m, x, cot, qk):
+    y = general.dora_einsum("td,df->tf", x, qk, a, b, m, SCALE)
+    return jnp.sum((y * cot).astype(jnp.float32))
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+  compiled = step.lower(spec((d_in, rank), dtype), spec((rank, d_out), dtype),
+                        spec((d_out,), dtype), spec((t, d_in), dtype), spec((t, d_out), dtype),
+                        qk).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  f32 = 4
+  assert temp <= 2 * t * d_in * f32 + 2 * t * d_out * f32, temp / 2**20
+
+
 def test_parts_bound_and_split():
   parts = quantized._parts
   p = parts((4096, 14336), (1,), 2, 32 * 2**20, 2)      # 112 MiB of bf16

@@ -36,6 +36,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import custom_vjp_primal_tree_values
 
 from dora_jax._checks import accumulation_dtype, check_float, check_scale, check_weights
 from dora_jax.kernels import dispatch
@@ -113,20 +114,69 @@ def _cross(lora_a: jax.Array, kernel: jax.Array, acc) -> jax.Array:
   bf16 kernel is split into ``a_hi + a_lo`` (two bf16 terms, ~16 mantissa bits)
   instead of upcasting the whole kernel to float32.
   """
-  contract = (((0,), (0,)), ((), ()))
   k_dtype, a_dtype = kernel.dtype, lora_a.dtype
   # rank 1 makes this a vector-matrix product, which XLA's GPU compiler may
   # rewrite as a multiply and reduce in the operands' dtype: upcast first
+  if k_dtype == jnp.bfloat16 and acc == jnp.float32 and (
+      (a_dtype == k_dtype and lora_a.shape[1] > 1) or a_dtype == jnp.float32):
+    return _cross_bf16(lora_a, kernel)
   if k_dtype in _HALF and a_dtype == k_dtype and lora_a.shape[1] > 1:
-    return lax.dot_general(lora_a, kernel, contract, preferred_element_type=acc)
+    return lax.dot_general(lora_a, kernel, _CONTRACT_ROWS, preferred_element_type=acc)
   if k_dtype == jnp.bfloat16 and a_dtype in (jnp.float32, jnp.float64):
-    a_split = _split_bf16(lora_a, 2, axis=1)  # [d_in, 2r]: one pass over W
-    u = lax.dot_general(a_split, kernel, contract, preferred_element_type=acc)
-    rank = lora_a.shape[1]
-    return u[:rank] + u[rank:]
+    return _cross_split(lora_a, kernel, acc)
   return lax.dot_general(
-      lora_a.astype(acc), kernel.astype(acc), contract,
+      lora_a.astype(acc), kernel.astype(acc), _CONTRACT_ROWS,
       precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+
+
+_CONTRACT_ROWS = (((0,), (0,)), ((), ()))
+
+
+def _cross_split(lora_a, kernel, acc):
+  """``aᵀW`` for a bf16 kernel and a float32/64 ``a``: ``a`` split into
+  ``a_hi + a_lo`` ``[d_in, 2r]``, one bf16 pass over ``W``."""
+  u = lax.dot_general(_split_bf16(lora_a, 2, axis=1), kernel, _CONTRACT_ROWS,
+                      preferred_element_type=acc)
+  rank = lora_a.shape[1]
+  return u[:rank] + u[rank:]
+
+
+@jax.custom_vjp
+def _cross_bf16(lora_a, kernel):
+  """``U = aᵀW`` float32 for a bf16 kernel (``a`` bf16 or float32), with a
+  transpose on tensor cores too. Differentiated as plain autodiff does it,
+  ``∂a = W·∂Uᵀ`` would multiply the float32 cotangent by ``W`` upcast to
+  float32: a float32 GEMM of ``r·d_in·d_out`` (the exact gradient's one extra
+  kernel product), several times slower on GPUs than bf16. Here ``∂U`` is
+  split into two bf16 terms (~16 mantissa bits, float32 accumulation) and the
+  product runs as one bf16 GEMM of ``2r`` columns."""
+  if lora_a.dtype == jnp.float32:
+    return _cross_split(lora_a, kernel, jnp.float32)
+  return lax.dot_general(lora_a, kernel, _CONTRACT_ROWS, preferred_element_type=jnp.float32)
+
+
+def _cross_bf16_fwd(lora_a, kernel):
+  wants_kernel = kernel.perturbed
+  lora_a, kernel = custom_vjp_primal_tree_values((lora_a, kernel))
+  return _cross_bf16(lora_a, kernel), (lora_a, kernel, wants_kernel)
+
+
+def _cross_bf16_bwd(res, du):
+  lora_a, kernel, wants_kernel = res
+  rank = lora_a.shape[1]
+  # ∂a = W·∂Uᵀ: [d_in, d_out] · [d_out, 2r] in bf16, the two halves summed in float32
+  da2 = lax.dot_general(kernel, _split_bf16(du.astype(jnp.float32), 2, axis=0),
+                        (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  da = (da2[:, :rank] + da2[:, rank:]).astype(lora_a.dtype)
+  dk = None
+  if wants_kernel:  # a frozen kernel's cotangent is not asked for in training
+    dk = lax.dot_general(lora_a.astype(jnp.float32), du.astype(jnp.float32),
+                         (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32).astype(kernel.dtype)
+  return da, dk
+
+
+_cross_bf16.defvjp(_cross_bf16_fwd, _cross_bf16_bwd, symbolic_zeros=True)
 
 
 def gram(lora_a: jax.Array) -> jax.Array:

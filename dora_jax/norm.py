@@ -182,10 +182,34 @@ _cross_bf16.defvjp(_cross_bf16_fwd, _cross_bf16_bwd, symbolic_zeros=True)
 def gram(lora_a: jax.Array) -> jax.Array:
   """``G = aᵀa [r, r]``, accumulated in float32 (float64 for float64 input)."""
   acc = accumulation_dtype(lora_a)
+  if lora_a.dtype == jnp.bfloat16 and lora_a.shape[1] > 1:
+    return _gram_bf16(lora_a)
   # rank 1 is a dot of vectors (see _cross): upcast so no product rounds to bf16
   a = lora_a if lora_a.dtype in _HALF and lora_a.shape[1] > 1 else lora_a.astype(acc)
-  return lax.dot_general(a, a, (((0,), (0,)), ((), ())),
-                         precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+  return lax.dot_general(a, a, _CONTRACT_ROWS, precision=lax.Precision.HIGHEST,
+                         preferred_element_type=acc)
+
+
+@jax.custom_vjp
+def _gram_bf16(lora_a):
+  """``aᵀa`` float32 for a bf16 ``a`` (``r > 1``), whose transpose
+  ``∂a = a·(∂G + ∂Gᵀ)`` runs as one bf16 product with ``∂G + ∂Gᵀ`` split in
+  two bf16 terms, not as a float32 one (autodiff's: ``a`` upcast)."""
+  return lax.dot_general(lora_a, lora_a, _CONTRACT_ROWS, preferred_element_type=jnp.float32)
+
+
+def _gram_bf16_fwd(lora_a):
+  return _gram_bf16(lora_a), lora_a
+
+
+def _gram_bf16_bwd(lora_a, dg):
+  rank = lora_a.shape[1]
+  sym = dg.astype(jnp.float32) + dg.astype(jnp.float32).T
+  da2 = jnp.dot(lora_a, _split_bf16(sym, 2, axis=1), preferred_element_type=jnp.float32)
+  return ((da2[:, :rank] + da2[:, rank:]).astype(lora_a.dtype),)
+
+
+_gram_bf16.defvjp(_gram_bf16_fwd, _gram_bf16_bwd)
 
 
 def _gram_times_b(g, lora_b, acc):
@@ -198,12 +222,42 @@ def _gram_times_b(g, lora_b, acc):
   Rank 1 (a vector product, see :func:`_cross`) runs in float32.
   """
   if lora_b.dtype == jnp.bfloat16 and acc == jnp.float32 and lora_b.shape[0] > 1:
-    # [G_hi | G_mid | G_lo] [r, 3r] · [b; b; b] [3r, d_out]: the three products
-    # summed in the one float32 accumulator, no [3r, d_out] intermediate
-    stacked_b = jnp.concatenate([lora_b] * 3, axis=0)
-    return jnp.dot(_split_bf16(g, 3, axis=1), stacked_b, preferred_element_type=acc)
+    return _gram_times_b_bf16(g.astype(jnp.float32), lora_b)
   return jnp.dot(g, lora_b.astype(acc), precision=lax.Precision.HIGHEST,
                  preferred_element_type=acc)
+
+
+@jax.custom_vjp
+def _gram_times_b_bf16(g, lora_b):
+  """``G·b`` float32 for a bf16 ``b``: ``[G_hi | G_mid | G_lo] [r, 3r] · [b; b; b]
+  [3r, d_out]``, the three products summed in the one float32 accumulator (no
+  ``[3r, d_out]`` intermediate). Its transpose runs on bf16 products too:
+  ``∂G = ∂Y·bᵀ`` with ``∂Y`` split in two, ``∂b = Gᵀ·∂Y`` as the five largest
+  of the six products of ``G``'s three terms and ``∂Y``'s two (the sixth is
+  below 2⁻³² relative); autodiff's are float32 GEMMs (``b`` upcast)."""
+  stacked_b = jnp.concatenate([lora_b] * 3, axis=0)
+  return jnp.dot(_split_bf16(g, 3, axis=1), stacked_b, preferred_element_type=jnp.float32)
+
+
+def _gram_times_b_bf16_fwd(g, lora_b):
+  return _gram_times_b_bf16(g, lora_b), (g, lora_b)
+
+
+def _gram_times_b_bf16_bwd(res, dy):
+  g, lora_b = res
+  rank = g.shape[0]
+  dy2 = _split_bf16(dy.astype(jnp.float32), 2, axis=0)  # [dY_hi; dY_lo]  [2r, d_out]
+  dg2 = lax.dot_general(dy2, lora_b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  dg = dg2[:rank] + dg2[rank:]
+  g1, g2, g3 = jnp.split(_split_bf16(g.T, 3, axis=1), 3, axis=1)  # Gᵀ's terms, [r, r] each
+  lhs = jnp.concatenate([g1, g2, g3, g1, g2], axis=1)           # [r, 5r]
+  hi, lo = dy2[:rank], dy2[rank:]
+  rhs = jnp.concatenate([hi, hi, hi, lo, lo], axis=0)            # [5r, d_out]
+  db = jnp.dot(lhs, rhs, preferred_element_type=jnp.float32)
+  return dg.astype(g.dtype), db.astype(lora_b.dtype)
+
+
+_gram_times_b_bf16.defvjp(_gram_times_b_bf16_fwd, _gram_times_b_bf16_bwd)
 
 
 def _norm_terms(kernel, lora_a, lora_b, g, base_sq, acc):

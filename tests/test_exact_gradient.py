@@ -121,6 +121,33 @@ def test_kernel_products_stay_in_bf16(adapter_dtype):
   mixed = [[v.aval.dtype.name for v in eqn.invars] for eqn in reads
            if any(v.aval.dtype != jnp.bfloat16 for v in eqn.invars)]
   assert not mixed, mixed
+  if adapter_dtype == jnp.bfloat16:  # the norm's small products (G = aᵀa, G·b) too
+    mixed = [[(v.aval.dtype.name, v.aval.shape) for v in eqn.invars]
+             for eqn in dot_equations(jaxpr) if any(v.aval.dtype != jnp.bfloat16
+                                                   for v in eqn.invars)]
+    assert not mixed, mixed
+
+
+def test_small_products_transpose_to_float32_accuracy(fresh_key):
+  """The bf16 transposes of the norm's ``G·b`` and ``aᵀa`` (split cotangents)
+  against float64: float32 outputs within 1e-5, bf16 ones within their own rounding."""
+  from dora_jax import norm as norm_lib
+  r, n, d_in = 12, 40, 64
+  k = jax.random.split(fresh_key(), 4)
+  a = jax.random.normal(k[0], (d_in, r)).astype(jnp.bfloat16)
+  b = jax.random.normal(k[1], (r, n)).astype(jnp.bfloat16)
+  g = norm_lib.gram(a)
+  dy = jax.random.normal(k[2], (r, n))
+  dgram = jax.random.normal(k[3], (r, r))
+  _, vjp = jax.vjp(norm_lib._gram_times_b_bf16, g, b)
+  dg, db = vjp(dy)
+  _, vjp_gram = jax.vjp(norm_lib.gram, a)
+  (da,) = vjp_gram(dgram)
+  g64, b64, a64, dy64, dgram64 = (f64(v) for v in (g, b, a, dy, dgram))
+  assert rel_err(dg, dy64 @ b64.T) < 1e-5
+  assert rel_err(db, g64.T @ dy64) < 2 ** -8  # bf16 output
+  assert rel_err(da, a64 @ (dgram64 + dgram64.T)) < 2 ** -8
+  assert rel_err(norm_lib._gram_times_b_bf16(g, b), g64 @ b64) < 1e-6
 
 
 def test_bf16_kernel_norm_gradient_accuracy(fresh_key):

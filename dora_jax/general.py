@@ -413,8 +413,33 @@ def _init_magnitude(kernel, layout):
   return jnp.sqrt(weight_sq_norm(kernel, layout))
 
 
+def _sorted_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                        preferred_element_type=None, **kwargs):
+  """``lax.dot_general`` with several contracted axes paired in ascending order of
+  the larger operand's axes.
+
+  ``jnp.einsum`` lists them in reverse (``btnh,anh->bta`` contracts
+  ``((3, 2), (2, 1))``), and a compiler that does not sort them back (XLA:CPU)
+  first copies the operand into that order: a transpose of ``dy``-, ``x``- or
+  kernel-sized arrays on every call. Only the summation order changes.
+  """
+  (lc, rc), batch = dimension_numbers
+  if len(lc) > 1:
+    key = lc if math.prod(np.shape(lhs)) >= math.prod(np.shape(rhs)) else rc
+    order = sorted(range(len(lc)), key=lambda i: key[i])
+    lc, rc = tuple(lc[i] for i in order), tuple(rc[i] for i in order)
+  return lax.dot_general(lhs, rhs, ((lc, rc), batch), precision,
+                         preferred_element_type=preferred_element_type, **kwargs)
+
+
+def _einsum(spec: str, lhs, rhs, **kwargs):
+  """``jnp.einsum`` whose contractions take the larger operand's axes in stored order."""
+  return jnp.einsum(spec, lhs, rhs, _dot_general=_sorted_dot_general, **kwargs)
+
+
 def _contract(spec: str, lhs, rhs, acc, precision=None):
-  """``jnp.einsum(spec, lhs, rhs)`` accumulated in ``acc``.
+  """``jnp.einsum(spec, lhs, rhs)`` accumulated in ``acc`` (contracted axes in the
+  larger operand's stored order: :func:`_sorted_dot_general`).
 
   On the CPU, half-precision operands are upcast first: XLA:CPU has no
   bf16 x bf16 -> f32 dot for every operand layout, and the products of two
@@ -422,7 +447,7 @@ def _contract(spec: str, lhs, rhs, acc, precision=None):
   """
   if jax.default_backend() == "cpu":
     lhs, rhs = (v.astype(acc) if v.dtype in _HALF else v for v in (lhs, rhs))
-  return jnp.einsum(spec, lhs, rhs, precision=precision, preferred_element_type=acc)
+  return _einsum(spec, lhs, rhs, precision=precision, preferred_element_type=acc)
 
 
 def _cross(lora_a, kernel, labels: _Labels, acc) -> jax.Array:
@@ -437,8 +462,8 @@ def _cross(lora_a, kernel, labels: _Labels, acc) -> jax.Array:
     r_axis = len(labels.b)
     return (lax.slice_in_dim(u, 0, rank, axis=r_axis)
             + lax.slice_in_dim(u, rank, 2 * rank, axis=r_axis))
-  return jnp.einsum(spec, lora_a.astype(acc), kernel.astype(acc), precision=_HIGHEST,
-                    preferred_element_type=acc)
+  return _einsum(spec, lora_a.astype(acc), kernel.astype(acc), precision=_HIGHEST,
+                 preferred_element_type=acc)
 
 
 def _terms(base_sq, u, lora_a, lora_b, layout: WeightLayout, acc) -> jax.Array:

@@ -185,6 +185,43 @@ def test_frozen_kernel_cotangent_skipped_and_no_dense_matmul():
   assert _kernel_sized_dots(step((0, 2, 3, 4), naive), w.shape) != []
 
 
+def _unsorted_contractions(closed, base_operands):
+  """Dots (recursively) contracting several axes of their larger operand out of its
+  stored order (``jnp.einsum`` lists them reversed), the base op's own excepted."""
+  found = []
+  for eqn in dot_equations(closed):
+    shapes = tuple(tuple(v.aval.shape) for v in eqn.invars)
+    if shapes == base_operands:
+      continue  # the model's contraction, computed exactly as the model does
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    axes = lc if math.prod(shapes[0]) >= math.prod(shapes[1]) else rc
+    if list(axes) != sorted(axes):
+      found.append((shapes, eqn.params["dimension_numbers"]))
+  return found
+
+
+@pytest.mark.parametrize("spec,x_shape,k_shape", [
+    ("BTD,NDH->BTNH", (2, 64, 96), (8, 96, 16)),  # t = dpre·bᵀ contracts (N, H) of dy
+    ("btnh,nhd->btd", (2, 64, 8, 16), (8, 16, 96)),  # x·a and aᵀW contract (N, H)
+])
+def test_adapter_contractions_take_axes_in_stored_order(spec, x_shape, k_shape):
+  """The native step's own contractions over several axes take the larger operand's
+  axes in stored order: XLA:CPU would otherwise copy ``dy``, ``x`` or the kernel
+  into einsum's reversed order on every call (a [T, d_out]-, [T, d_in]- or
+  kernel-sized transpose; XLA:GPU sorts them itself)."""
+  sd = jax.ShapeDtypeStruct
+  layout = general.einsum_layout(spec, x_shape, k_shape)
+  x, w = sd(x_shape, jnp.bfloat16), sd(k_shape, jnp.bfloat16)
+  a, b, m = (sd(s, jnp.bfloat16) for s in layout.adapter_shapes(16))
+  cot = jax.eval_shape(lambda x, w: jnp.einsum(spec, x, w), x, w)
+  for detach in (True, False):
+    loss = lambda x, a, b, m, cot: jnp.sum(general.dora_einsum(
+        spec, x, jnp.zeros(k_shape, jnp.bfloat16), a, b, m, 2.0,
+        detach_norm=detach).astype(jnp.float32) * cot)
+    closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, a, b, m, cot)
+    assert _unsorted_contractions(closed, (x_shape, k_shape)) == [], (spec, detach)
+
+
 def test_dense_like_layout_routes_to_dora_dense():
   """A plain x·W keeps dora_dense's fused kernels: with backend='pallas' the
   traced op holds the Pallas call, for one and for two contracted axes."""

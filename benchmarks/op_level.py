@@ -42,8 +42,10 @@ HEAD = 128
 
 
 def _grads(fn):
-  def loss(x, p, cot):
-    return jnp.sum((fn(x, p) * cot).astype(jnp.float32))
+  # the frozen weights are arguments, as in a model (closed over, they would be
+  # compile-time constants XLA may transform ahead of time)
+  def loss(x, p, frozen, cot):
+    return jnp.sum((fn(x, p, frozen) * cot).astype(jnp.float32))
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
@@ -65,24 +67,27 @@ def run(d_in, d_out, rank, tokens, dtype, timing):
   cots = [jax.random.normal(jax.random.fold_in(k[4], i), (1, tokens, d_out)).astype(dtype)
           for i in range(3)]
   cots3 = [c.reshape(1, tokens, heads, HEAD) for c in cots]
+  dense_frozen, native_frozen = dict(w=w2, sq=sq2), dict(w=w3, sq=sq3)
   impls = {
-      "dense": (lambda x, p: dora_jax.dora_dense(x, w2, p["a"], p["b"], p["m"], 2.0,
-                                                 base_sq_norm=sq2), dict(a=a, b=b, m=m), cots),
-      "dense_exact": (lambda x, p: dora_jax.dora_dense(x, w2, p["a"], p["b"], p["m"], 2.0,
-                                                       base_sq_norm=sq2, detach_norm=False),
-                      dict(a=a, b=b, m=m), cots),
-      "native": (lambda x, p: general.dora_einsum("btd,ndh->btnh", x, w3, p["a"], p["b"], p["m"],
-                                                  2.0, base_sq_norm=sq3),
-                 dict(a=a, b=b3, m=m3), cots3),
-      "native_exact": (lambda x, p: general.dora_einsum(
-          "btd,ndh->btnh", x, w3, p["a"], p["b"], p["m"], 2.0, base_sq_norm=sq3,
-          detach_norm=False), dict(a=a, b=b3, m=m3), cots3),
-      "lora": (lambda x, p: x @ w2 + 2.0 * ((x @ p["a"]) @ p["b"]), dict(a=a, b=b), cots),
+      "dense": (lambda x, p, f: dora_jax.dora_dense(x, f["w"], p["a"], p["b"], p["m"], 2.0,
+                                                    base_sq_norm=f["sq"]),
+                dict(a=a, b=b, m=m), dense_frozen, cots),
+      "dense_exact": (lambda x, p, f: dora_jax.dora_dense(x, f["w"], p["a"], p["b"], p["m"], 2.0,
+                                                          base_sq_norm=f["sq"], detach_norm=False),
+                      dict(a=a, b=b, m=m), dense_frozen, cots),
+      "native": (lambda x, p, f: general.dora_einsum("btd,ndh->btnh", x, f["w"], p["a"], p["b"],
+                                                     p["m"], 2.0, base_sq_norm=f["sq"]),
+                 dict(a=a, b=b3, m=m3), native_frozen, cots3),
+      "native_exact": (lambda x, p, f: general.dora_einsum(
+          "btd,ndh->btnh", x, f["w"], p["a"], p["b"], p["m"], 2.0, base_sq_norm=f["sq"],
+          detach_norm=False), dict(a=a, b=b3, m=m3), native_frozen, cots3),
+      "lora": (lambda x, p, f: x @ f["w"] + 2.0 * ((x @ p["a"]) @ p["b"]), dict(a=a, b=b),
+               dense_frozen, cots),
   }
   rows = []
-  for name, (fn, params, cs) in impls.items():
+  for name, (fn, params, frozen, cs) in impls.items():
     step = _grads(fn)
-    ms = harness.time_jitted(step, [(x, params, c) for x, c in zip(xs, cs)], **timing)
+    ms = harness.time_jitted(step, [(x, params, frozen, c) for x, c in zip(xs, cs)], **timing)
     rows.append(dict(d_in=d_in, d_out=d_out, rank=rank, tokens=tokens, impl=name, ms=ms))
   return rows
 

@@ -454,16 +454,62 @@ def _cross(lora_a, kernel, labels: _Labels, acc) -> jax.Array:
   """``U = aᵀW [*B, r, *O]`` in ``acc`` (the routes of :func:`dora_jax.norm` in native layout)."""
   spec = f"{labels.a},{labels.k}->{labels.lb}"
   rank = lora_a.shape[-1]
+  if kernel.dtype == jnp.bfloat16 and acc == jnp.float32 and (
+      (lora_a.dtype == kernel.dtype and rank > 1) or lora_a.dtype == jnp.float32):
+    return _cross_bf16(labels.a, labels.k, labels.lb, len(labels.b))(lora_a, kernel)
   if kernel.dtype in _HALF and lora_a.dtype == kernel.dtype and rank > 1:
     return _contract(spec, lora_a, kernel, acc)
   if kernel.dtype == jnp.bfloat16 and lora_a.dtype in (jnp.float32, jnp.float64):
-    # a_hi + a_lo as bf16 terms side by side on the rank axis: one pass over W
-    u = _contract(spec, _split_bf16(lora_a, 2, axis=-1), kernel, acc)
-    r_axis = len(labels.b)
-    return (lax.slice_in_dim(u, 0, rank, axis=r_axis)
-            + lax.slice_in_dim(u, rank, 2 * rank, axis=r_axis))
+    return _cross_split(spec, len(labels.b), lora_a, kernel, acc)
   return _einsum(spec, lora_a.astype(acc), kernel.astype(acc), precision=_HIGHEST,
                  preferred_element_type=acc)
+
+
+def _halves_summed(value, rank: int, axis: int):
+  return (lax.slice_in_dim(value, 0, rank, axis=axis)
+          + lax.slice_in_dim(value, rank, 2 * rank, axis=axis))
+
+
+def _cross_split(spec: str, r_axis: int, lora_a, kernel, acc):
+  """``aᵀW`` for a bf16 kernel and a float32/64 ``a``: ``a_hi + a_lo`` as bf16
+  terms side by side on the rank axis, one pass over ``W``."""
+  u = _contract(spec, _split_bf16(lora_a, 2, axis=-1), kernel, acc)
+  return _halves_summed(u, lora_a.shape[-1], r_axis)
+
+
+@functools.cache
+def _cross_bf16(a: str, k: str, lb: str, r_axis: int):
+  """``U = aᵀW`` (float32) for a bf16 kernel, ``a`` bf16 or float32, with a bf16
+  transpose: ``∂a`` contracts ``∂U``, split in two bf16 terms on the rank axis,
+  with ``W`` in one bf16 product (as :func:`dora_jax.norm._cross_bf16` does for
+  ``[d_in, d_out]``; autodiff's is a float32 product over ``W`` upcast, and it
+  rounds a float32 ``a``'s cotangent through the bf16 split)."""
+  spec = f"{a},{k}->{lb}"
+
+  @jax.custom_vjp
+  def cross(lora_a, kernel):
+    if lora_a.dtype == jnp.float32:
+      return _cross_split(spec, r_axis, lora_a, kernel, jnp.float32)
+    return _contract(spec, lora_a, kernel, jnp.float32)
+
+  def fwd(lora_a, kernel):
+    wants_kernel = kernel.perturbed
+    lora_a, kernel = custom_vjp_primal_tree_values((lora_a, kernel))
+    return cross(lora_a, kernel), (lora_a, kernel, wants_kernel)
+
+  def bwd(res, du):
+    lora_a, kernel, wants_kernel = res
+    du = du.astype(jnp.float32)
+    da2 = _contract(f"{lb},{k}->{a}", _split_bf16(du, 2, axis=r_axis), kernel, jnp.float32)
+    da = _halves_summed(da2, lora_a.shape[-1], lora_a.ndim - 1).astype(lora_a.dtype)
+    dk = None
+    if wants_kernel:  # a frozen kernel's cotangent is not asked for in training
+      dk = _einsum(f"{a},{lb}->{k}", lora_a.astype(jnp.float32), du, precision=_HIGHEST,
+                   preferred_element_type=jnp.float32).astype(kernel.dtype)
+    return da, dk
+
+  cross.defvjp(fwd, bwd, symbolic_zeros=True)
+  return cross
 
 
 def _terms(base_sq, u, lora_a, lora_b, layout: WeightLayout, acc) -> jax.Array:

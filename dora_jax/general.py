@@ -54,7 +54,7 @@ from jax.custom_derivatives import custom_vjp_primal_tree_values
 from dora_jax._checks import accumulation_dtype, check_float, check_scale
 from dora_jax.backend import KernelOptions
 from dora_jax.dense import _resolve, dora_dense
-from dora_jax.norm import (NORM_EPS, _combine as _combine_terms, _gram_times_b,
+from dora_jax.norm import (NORM_EPS, _combine as _combine_terms, _gram_times_b, bf16_cross,
                            _low_rank_columns, _overflow_limit, _split_bf16, gram,
                            refine_cancelled)
 
@@ -486,30 +486,20 @@ def _cross_bf16(a: str, k: str, lb: str, r_axis: int):
   rounds a float32 ``a``'s cotangent through the bf16 split)."""
   spec = f"{a},{k}->{lb}"
 
-  @jax.custom_vjp
-  def cross(lora_a, kernel):
+  def forward(lora_a, kernel):
     if lora_a.dtype == jnp.float32:
       return _cross_split(spec, r_axis, lora_a, kernel, jnp.float32)
     return _contract(spec, lora_a, kernel, jnp.float32)
 
-  def fwd(lora_a, kernel):
-    wants_kernel = kernel.perturbed
-    lora_a, kernel = custom_vjp_primal_tree_values((lora_a, kernel))
-    return cross(lora_a, kernel), (lora_a, kernel, wants_kernel)
-
-  def bwd(res, du):
-    lora_a, kernel, wants_kernel = res
-    du = du.astype(jnp.float32)
+  def da_of(kernel, du):
     da2 = _contract(f"{lb},{k}->{a}", _split_bf16(du, 2, axis=r_axis), kernel, jnp.float32)
-    da = _halves_summed(da2, lora_a.shape[-1], lora_a.ndim - 1).astype(lora_a.dtype)
-    dk = None
-    if wants_kernel:  # a frozen kernel's cotangent is not asked for in training
-      dk = _einsum(f"{a},{lb}->{k}", lora_a.astype(jnp.float32), du, precision=_HIGHEST,
-                   preferred_element_type=jnp.float32).astype(kernel.dtype)
-    return da, dk
+    return _halves_summed(da2, du.shape[r_axis], da2.ndim - 1)
 
-  cross.defvjp(fwd, bwd, symbolic_zeros=True)
-  return cross
+  def dk_of(lora_a, du):
+    return _einsum(f"{a},{lb}->{k}", lora_a.astype(jnp.float32), du, precision=_HIGHEST,
+                   preferred_element_type=jnp.float32)
+
+  return bf16_cross(forward, da_of, dk_of)
 
 
 def _terms(base_sq, u, lora_a, lora_b, layout: WeightLayout, acc) -> jax.Array:

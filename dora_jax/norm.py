@@ -141,42 +141,56 @@ def _cross_split(lora_a, kernel, acc):
   return u[:rank] + u[rank:]
 
 
-@jax.custom_vjp
-def _cross_bf16(lora_a, kernel):
-  """``U = aᵀW`` float32 for a bf16 kernel (``a`` bf16 or float32), with a
-  transpose on tensor cores too. Differentiated as plain autodiff does it,
-  ``∂a = W·∂Uᵀ`` would multiply the float32 cotangent by ``W`` upcast to
-  float32: a float32 GEMM of ``r·d_in·d_out`` (the exact gradient's one extra
-  kernel product), several times slower on GPUs than bf16. Here ``∂U`` is
-  split into two bf16 terms (~16 mantissa bits, float32 accumulation) and the
-  product runs as one bf16 GEMM of ``2r`` columns."""
+def bf16_cross(forward: Callable, da_of: Callable, dk_of: Callable) -> Callable:
+  """``U = forward(a, W)`` with its transpose given: ``∂a = da_of(W, ∂U)`` and,
+  only when the kernel is differentiated, ``∂W = dk_of(a, ∂U)`` (``∂U``
+  float32; results cast to the operands' dtypes). For the bf16 routes of
+  ``aᵀW``: there ``da_of`` splits ``∂U`` into bf16 terms, where autodiff would
+  multiply it by ``W`` upcast to float32 (a float32 GEMM of ``r·d_in·d_out``)
+  and, for a float32 ``a``, round its cotangent through the bf16 split."""
+
+  @jax.custom_vjp
+  def cross(lora_a, kernel):
+    return forward(lora_a, kernel)
+
+  def fwd(lora_a, kernel):
+    wants_kernel = kernel.perturbed
+    lora_a, kernel = custom_vjp_primal_tree_values((lora_a, kernel))
+    return forward(lora_a, kernel), (lora_a, kernel, wants_kernel)
+
+  def bwd(res, du):
+    lora_a, kernel, wants_kernel = res
+    du = du.astype(jnp.float32)
+    # a frozen kernel's cotangent is not asked for in training
+    dk = dk_of(lora_a, du).astype(kernel.dtype) if wants_kernel else None
+    return da_of(kernel, du).astype(lora_a.dtype), dk
+
+  cross.defvjp(fwd, bwd, symbolic_zeros=True)
+  return cross
+
+
+def _cross_bf16_forward(lora_a, kernel):
   if lora_a.dtype == jnp.float32:
     return _cross_split(lora_a, kernel, jnp.float32)
   return lax.dot_general(lora_a, kernel, _CONTRACT_ROWS, preferred_element_type=jnp.float32)
 
 
-def _cross_bf16_fwd(lora_a, kernel):
-  wants_kernel = kernel.perturbed
-  lora_a, kernel = custom_vjp_primal_tree_values((lora_a, kernel))
-  return _cross_bf16(lora_a, kernel), (lora_a, kernel, wants_kernel)
-
-
-def _cross_bf16_bwd(res, du):
-  lora_a, kernel, wants_kernel = res
-  rank = lora_a.shape[1]
+def _cross_bf16_da(kernel, du):
   # ∂a = W·∂Uᵀ: [d_in, d_out] · [d_out, 2r] in bf16, the two halves summed in float32
-  da2 = lax.dot_general(kernel, _split_bf16(du.astype(jnp.float32), 2, axis=0),
-                        (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  da = (da2[:, :rank] + da2[:, rank:]).astype(lora_a.dtype)
-  dk = None
-  if wants_kernel:  # a frozen kernel's cotangent is not asked for in training
-    dk = lax.dot_general(lora_a.astype(jnp.float32), du.astype(jnp.float32),
-                         (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32).astype(kernel.dtype)
-  return da, dk
+  rank = du.shape[0]
+  da2 = lax.dot_general(kernel, _split_bf16(du, 2, axis=0), (((1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+  return da2[:, :rank] + da2[:, rank:]
 
 
-_cross_bf16.defvjp(_cross_bf16_fwd, _cross_bf16_bwd, symbolic_zeros=True)
+def _cross_bf16_dk(lora_a, du):
+  return lax.dot_general(lora_a.astype(jnp.float32), du, (((1,), (0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+#: ``U = aᵀW`` (float32) for a bf16 kernel, ``a`` bf16 or float32, its transpose
+#: one bf16 GEMM of ``2r`` columns (``∂U`` split in two bf16 terms, ~16 bits).
+_cross_bf16 = bf16_cross(_cross_bf16_forward, _cross_bf16_da, _cross_bf16_dk)
 
 
 def gram(lora_a: jax.Array) -> jax.Array:

@@ -149,9 +149,10 @@ def _flat_out_spec(out_axes: tuple[AxisEntry, ...]) -> PartitionSpec:
 
 
 def kernel_partition_spec(layer: DoRALayer) -> tuple[AxisEntry, ...]:
-  """The kernel's spec entries: its ``out_sharding`` metadata (possibly logical
-  names), else the spec of its current ``NamedSharding``, else replicated."""
-  ndim = len(layer.in_shape) + len(layer.out_shape)
+  """The kernel's spec entries, one per axis as stored: its ``out_sharding``
+  metadata (possibly logical names), else the spec of its current
+  ``NamedSharding``, else replicated."""
+  ndim = len(layer.kernel.get_value().shape)
   meta = layer.kernel.get_metadata()
   spec = meta.get("out_sharding")
   if not spec:
@@ -160,13 +161,41 @@ def kernel_partition_spec(layer: DoRALayer) -> tuple[AxisEntry, ...]:
   return _entries(spec, ndim)
 
 
+def _operand_entries(entries: tuple[AxisEntry, ...], chain) -> tuple[AxisEntry, ...] | None:
+  """The stored kernel's entries carried to the op's kernel operand through the
+  ops between them (an op-level site's ``chain``): dtype casts keep them, a
+  transpose permutes them; a reshape mixes axes (``None``: not derivable)."""
+  for kind, arg in chain:
+    if kind == "transpose":
+      entries = tuple(entries[i] for i in arg)
+    elif kind == "reshape":
+      return None
+  return entries
+
+
 def layer_partition_specs(layer: DoRALayer) -> dict[str, PartitionSpec]:
-  """:func:`adapter_partition_specs` for one DoRA layer, plus its norm cache Variables
-  (and its cached kernel column norms, when stored)."""
-  entries = kernel_partition_spec(layer)
-  in_ndim = len(layer.in_shape)
-  specs = adapter_partition_specs(entries, in_ndim=in_ndim, out_ndim=len(layer.out_shape))
-  specs["norm_cache"] = _flat_out_spec(entries[in_ndim:])
+  """The spec of each adapter Variable of one adapted weight, plus its norm cache
+  (and its cached kernel column norms, when stored), in any kernel layout.
+
+  With the layout's kernel axes split into batch ``B``, contracted ``C`` and
+  output ``O`` axes (in kernel order), ``lora_a [*B, *C, r]`` takes
+  ``P(*B, *C, None)``, ``lora_b [*B, r, *O]`` ``P(*B, None, *O)``, ``magnitude
+  [*B, *O]`` ``P(*B, *O)`` and the norms ``[*B, d_out]`` ``P(*B, o)`` (``o``:
+  the leading output axis's entry when it alone is sharded, else ``None``). A
+  weight reshaped between its storage and its op gets replicated adapters.
+  """
+  layout = layer.layout
+  chain = getattr(getattr(layer, "spec", None), "chain", ())
+  entries = _operand_entries(kernel_partition_spec(layer), chain)
+  if entries is None or len(entries) != len(layout.shape):
+    entries = (None,) * len(layout.shape)
+  pick = lambda axes: tuple(entries[i] for i in axes)
+  batch, inputs, outputs = pick(layout.batch), pick(layout.contracted), pick(layout.output)
+  flat = _flat_out_spec(outputs)
+  specs = {"lora_a": PartitionSpec(*batch, *inputs, None),
+           "lora_b": PartitionSpec(*batch, None, *outputs),
+           "magnitude": PartitionSpec(*batch, *outputs),
+           "norm_cache": PartitionSpec(*batch, *flat)}
   specs["norm_stamp"] = PartitionSpec(None)
   if getattr(layer, "base_sq_norm", None) is not None:  # see surgery.cache_base_norms
     specs["base_sq_norm"] = specs["norm_cache"]

@@ -156,3 +156,66 @@ GROUPS = [
 
 eight_device_run, test_on_eight_devices, test_eight_device_run_is_clean = eight_device_tests(
     "sharded_checks.py", GROUPS)
+
+
+class _OwnWeight(nnx.Module):
+  """A module whose own weight (sharding metadata given) enters ``fn(x, w)``."""
+
+  def __init__(self, fn, value, sharding):
+    self.fn = fn
+    self.w = nnx.Param(value, out_sharding=sharding)
+
+  def __call__(self, x):
+    return self.fn(x, self.w[...])
+
+
+class _Heads(nnx.Module):
+  """Native layouts: an ``nnx.Einsum`` kernel ``[N, D, H]`` (heads split), a
+  batched op-level weight ``[N, H, J]`` and a weight stored ``[out, in]``."""
+
+  def __init__(self, rngs):
+    init = nnx.initializers.lecun_normal()
+    self.q = nnx.Einsum("btd,ndh->btnh", (4, 16, 8),
+                        kernel_init=nnx.with_partitioning(init, ("tp", None, None)), rngs=rngs)
+    self.batched = _OwnWeight(lambda q, w: jnp.einsum("btnh,nhj->btnj", q, w),
+                              jax.random.normal(rngs.params(), (4, 8, 6)), ("tp", None, "fsdp"))
+    self.rows = _OwnWeight(lambda x, w: jnp.einsum("btd,fd->btf", x, w),
+                           jax.random.normal(rngs.params(), (12, 16)),
+                           ("tp", None))
+
+    self.rows_t = _OwnWeight(lambda x, w: jnp.einsum("btd,df->btf", x, w.T),
+                             jax.random.normal(rngs.params(), (12, 16)), ("tp", None))
+    self.reshaped = _OwnWeight(lambda x, w: jnp.einsum("btd,df->btf", x, w.reshape(16, 12)),
+                               jax.random.normal(rngs.params(), (4, 4, 12)), ("fsdp", None, "tp"))
+
+  def __call__(self, x):
+    return self.batched(self.q(x)), self.rows(x), self.rows_t(x), self.reshaped(x)
+
+
+def test_native_layout_adapter_specs():
+  mesh = dsh.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    model = _Heads(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  dora_jax.apply_dora(model, targets="q|batched|rows|rows_t|reshaped", rank=2, alpha=4.0, rngs=nnx.Rngs(2),
+                      example_inputs=(x,))
+  found = dsh.annotate_adapters(model, mesh)
+  q, batched, rows = found["q"], found["batched"], found["rows"]
+  # "btd,ndh->btnh": C = (d,), O = (n, h)
+  assert (q["lora_a"], q["lora_b"], q["magnitude"], q["norm_cache"]) == (
+      P(None, None), P(None, "tp", None), P("tp", None), P("tp"))
+  # "btnh,nhj->btnj": B = (n,), C = (h,), O = (j,)
+  assert (batched["lora_a"], batched["lora_b"], batched["magnitude"], batched["norm_cache"]) == (
+      P("tp", None, None), P("tp", None, "fsdp"), P("tp", "fsdp"), P("tp", "fsdp"))
+  # "btd,fd->btf": stored [out, in] ("tp", None), C = (d,), O = (f,)
+  assert (rows["lora_a"], rows["lora_b"], rows["magnitude"]) == (
+      P(None, None), P(None, "tp"), P("tp"))
+  # stored [out, in], transposed on its way into the op: the operand's [in, out] entries
+  assert (found["rows_t"]["lora_b"], found["rows_t"]["magnitude"]) == (P(None, "tp"), P("tp"))
+  # reshaped on its way: axes mixed, the adapters replicated
+  assert (found["reshaped"]["lora_a"], found["reshaped"]["lora_b"]) == (P(None, None),
+                                                                        P(None, None))
+  before = model(x)
+  dsh.shard_model(model, mesh)
+  for got, want in zip(model(x), before):
+    assert jnp.array_equal(got, want)

@@ -28,6 +28,8 @@ qwix = require("qwix")
 
 pytestmark = pytest.mark.xdist_group("maxtext")
 import dora_jax.qwix  # noqa: E402
+from dora_jax import sharding as dsh  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from helpers.adapter_helpers import np_rng  # noqa: E402
 from helpers.reach_helpers import (assert_base_unchanged, assert_exact, base_state, f64,  # noqa: E402
@@ -134,6 +136,15 @@ def test_apply_dora(base):
   paths = dora_jax.surgery.adapted_paths(model)
   assert paths == sorted(mt.projections(model0)), paths
   sites = dict(dora_jax.surgery.dora_layers(model))
+  # the adapters' specs follow MaxText's logical kernel axes by role (on a copy:
+  # logical names need MaxText's rules to be placed)
+  found = dsh.annotate_adapters(nnx.clone(model), mesh)
+  for path, site in sites.items():
+    names = site.kernel.get_metadata()["out_sharding"]  # MaxText's logical axis names
+    pick = lambda axes: tuple(names[i] for i in axes)
+    assert found[path]["lora_a"] == P(*pick(site.layout.contracted), None), path
+    assert found[path]["lora_b"] == P(None, *pick(site.layout.output)), path
+    assert found[path]["magnitude"] == P(*pick(site.layout.output)), path
   _check(model, model0, mesh, inputs, labels, base_logits, sites, dora_jax.merge)
 
 

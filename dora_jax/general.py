@@ -54,9 +54,9 @@ from jax.custom_derivatives import custom_vjp_primal_tree_values
 from dora_jax._checks import accumulation_dtype, check_float, check_scale
 from dora_jax.backend import KernelOptions
 from dora_jax.dense import _resolve, dora_dense
-from dora_jax.norm import (NORM_EPS, _combine as _combine_terms, _gram_times_b, bf16_cross,
-                           _low_rank_columns, _overflow_limit, _split_bf16, gram,
-                           refine_cancelled)
+from dora_jax.norm import (NORM_EPS, _bf16_cross, _combine as _combine_terms, _gram_times_b,
+                           _halves_summed, _low_rank_columns, _overflow_limit, _split_bf16,
+                           gram, refine_cancelled)
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HIGHEST = lax.Precision.HIGHEST
@@ -465,11 +465,6 @@ def _cross(lora_a, kernel, labels: _Labels, acc) -> jax.Array:
                  preferred_element_type=acc)
 
 
-def _halves_summed(value, rank: int, axis: int):
-  return (lax.slice_in_dim(value, 0, rank, axis=axis)
-          + lax.slice_in_dim(value, rank, 2 * rank, axis=axis))
-
-
 def _cross_split(spec: str, r_axis: int, lora_a, kernel, acc):
   """``aᵀW`` for a bf16 kernel and a float32/64 ``a``: ``a_hi + a_lo`` as bf16
   terms side by side on the rank axis, one pass over ``W``."""
@@ -499,7 +494,7 @@ def _cross_bf16(a: str, k: str, lb: str, r_axis: int):
     return _einsum(f"{a},{lb}->{k}", lora_a.astype(jnp.float32), du, precision=_HIGHEST,
                    preferred_element_type=jnp.float32)
 
-  return bf16_cross(forward, da_of, dk_of)
+  return _bf16_cross(forward, da_of, dk_of)
 
 
 def _terms(base_sq, u, lora_a, lora_b, layout: WeightLayout, acc) -> jax.Array:

@@ -132,16 +132,22 @@ def _cross(lora_a: jax.Array, kernel: jax.Array, acc) -> jax.Array:
 _CONTRACT_ROWS = (((0,), (0,)), ((), ()))
 
 
+def _halves_summed(value: jax.Array, rank: int, axis: int) -> jax.Array:
+  """``value[..., :rank, ...] + value[..., rank:2·rank, ...]`` along ``axis``: the
+  two bf16 terms of a split operand, their products summed in float32."""
+  return (lax.slice_in_dim(value, 0, rank, axis=axis)
+          + lax.slice_in_dim(value, rank, 2 * rank, axis=axis))
+
+
 def _cross_split(lora_a, kernel, acc):
   """``aᵀW`` for a bf16 kernel and a float32/64 ``a``: ``a`` split into
   ``a_hi + a_lo`` ``[d_in, 2r]``, one bf16 pass over ``W``."""
   u = lax.dot_general(_split_bf16(lora_a, 2, axis=1), kernel, _CONTRACT_ROWS,
                       preferred_element_type=acc)
-  rank = lora_a.shape[1]
-  return u[:rank] + u[rank:]
+  return _halves_summed(u, lora_a.shape[1], 0)
 
 
-def bf16_cross(forward: Callable, da_of: Callable, dk_of: Callable) -> Callable:
+def _bf16_cross(forward: Callable, da_of: Callable, dk_of: Callable) -> Callable:
   """``U = forward(a, W)`` with its transpose given: ``∂a = da_of(W, ∂U)`` and,
   only when the kernel is differentiated, ``∂W = dk_of(a, ∂U)`` (``∂U``
   float32; results cast to the operands' dtypes). For the bf16 routes of
@@ -177,10 +183,9 @@ def _cross_bf16_forward(lora_a, kernel):
 
 def _cross_bf16_da(kernel, du):
   # ∂a = W·∂Uᵀ: [d_in, d_out] · [d_out, 2r] in bf16, the two halves summed in float32
-  rank = du.shape[0]
   da2 = lax.dot_general(kernel, _split_bf16(du, 2, axis=0), (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)
-  return da2[:, :rank] + da2[:, rank:]
+  return _halves_summed(da2, du.shape[0], 1)
 
 
 def _cross_bf16_dk(lora_a, du):
@@ -190,7 +195,7 @@ def _cross_bf16_dk(lora_a, du):
 
 #: ``U = aᵀW`` (float32) for a bf16 kernel, ``a`` bf16 or float32, its transpose
 #: one bf16 GEMM of ``2r`` columns (``∂U`` split in two bf16 terms, ~16 bits).
-_cross_bf16 = bf16_cross(_cross_bf16_forward, _cross_bf16_da, _cross_bf16_dk)
+_cross_bf16 = _bf16_cross(_cross_bf16_forward, _cross_bf16_da, _cross_bf16_dk)
 
 
 def gram(lora_a: jax.Array) -> jax.Array:
@@ -217,10 +222,9 @@ def _gram_bf16_fwd(lora_a):
 
 
 def _gram_bf16_bwd(lora_a, dg):
-  rank = lora_a.shape[1]
   sym = dg.astype(jnp.float32) + dg.astype(jnp.float32).T
   da2 = jnp.dot(lora_a, _split_bf16(sym, 2, axis=1), preferred_element_type=jnp.float32)
-  return ((da2[:, :rank] + da2[:, rank:]).astype(lora_a.dtype),)
+  return (_halves_summed(da2, lora_a.shape[1], 1).astype(lora_a.dtype),)
 
 
 _gram_bf16.defvjp(_gram_bf16_fwd, _gram_bf16_bwd)
@@ -262,7 +266,7 @@ def _gram_times_b_bf16_bwd(res, dy):
   rank = g.shape[0]
   dy2 = _split_bf16(dy.astype(jnp.float32), 2, axis=0)  # [dY_hi; dY_lo]  [2r, d_out]
   dg2 = lax.dot_general(dy2, lora_b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  dg = dg2[:rank] + dg2[rank:]
+  dg = _halves_summed(dg2, rank, 0)
   g1, g2, g3 = jnp.split(_split_bf16(g.T, 3, axis=1), 3, axis=1)  # Gᵀ's terms, [r, r] each
   lhs = jnp.concatenate([g1, g2, g3, g1, g2], axis=1)           # [r, 5r]
   hi, lo = dy2[:rank], dy2[rank:]

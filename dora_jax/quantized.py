@@ -277,6 +277,8 @@ class QuantizedKernel(QuantizedWeight):
     plan = _plan(spec, self, piece)
     if init is None and init_scale is not None:
       raise ValueError("init_scale scales init: pass init too")
+    if init_scale is not None and jnp.ndim(init_scale) != 0:
+      raise ValueError(f"init_scale must be a scalar (0-d), got shape {jnp.shape(init_scale)}")
     return _contract(plan, lhs, self, init, init_scale)
 
   def to_qarray(self):

@@ -352,6 +352,10 @@ def test_contraction_onto_init(fresh_key):
     assert rel_err(got, init + qk.contract(spec, lhs, piece(spec))) < 1e-6
   with pytest.raises(ValueError, match="output shape"):
     qk.contract("btd,df->btf", x, piece("btd,df->btf"), jnp.zeros((2, 3, 23)))
+  with pytest.raises(ValueError, match="init_scale must be a scalar"):
+    qk.contract("btd,df->btf", x, piece("btd,df->btf"), jnp.zeros((2, 3, 24)), jnp.ones(3))
+  with pytest.raises(ValueError, match="pass init too"):
+    qk.contract("btd,df->btf", x, piece("btd,df->btf"), None, 2.0)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's buffer assignment")
